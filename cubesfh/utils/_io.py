@@ -1,0 +1,46 @@
+# Licensed under a 3-clause BSD style license - see LICENSE
+"""Atomic file output: write to a temporary file beside the target, then rename."""
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+
+__all__ = ["atomic_write"]
+
+
+@contextlib.contextmanager
+def atomic_write(path, *, overwrite=False):
+    """
+    Context manager yielding a temporary path that replaces ``path`` on success.
+
+    A crash or exception inside the block leaves ``path`` untouched (or absent)
+    and removes the temporary file, so no half-written product is ever seen.
+
+    Parameters
+    ----------
+    path : str or `~pathlib.Path`
+        Final file name.
+    overwrite : bool, optional
+        Replace an existing file. If `False` and ``path`` exists, `OSError`
+        is raised before anything is written.
+
+    Yields
+    ------
+    tmp : `~pathlib.Path`
+        Temporary file in the same directory as ``path``.
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        msg = f"{path} already exists; pass overwrite=True (or --overwrite) to replace it."
+        raise OSError(msg)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
