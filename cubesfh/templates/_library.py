@@ -2,11 +2,13 @@
 """The SSP template library (BC03 + MILES, Chabrier IMF) shipped with cubesfh."""
 
 import functools
+import warnings
 from pathlib import Path
 
 import numpy as np
 from astropy import units as u
 from astropy.io import fits
+from astropy.utils.exceptions import AstropyUserWarning
 
 from ..conventions import AGE_BIN_CENTERS, N_AGE_BINS, Z_SUN
 from ..utils.exceptions import CubeSFHError
@@ -191,7 +193,17 @@ def _read(path):
                "'python -m cubesfh.templates.build' or reinstall cubesfh.")
         raise FileNotFoundError(msg)
     try:
-        with fits.open(path, checksum=True) as hdul:
+        with open(path, "rb") as fh, warnings.catch_warnings():
+            # a truncated file makes astropy warn before failing; we raise our own error
+            warnings.simplefilter("ignore", AstropyUserWarning)
+            hdul = fits.open(fh)
+            hdul.readall()
+            bad = [h.name for h in hdul if h.verify_datasum() != 1 or h.verify_checksum() != 1]
+            if bad:
+                msg = (f"{path} failed its FITS checksum in {', '.join(bad)}: the file is "
+                       "corrupted or was modified. Reinstall cubesfh or rebuild it with "
+                       "'python -m cubesfh.templates.build'.")
+                raise CubeSFHError(msg)
             prim = hdul[0].header.copy()
             opt = hdul["FLUX_OPT"]
             sed = hdul["FLUX_SED"]
@@ -221,7 +233,9 @@ def _read(path):
                 meta=prim,
                 filename=str(path),
             )
-    except (KeyError, OSError, ValueError, TypeError) as exc:
+    except CubeSFHError:
+        raise
+    except (KeyError, IndexError, OSError, ValueError, TypeError) as exc:
         msg = (f"{path} is not a valid cubesfh template library ({exc}). Rebuild it with "
                "'python -m cubesfh.templates.build'.")
         raise CubeSFHError(msg) from exc

