@@ -13,7 +13,7 @@ copyright = f"{datetime.datetime.now().year}, {author}"  # noqa: A001
 release = metadata.version(project)
 version = ".".join(release.split(".")[:2])
 
-exclude_patterns.extend(["_templates", "_build", "api"])  # noqa: F405
+exclude_patterns.extend(["_templates", "_build"])  # noqa: F405
 
 # Offline builds: run with -D disable_intersphinx=1 (tox build_docs does) so that
 # no inventory is fetched; links to astropy, numpy... are then plain text.

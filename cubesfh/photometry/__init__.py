@@ -1,0 +1,25 @@
+# Licensed under a 3-clause BSD style license - see LICENSE
+"""
+HST photometry of the spatial bins of a MUSE cube.
+
+Each HST image is converted to surface brightness, convolved to the cube's
+PSF with a photutils matching kernel (:func:`match_psf`), reprojected onto
+the spaxel grid conserving flux (:func:`reproject_to_cube`) and averaged in
+every bin (:func:`bin_photometry`).
+"""
+
+from ._binphot import BinPhotometry, bin_photometry
+from ._psf import DEFAULT_WINDOW, gaussian_psf, make_matching_kernel, match_psf
+from ._reproject import cutout_to_grid, grid_overlap, reproject_to_cube
+
+__all__ = [
+    "DEFAULT_WINDOW",
+    "BinPhotometry",
+    "bin_photometry",
+    "cutout_to_grid",
+    "gaussian_psf",
+    "grid_overlap",
+    "make_matching_kernel",
+    "match_psf",
+    "reproject_to_cube",
+]
