@@ -115,6 +115,18 @@ def _cmd_make_example(args):
     return 0
 
 
+def _cmd_make_training_set(args):
+    from .synthesis.trainingset import DEFAULT_MIX, make_training_set
+
+    t0 = time.perf_counter()
+    mix = tuple(args.mix) if args.mix else DEFAULT_MIX
+    path = make_training_set(args.output, n=args.n, seed=args.seed, mix=mix,
+                             chunk_size=args.chunk_size, store_noiseless=not args.no_noiseless,
+                             overwrite=args.overwrite, progress_bar=not args.no_progress)
+    print(f"wrote {path} ({args.n} samples, seed {args.seed}) in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
 def _cmd_info(args):
     from importlib import metadata
 
@@ -180,6 +192,24 @@ def build_parser():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_cmd_make_example)
+
+    p = sub.add_parser("make-training-set", help="generate the synthetic training set (HDF5)",
+                       description="Simulate star formation histories, spectra and HST fluxes "
+                                   "with the forward model and write them to HDF5. The file "
+                                   "is a deterministic function of the seed; an interrupted "
+                                   "run resumes.")
+    p.add_argument("--n", type=int, default=165_000, help="number of samples (default 165000)")
+    p.add_argument("--seed", type=int, default=0, help="master seed (default 0)")
+    p.add_argument("--output", "-o", required=True, help="HDF5 file to write or resume")
+    p.add_argument("--mix", type=int, nargs=3, metavar=("GP", "SKEW", "BURST"),
+                   help="relative numbers of GP-SFH, skew-normal and skew-normal+burst "
+                        "histories (default 150000 9000 6000)")
+    p.add_argument("--chunk-size", type=int, default=5000, help="samples per chunk")
+    p.add_argument("--no-noiseless", action="store_true",
+                   help="do not store the noise-free spectra and photometry")
+    p.add_argument("--overwrite", action="store_true", help="start again from scratch")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.set_defaults(func=_cmd_make_training_set)
 
     p = sub.add_parser("info", help="versions, template library and filters",
                        description="Print versions and the shipped data files.")
