@@ -1,0 +1,702 @@
+# Licensed under a 3-clause BSD style license - see LICENSE
+"""
+Reader, writer and identifier for MUSE data cubes in FITS format.
+
+The layout is the one written by the ESO MUSE pipeline (``DATACUBE_FINAL``)
+and released by PHANGS-MUSE:
+
+* ``PRIMARY``: header only (observation metadata; becomes ``Cube.meta``);
+* ``DATA``: flux cube, FITS axes (x, y, wavelength), i.e. a NumPy array
+  ``[wavelength, y, x]``; unit in ``BUNIT``; celestial WCS on axes 1-2 and a
+  linear wavelength axis on axis 3 (``CTYPE3`` ``'AWAV'`` or ``'WAVE'``);
+* ``STAT``: variance of ``DATA`` (unit ``BUNIT**2``);
+* ``DQ`` (optional): data-quality flags, non-zero = bad.
+
+The functions here are registered with the astropy unified I/O registry as
+the ``'muse'`` format of `~cubesfh.Cube` (see :mod:`cubesfh.cube`); call them
+through ``Cube.read(path)`` and ``cube.write(path)``.
+"""
+
+import logging
+import math
+import os
+import re
+import warnings
+from pathlib import Path
+
+import numpy as np
+from astropy import units as u
+from astropy.io import fits
+from astropy.units import UnitsWarning
+from astropy.wcs import WCS, FITSFixedWarning
+
+from ..conventions import NORM_WINDOW
+from ..utils import CubeSFHError, CubeSFHWarning, atomic_write, progress
+
+__all__ = [
+    "FLAMBDA",
+    "PSF_FWHM_KEYWORDS",
+    "USER_MASK_FLAG",
+    "identify_muse",
+    "parse_flux_unit",
+    "psf_fwhm_from_header",
+    "read_muse",
+    "write_muse",
+]
+
+log = logging.getLogger(__name__)
+
+#: Physical type every cube unit must have: flux density per unit wavelength.
+FLAMBDA = u.erg / u.s / u.cm**2 / u.AA
+
+#: Header keywords holding the PSF FWHM in arcsec, in the order they are tried
+#: (primary header first, then the ``DATA`` header).  ``PSFFWHM`` is what
+#: :func:`write_muse` writes; ``FWHM`` is used by several survey releases;
+#: ``SKY_RES`` is the ESO Phase 3 keyword for the spatial resolution of a cube.
+PSF_FWHM_KEYWORDS = ("PSFFWHM", "FWHM", "SKY_RES")
+
+#: DQ bit that :func:`write_muse` sets for pixels masked by the user
+#: (``Cube(mask=...)``) rather than by the reduction.
+USER_MASK_FLAG = 2**30
+
+# PSF FWHM values outside this range (arcsec) are not a seeing and are ignored.
+_PSF_PLAUSIBLE = (0.0, 10.0)
+
+_FITS_SIGNATURE = b"SIMPLE  ="
+_GZIP_MAGIC = b"\x1f\x8b"
+_BZIP2_MAGIC = b"BZh"
+
+_BITPIX_DTYPE = {8: "u1", 16: ">i2", 32: ">i4", 64: ">i8", -32: ">f4", -64: ">f8"}
+
+# Structural keywords never copied from ``Cube.meta`` into the written primary header.
+_STRUCTURAL = re.compile(
+    r"^(SIMPLE|BITPIX|NAXIS\d*|EXTEND|PCOUNT|GCOUNT|XTENSION|END|BSCALE|BZERO|BLANK)$")
+
+
+# ----------------------------------------------------------------------------
+# Units
+# ----------------------------------------------------------------------------
+
+def _parse_unit_string(string):
+    """Parse a unit string leniently: FITS first, then the generic format."""
+    try:
+        return u.Unit(string, format="fits")
+    except ValueError:
+        pass
+    with warnings.catch_warnings():
+        # 'erg/s/cm**2/Angstrom' has several slashes: valid, only discouraged.
+        warnings.simplefilter("ignore", UnitsWarning)
+        return u.Unit(string, parse_strict="raise")
+
+
+def parse_flux_unit(bunit, *, what="BUNIT"):
+    """
+    Parse a MUSE flux unit string such as ``'10**(-20)*erg/s/cm**2/Angstrom'``.
+
+    Strings in the FITS standard, in the generic astropy format (several
+    slashes, ``cm2``, ``1e-20 erg/s/cm2/AA``) and with ``A`` meaning Angstrom
+    (``'erg/s/cm2/A'``) are understood.
+
+    Parameters
+    ----------
+    bunit : str or `~astropy.units.UnitBase`
+        The unit (usually the ``BUNIT`` header value).
+    what : str, optional
+        Name of the quantity for error messages.
+
+    Returns
+    -------
+    unit : `~astropy.units.UnitBase`
+        A unit equivalent to erg s-1 cm-2 Angstrom-1.
+
+    Raises
+    ------
+    CubeSFHError
+        If the string cannot be parsed or is not a flux density per wavelength.
+    """
+    if isinstance(bunit, u.UnitBase):
+        unit = bunit
+    else:
+        string = str(bunit).strip()
+        unit = None
+        candidates = [string]
+        # 'A' is the ampere in every unit standard; in flux units it means Angstrom.
+        fixed = re.sub(r"(?<![A-Za-z])A(?![A-Za-z])", "Angstrom", string)
+        if fixed != string:
+            candidates.append(fixed)
+        for candidate in candidates:
+            try:
+                parsed = _parse_unit_string(candidate)
+            except ValueError:
+                continue
+            unit = parsed
+            if parsed.is_equivalent(FLAMBDA):
+                break
+        if unit is None:
+            msg = (f"{what} = {string!r} is not a unit astropy can parse; write it as e.g. "
+                   "'10**(-20)*erg/s/cm**2/Angstrom' (fix the header or pass unit=... "
+                   "to Cube.read).")
+            raise CubeSFHError(msg)
+    if not unit.is_equivalent(FLAMBDA):
+        msg = (f"{what} = {unit.to_string()!r} is not a flux density per unit wavelength "
+               "(erg s-1 cm-2 Angstrom-1 per spaxel), which cubesfh needs; fix the header or "
+               "pass the right unit=... to Cube.read (e.g. '10**(-20)*erg/s/cm**2/Angstrom').")
+        raise CubeSFHError(msg)
+    return unit
+
+
+def _bunit_string(unit):
+    """MUSE-style ``BUNIT`` string, e.g. ``'10**(-20)*erg/s/cm**2/Angstrom'``."""
+    scale = unit.to(FLAMBDA)
+    exponent = round(math.log10(scale)) if scale > 0 else None
+    if exponent is not None and math.isclose(scale, 10.0**exponent, rel_tol=1e-12):
+        if exponent == 0:
+            return "erg/s/cm**2/Angstrom"
+        return f"10**({exponent})*erg/s/cm**2/Angstrom"
+    return unit.to_string("fits")
+
+
+def _variance_unit_factor(stat_bunit, unit):
+    """Factor converting the ``STAT`` values to ``unit**2`` (1 for MUSE files)."""
+    string = str(stat_bunit).strip()
+    match = re.fullmatch(r"\((.*)\)\s*\*\*\s*\(?2\)?", string)
+    try:
+        if match:
+            var_unit = parse_flux_unit(match.group(1), what="STAT BUNIT") ** 2
+        else:
+            var_unit = _parse_unit_string(string)
+    except (ValueError, CubeSFHError):
+        msg = (f"STAT BUNIT = {string!r} cannot be parsed; the variance is assumed to be in "
+               f"({unit.to_string()})**2, as the MUSE pipeline writes it.")
+        warnings.warn(msg, CubeSFHWarning)
+        return 1.0
+    if not var_unit.is_equivalent(unit**2):
+        msg = (f"STAT BUNIT = {string!r} is not the square of the DATA unit "
+               f"{unit.to_string()!r}: STAT must hold the variance. Fix the STAT header.")
+        raise CubeSFHError(msg)
+    return float(var_unit.to(unit**2))
+
+
+# ----------------------------------------------------------------------------
+# PSF
+# ----------------------------------------------------------------------------
+
+def psf_fwhm_from_header(*headers):
+    """
+    Find the PSF FWHM of a cube in its FITS headers.
+
+    The headers are searched in the order given (the reader passes the
+    primary header, then the ``DATA`` header).  In each header the keywords
+    of `PSF_FWHM_KEYWORDS` are tried in turn (``PSFFWHM``, ``FWHM``,
+    ``SKY_RES``, all in arcsec), then the MUSE pipeline field spread function
+    (``FSFMODE = 'MOFFAT1'`` with ``FSF00FWA`` + ``FSF00FWB`` * wavelength,
+    evaluated at the centre of `~cubesfh.conventions.NORM_WINDOW`, 5400
+    Angstrom).  The DIMM seeing (``ESO TEL AMBI FWHM``) is *not* used: it is
+    not the resolution of the reduced cube.  Values outside 0-10 arcsec are
+    ignored with a `~cubesfh.CubeSFHWarning`.
+
+    Parameters
+    ----------
+    *headers : `~astropy.io.fits.Header`
+        Headers to search.
+
+    Returns
+    -------
+    fwhm : `~astropy.units.Quantity` or `None`
+        The FWHM in arcsec, or `None` if no keyword was found.
+    keyword : str or `None`
+        The keyword the value came from.
+    """
+    for header in headers:
+        if header is None:
+            continue
+        candidates = [(key, header.get(key)) for key in PSF_FWHM_KEYWORDS if key in header]
+        if str(header.get("FSFMODE", "")).strip().upper() == "MOFFAT1" and (
+                "FSF00FWA" in header and "FSF00FWB" in header):
+            centre = float(np.mean(NORM_WINDOW.to_value(u.AA)))
+            value = float(header["FSF00FWA"]) + float(header["FSF00FWB"]) * centre
+            candidates.append((f"FSF00FWA/FSF00FWB at {centre:g} Angstrom", value))
+        for key, value in candidates:
+            try:
+                value = float(value)
+            except (TypeError, ValueError):
+                continue
+            if _PSF_PLAUSIBLE[0] < value < _PSF_PLAUSIBLE[1]:
+                return value * u.arcsec, key
+            msg = (f"header keyword {key} = {value!r} is not a plausible PSF FWHM in arcsec "
+                   f"(expected {_PSF_PLAUSIBLE[0]}-{_PSF_PLAUSIBLE[1]}) and is ignored; pass "
+                   "psf_fwhm=... (an angle Quantity) to Cube.read to set the PSF.")
+            warnings.warn(msg, CubeSFHWarning)
+    return None, None
+
+
+# ----------------------------------------------------------------------------
+# Identifier
+# ----------------------------------------------------------------------------
+
+def _is_fits_signature(first_bytes, name=""):
+    if first_bytes.startswith(_FITS_SIGNATURE):
+        return True
+    compressed = first_bytes.startswith((_GZIP_MAGIC, _BZIP2_MAGIC))
+    return compressed and ".fit" in str(name).lower()
+
+
+def identify_muse(origin, path, fileobj, *args, **kwargs):
+    """
+    Identify a FITS file for the astropy I/O registry.
+
+    Any FITS file (also gzip or bzip2 compressed) is identified; whether it
+    holds a MUSE cube is checked by :func:`read_muse`, which explains what is
+    wrong when it does not.
+
+    Parameters
+    ----------
+    origin : {'read', 'write'}
+        Registry origin.
+    path : str or None
+        File name.
+    fileobj : file-like or None
+        Open file.
+    *args, **kwargs
+        Ignored (registry signature).
+
+    Returns
+    -------
+    bool
+    """
+    if fileobj is not None and hasattr(fileobj, "read"):
+        position = fileobj.tell()
+        try:
+            first = fileobj.read(len(_FITS_SIGNATURE))
+        finally:
+            fileobj.seek(position)
+        return _is_fits_signature(first, getattr(fileobj, "name", ""))
+    if path is None:
+        return False
+    path = Path(path)
+    if origin == "read" and path.is_file():
+        with open(path, "rb") as handle:
+            return _is_fits_signature(handle.read(len(_FITS_SIGNATURE)), path.name)
+    return path.name.lower().endswith((".fits", ".fit", ".fts", ".fits.gz", ".fit.gz",
+                                       ".fits.bz2"))
+
+
+# ----------------------------------------------------------------------------
+# Reader
+# ----------------------------------------------------------------------------
+
+def _describe_hdus(hdul):
+    parts = []
+    for index, hdu in enumerate(hdul):
+        name = hdu.name or ("PRIMARY" if index == 0 else f"#{index}")
+        if isinstance(hdu, (fits.BinTableHDU, fits.TableHDU)):
+            parts.append(f"{name} (table)")
+        elif hdu.header.get("NAXIS", 0) == 0:
+            parts.append(f"{name} (no data)")
+        else:
+            naxis = hdu.header["NAXIS"]
+            dims = " x ".join(str(hdu.header.get(f"NAXIS{i}", "?")) for i in range(naxis, 0, -1))
+            parts.append(f"{name} ({naxis}-D image {dims})")
+    return ", ".join(parts)
+
+
+def _find_image(hdul, names):
+    for name in names:
+        if name and name.upper() in hdul:
+            return hdul[name.upper()]
+    return None
+
+
+def _is_image(hdu):
+    return isinstance(hdu, (fits.PrimaryHDU, fits.ImageHDU, fits.CompImageHDU))
+
+
+def _find_data_hdu(hdul, path):
+    hdu = _find_image(hdul, ["DATA"])
+    if hdu is None:
+        cubes = [h for h in hdul if _is_image(h) and h.header.get("NAXIS", 0) == 3]
+        if len(cubes) == 1:
+            hdu = cubes[0]
+            log.info("%s has no DATA extension; using the 3-D image in HDU %r", path,
+                     hdu.name)
+    if hdu is None or not _is_image(hdu) or hdu.header.get("NAXIS", 0) != 3:
+        msg = (f"{path} is not a data cube: Cube.read needs a 3-D image (a MUSE cube with "
+               f"extensions DATA, STAT[, DQ]) but found {_describe_hdus(hdul)}. Give the path "
+               "of a MUSE DATACUBE file (2-D HST images are read with HSTImage.read).")
+        raise CubeSFHError(msg)
+    return hdu
+
+
+def _check_spectral_header(header, path):
+    ctype3 = str(header.get("CTYPE3", "")).strip().upper()
+    if not ctype3.startswith(("AWAV", "WAVE")):
+        msg = (f"{path}: the third axis has CTYPE3 = {header.get('CTYPE3')!r}, not a "
+               "wavelength axis; cubesfh needs CTYPE3 = 'AWAV' (air wavelength, the MUSE "
+               "convention) or 'WAVE' (vacuum). Fix the header of the DATA extension.")
+        raise CubeSFHError(msg)
+    cunit3 = header.get("CUNIT3")
+    unit = None
+    if cunit3 is not None and str(cunit3).strip():
+        try:
+            unit = _parse_unit_string(str(cunit3).strip())
+        except ValueError:
+            unit = None
+    if unit is None or not unit.is_equivalent(u.m):
+        msg = (f"{path}: the wavelength axis is in unknown units (CUNIT3 = {cunit3!r}); "
+               "cubesfh needs a length unit, e.g. CUNIT3 = 'Angstrom' (MUSE) or 'm'. Set "
+               "CUNIT3 in the DATA header (CRVAL3 and CD3_3 must be in that unit).")
+        raise CubeSFHError(msg)
+
+
+def _build_wcs(header, path):
+    _check_spectral_header(header, path)
+    with warnings.catch_warnings():
+        # Fixes of date and other non-WCS keywords are harmless here.
+        warnings.simplefilter("ignore", FITSFixedWarning)
+        try:
+            return WCS(header, naxis=3)
+        except Exception as exc:  # WCSLIB raises several exception types
+            msg = (f"{path}: the DATA header has no usable WCS ({exc}); the cube needs "
+                   "CTYPE1/2 = 'RA---TAN'/'DEC--TAN', CRPIX, CRVAL, CD (or PC + CDELT) and "
+                   "CUNIT keywords.")
+            raise CubeSFHError(msg) from exc
+
+
+def _is_scaled(hdu):
+    header = hdu.header
+    if isinstance(hdu, fits.CompImageHDU):
+        return True
+    scaled = header.get("BSCALE", 1) != 1 or header.get("BZERO", 0) != 0
+    return scaled or (header.get("BITPIX", -32) > 0 and "BLANK" in header)
+
+
+def _compressed_file(path):
+    with open(path, "rb") as handle:
+        first = handle.read(3)
+    return first.startswith((_GZIP_MAGIC, _BZIP2_MAGIC))
+
+
+def _nbytes(hdu):
+    shape = tuple(hdu.header[f"NAXIS{i}"] for i in range(hdu.header["NAXIS"], 0, -1))
+    return int(np.prod(shape)) * abs(hdu.header["BITPIX"]) // 8, shape
+
+
+def read_muse(filename, *, psf_fwhm=None, noise=None, unit=None, memmap=True,
+              max_memory=None):
+    """
+    Read a MUSE data cube (``DATA`` + ``STAT`` [+ ``DQ``]) from a FITS file.
+
+    Call it as ``Cube.read(filename, ...)``; the keywords are the same.
+
+    Parameters
+    ----------
+    filename : str, `~pathlib.Path` or file object
+        FITS file as written by the ESO MUSE pipeline or released by
+        PHANGS-MUSE (an open file is re-opened by name).
+    psf_fwhm : `~astropy.units.Quantity`, optional
+        PSF FWHM (angle).  Overrides the header (see
+        :func:`psf_fwhm_from_header` for the keywords read).
+    noise : `~astropy.units.Quantity` or ``'der_snr'``, optional
+        Noise estimate to use when the file has no ``STAT`` extension: a
+        constant 1-sigma per pixel in flux units, or ``'der_snr'`` for a
+        per-spectrum DER_SNR estimate (see `~cubesfh.Cube`).  Without it a
+        file lacking ``STAT`` is an error.  Ignored (with a warning) when the
+        file has ``STAT``.
+    unit : str or `~astropy.units.UnitBase`, optional
+        Flux unit; overrides ``BUNIT`` (needed when the header has none or
+        an unusable one).
+    memmap : bool, optional
+        If `True` (default) nothing is loaded: the arrays are memory-mapped
+        and `~cubesfh.Cube.iter_chunks` reads blocks of rows from disk.  If
+        `False` the whole cube is loaded into memory (only allowed when it
+        fits in ``max_memory``).  Scaled (``BSCALE``/``BZERO``), tile
+        compressed or gzip-compressed files cannot be memory-mapped; they
+        are loaded when they fit in ``max_memory`` and refused otherwise.
+    max_memory : `~astropy.units.Quantity` or int, optional
+        Memory limit (bytes or an information Quantity such as ``2 * u.GB``)
+        for in-memory loads; it also becomes ``cube.max_memory``.  Default
+        `~cubesfh.cube.DEFAULT_MAX_MEMORY`.
+
+    Returns
+    -------
+    cube : `~cubesfh.Cube`
+
+    Raises
+    ------
+    FileNotFoundError
+        If the file does not exist.
+    CubeSFHError
+        If the file is not a FITS cube, has no celestial WCS, has a wavelength
+        axis in unknown units, has no ``BUNIT`` (and no ``unit=``), or has no
+        ``STAT`` extension and no ``noise=``.
+    """
+    from ..cube import Cube, _as_bytes, _FileExtension, _format_bytes
+
+    if hasattr(filename, "read"):  # an open file: use its name (memory maps need one)
+        filename = getattr(filename, "name", None)
+        if not isinstance(filename, (str, os.PathLike)):
+            msg = ("Cube.read needs a file name or an open file on disk, not an in-memory "
+                   "file object: the cube is memory-mapped. Write it to disk first.")
+            raise CubeSFHError(msg)
+    path = Path(filename).expanduser()
+    if not path.is_file():
+        msg = (f"MUSE cube {str(path)!r} not found (working directory {os.getcwd()}); "
+               "check the path and the file name.")
+        raise FileNotFoundError(msg)
+    limit = _as_bytes(max_memory)
+    compressed = _compressed_file(path)
+    try:
+        hdul = fits.open(path, memmap=False, lazy_load_hdus=False)
+    except OSError as exc:
+        msg = f"{path} is not a FITS file ({exc}); Cube.read reads MUSE FITS cubes."
+        raise CubeSFHError(msg) from exc
+
+    with hdul:
+        data_hdu = _find_data_hdu(hdul, path)
+        primary = hdul[0].header.copy()
+        data_header = data_hdu.header.copy()
+        stat_name = str(data_header.get("ERRDATA", "STAT")).strip()
+        dq_name = str(data_header.get("QUALDATA", "DQ")).strip()
+        stat_hdu = _find_image(hdul, [stat_name, "STAT"])
+        dq_hdu = _find_image(hdul, [dq_name, "DQ"])
+        shape = _nbytes(data_hdu)[1]
+        for label, hdu in (("STAT", stat_hdu), ("DQ", dq_hdu)):
+            if hdu is not None and (not _is_image(hdu) or _nbytes(hdu)[1] != shape):
+                got = _describe_hdus(fits.HDUList([hdu])) if _is_image(hdu) else "a table"
+                msg = (f"{path}: the {label} extension ({got}) does not match DATA {shape}; "
+                       f"{label} must be an image of the same shape. Fix or remove it.")
+                raise CubeSFHError(msg)
+
+        # --- WCS, units, PSF -------------------------------------------------------
+        wcs = _build_wcs(data_header, path)
+        if unit is None:
+            bunit = data_header.get("BUNIT", primary.get("BUNIT"))
+            if bunit is None or not str(bunit).strip():
+                msg = (f"{path}: the DATA header has no BUNIT, so the flux unit is unknown; "
+                       "pass it to Cube.read, e.g. unit='10**(-20)*erg/s/cm**2/Angstrom' for "
+                       "MUSE pipeline cubes.")
+                raise CubeSFHError(msg)
+            unit = parse_flux_unit(bunit)
+        else:
+            unit = parse_flux_unit(unit, what="unit")
+        var_factor = 1.0
+        if stat_hdu is not None and "BUNIT" in stat_hdu.header:
+            var_factor = _variance_unit_factor(stat_hdu.header["BUNIT"], unit)
+
+        psf_source = "psf_fwhm="
+        if psf_fwhm is None:
+            psf_fwhm, psf_source = psf_fwhm_from_header(primary, data_header)
+        else:
+            psf_fwhm = Cube._check_psf(psf_fwhm)
+
+        if data_header.get("CTYPE3", "").strip().upper().startswith("WAVE"):
+            msg = (f"{path}: CTYPE3 = 'WAVE' means vacuum wavelengths, while cubesfh and its "
+                   "templates use air wavelengths (MUSE: 'AWAV'); the wavelengths are used "
+                   "as they are, which shifts fitted velocities by about +80 km/s. If the "
+                   "cube is in fact in air, set CTYPE3 = 'AWAV' in the file.")
+            warnings.warn(msg, CubeSFHWarning)
+
+        if stat_hdu is None:
+            if noise is None:
+                msg = (f"{path} has no STAT (variance) extension, so the noise is unknown; "
+                       "pass a noise estimate to Cube.read: noise=<Quantity> (1-sigma per "
+                       "pixel, in flux units) or noise='der_snr' (estimated per spectrum).")
+                raise CubeSFHError(msg)
+            msg = (f"{path} has no STAT (variance) extension; the noise is the estimate "
+                   f"noise={noise!r}, so S/N values and fit weights rest on it.")
+            warnings.warn(msg, CubeSFHWarning)
+        elif noise is not None:
+            msg = f"{path} has a STAT extension; noise={noise!r} is ignored."
+            warnings.warn(msg, CubeSFHWarning)
+            noise = None
+
+        # --- arrays ------------------------------------------------------------------
+        hdus = {"data": data_hdu, "variance": stat_hdu, "dq": dq_hdu}
+        lazy = memmap and not compressed and not any(
+            _is_scaled(h) for h in hdus.values() if h is not None)
+        if memmap and not lazy:
+            reason = ("the file is compressed" if compressed
+                      else "an extension is scaled (BSCALE/BZERO/BLANK) or tile-compressed")
+        total = sum(_nbytes(h)[0] * (2 if _is_scaled(h) else 1)
+                    for h in hdus.values() if h is not None)
+        if not lazy and total > limit:
+            if memmap:
+                msg = (f"{path} cannot be memory-mapped because {reason}, and loading it "
+                       f"needs {_format_bytes(total)}, more than max_memory="
+                       f"{_format_bytes(limit)}. Uncompress it / rewrite it as float32 "
+                       "(e.g. Cube.read(..., max_memory=...) then cube.write()) or pass a "
+                       "larger max_memory= if you have the RAM.")
+            else:
+                msg = (f"memmap=False loads the whole cube ({_format_bytes(total)}), more than "
+                       f"max_memory={_format_bytes(limit)}; use memmap=True (the default) or "
+                       "pass a larger max_memory= if you have the RAM.")
+            raise CubeSFHError(msg)
+        if memmap and not lazy:
+            log.info("%s: %s, so the cube (%s) is loaded into memory", path, reason,
+                     _format_bytes(total))
+
+        arrays = {}
+        files = {}
+        for key, hdu in hdus.items():
+            if hdu is None:
+                arrays[key] = None
+                continue
+            if lazy:
+                offset = hdu.fileinfo()["datLoc"]
+                dtype = np.dtype(_BITPIX_DTYPE[hdu.header["BITPIX"]])
+                arrays[key] = np.memmap(path, dtype=dtype, mode="r", offset=offset,
+                                        shape=shape)
+                files[key] = _FileExtension(path, offset, dtype, shape)
+            else:
+                array = np.asarray(hdu.data)
+                arrays[key] = array.astype(array.dtype.newbyteorder("="), copy=True)
+
+    if var_factor != 1.0:
+        if lazy:
+            msg = (f"{path}: STAT is in {stat_hdu.header['BUNIT']!r}, not the square of the "
+                   "DATA unit; rescaling it needs the whole cube in memory. Read with "
+                   "memmap=False or fix BUNIT in the STAT header.")
+            raise CubeSFHError(msg)
+        arrays["variance"] = arrays["variance"] * var_factor
+
+    meta = primary
+    cube = Cube(arrays["data"], variance=arrays["variance"], dq=arrays["dq"], wcs=wcs,
+                unit=unit, psf_fwhm=psf_fwhm, meta=meta, noise=noise, max_memory=limit)
+    cube._filename = str(path)
+    cube._psf_fwhm_source = psf_source if psf_fwhm is not None else None
+    cube._files = files
+    log.debug("read %s: shape %s, unit %s, lazy=%s", path, cube.shape, unit, lazy)
+    return cube
+
+
+# ----------------------------------------------------------------------------
+# Writer
+# ----------------------------------------------------------------------------
+
+def _wcs_header(wcs):
+    """3-D WCS as MUSE-style header cards: CD matrix, wavelength in Angstrom."""
+    wcs = wcs.deepcopy()
+    wcs.wcs.set()
+    header = wcs.to_header()
+    for key in list(header.keys()):
+        if re.fullmatch(r"(PC\d_\d|CDELT\d|CD\d_\d|MJDREF|LATPOLE|LONPOLE)", key):
+            del header[key]
+    cd = wcs.wcs.get_cdelt()[:, None] * wcs.wcs.get_pc()
+    to_aa = u.Unit(wcs.wcs.cunit[2]).to(u.AA)
+    cd[2] *= to_aa
+    header["CRVAL3"] = wcs.wcs.crval[2] * to_aa
+    header["CUNIT3"] = "Angstrom"
+    for i in range(3):
+        for j in range(3):
+            header[f"CD{i + 1}_{j + 1}"] = cd[i, j]
+    return header
+
+
+def _image_header(extname, dtype, shape):
+    bitpix = {"float32": -32, "float64": -64, "int16": 16, "int32": 32, "int64": 64,
+              "uint8": 8}[np.dtype(dtype).name]
+    return fits.Header([
+        ("XTENSION", "IMAGE", "Image extension"),
+        ("BITPIX", bitpix, "array data type"),
+        ("NAXIS", 3, "number of array dimensions"),
+        ("NAXIS1", shape[2], "x"),
+        ("NAXIS2", shape[1], "y"),
+        ("NAXIS3", shape[0], "wavelength"),
+        ("PCOUNT", 0, "number of parameters"),
+        ("GCOUNT", 1, "number of groups"),
+        ("EXTNAME", extname, "extension name"),
+    ])
+
+
+def _writable_dtype(dtype):
+    dtype = np.dtype(dtype)
+    if dtype.kind == "f":
+        return np.dtype(">f8") if dtype.itemsize > 4 else np.dtype(">f4")
+    return np.dtype(">i4")
+
+
+def write_muse(cube, filename, *, overwrite=False, max_memory=None, progress_bar=True):
+    """
+    Write a cube as a MUSE FITS file (``PRIMARY`` + ``DATA`` + ``STAT`` [+ ``DQ``]).
+
+    Call it as ``cube.write(filename, ...)``.  The file is written plane by
+    plane (never more than ``max_memory`` at a time) to a temporary file
+    renamed into place at the end (`~cubesfh.utils.atomic_write`), so an
+    interrupted write leaves no partial file.  :func:`read_muse` reads it
+    back to the same data, variance, mask, unit, wavelengths, WCS and PSF.
+
+    ``STAT`` is written when the cube has a variance; a cube with only a
+    ``noise=`` estimate is written without ``STAT`` (pass ``noise=`` again
+    when reading it).  ``DQ`` is written when the cube has DQ flags or a
+    user mask; user-masked pixels get the flag `USER_MASK_FLAG`.  The PSF
+    FWHM, when known, is stored as ``PSFFWHM`` (arcsec) in the primary
+    header.
+
+    Parameters
+    ----------
+    cube : `~cubesfh.Cube`
+        The cube.
+    filename : str or `~pathlib.Path`
+        Output file.
+    overwrite : bool, optional
+        Replace an existing file.
+    max_memory : `~astropy.units.Quantity` or int, optional
+        Memory used per block of planes; default ``cube.max_memory``.
+    progress_bar : bool, optional
+        Show a progress bar.
+    """
+    from ..cube import _as_bytes
+
+    limit = _as_bytes(cube.max_memory if max_memory is None else max_memory)
+    nlam, ny, nx = cube.shape
+
+    primary = fits.PrimaryHDU()
+    primary.header["EXTEND"] = True
+    for card in fits.Header(cube.meta).cards if cube.meta is not None else []:
+        if card.keyword and not _STRUCTURAL.match(card.keyword):
+            primary.header.append(card, end=True)
+    if cube.has_psf_fwhm:
+        primary.header["PSFFWHM"] = (cube.psf_fwhm.to_value(u.arcsec), "[arcsec] PSF FWHM")
+
+    bunit = _bunit_string(cube.unit)
+    wcs_cards = _wcs_header(cube.wcs)
+    extensions = [("DATA", cube.data, {"HDUCLAS2": "DATA", "BUNIT": bunit})]
+    if cube.variance is not None:
+        extensions.append(("STAT", cube.variance,
+                           {"HDUCLAS2": "ERROR", "HDUCLAS3": "MSE",
+                            "BUNIT": f"({bunit})**2"}))
+    write_dq = cube.dq is not None or cube._user_mask is not None
+    if write_dq:
+        extensions.append(("DQ", None, {"HDUCLAS2": "QUALITY", "HDUCLAS3": "FLAG32BIT"}))
+
+    with atomic_write(filename, overwrite=overwrite) as tmp:
+        primary.writeto(tmp, overwrite=True)
+        for extname, array, extra in extensions:
+            dtype = np.dtype(">i4") if array is None else _writable_dtype(array.dtype)
+            header = _image_header(extname, dtype, cube.shape)
+            header["HDUCLASS"] = ("ESO", "class name (ESO format)")
+            header["HDUDOC"] = ("DICD", "document with class description")
+            header["HDUCLAS1"] = ("IMAGE", "image data")
+            for key, value in extra.items():
+                header[key] = value
+            header["SCIDATA"] = "DATA"
+            if cube.variance is not None:
+                header["ERRDATA"] = "STAT"
+            if write_dq:
+                header["QUALDATA"] = "DQ"
+            header.extend(wcs_cards, update=True)
+            if extname == "DQ":
+                header["COMMENT"] = (f"DQ bit {USER_MASK_FLAG} = pixel masked by the user "
+                                     "(cubesfh)")
+            # a block, its conversion to big-endian and the DQ/mask temporaries
+            planes = max(1, int(limit // max(1, 3 * ny * nx * max(dtype.itemsize, 4))))
+            blocks = range(0, nlam, planes)
+            with fits.StreamingHDU(str(tmp), header) as stream:
+                for l0 in progress(blocks, enabled=progress_bar, desc=f"writing {extname}"):
+                    lam = slice(l0, min(nlam, l0 + planes))
+                    if array is None:
+                        block = cube._dq_block(lam)
+                    else:
+                        block = cube._read("data" if extname == "DATA" else "variance", lam)
+                    stream.write(np.ascontiguousarray(block, dtype=dtype))
+    log.info("wrote %s (%s)", filename, ", ".join(e[0] for e in extensions))
