@@ -127,6 +127,53 @@ def _cmd_make_training_set(args):
     return 0
 
 
+def _cmd_train(args):
+    from .network import export_model, train
+
+    history = train(args.training_set, args.output_dir, seed=args.seed,
+                    max_epochs=args.max_epochs, time_limit=args.time_limit * 60
+                    if args.time_limit else None, device=args.device, threads=args.threads,
+                    resume=not args.restart, max_samples=args.max_samples,
+                    progress_bar=not args.no_progress)
+    best = min(h["val_loss"] for h in history)
+    print(f"{len(history)} epochs, best validation loss {best:.5f}; run in {args.output_dir}")
+    if args.export:
+        w = export_model(args.output_dir, Path(args.export).with_suffix(""))
+        print(f"exported {w} and {Path(w).with_suffix('.json')}")
+    return 0
+
+
+def _cmd_evaluate(args):
+    import json
+
+    from .network import SFHModel
+    from .network._evaluate import evaluate
+
+    model = SFHModel.load(args.model) if args.model else SFHModel.load()
+    m = evaluate(args.training_set, model, n_ppxf=args.n_ppxf, output_json=args.output,
+                 figure_dir=args.figures, progress_bar=not args.no_progress,
+                 max_test=args.max_test)
+    print(json.dumps({k: m[k] for k in ("n_test", "cnn", "cnn_seconds_per_spectrum")
+                      if k in m}, indent=1))
+    if "comparison" in m:
+        print(json.dumps(m["comparison"], indent=1))
+        print(f"speed ratio pPXF/CNN: {m['speed_ratio']:.3g}")
+    return 0
+
+
+def _cmd_make_mock(args):
+    from .synthesis import mock_observation
+
+    obs = mock_observation(args.output_dir, shape=tuple(args.shape), seed=args.seed,
+                           snr=args.snr, star=args.star, noise=not args.no_noise,
+                           overwrite=args.overwrite, progress_bar=not args.no_progress)
+    print(f"cube: {obs.cube_path}")
+    for band, path in obs.hst_paths.items():
+        print(f"{band}: {path}")
+    print(f"truth: {obs.truth_path}")
+    return 0
+
+
 def _cmd_info(args):
     from importlib import metadata
 
@@ -210,6 +257,53 @@ def build_parser():
     p.add_argument("--overwrite", action="store_true", help="start again from scratch")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=_cmd_make_training_set)
+
+    p = sub.add_parser("train", help="train the CNN on a training set (resumable)",
+                       description="Train the network (Adam, batches of 128, LR x0.8 after 5 "
+                                   "epochs without improvement, early stop after 20). The run "
+                                   "resumes from OUTPUT_DIR/checkpoint.pt.")
+    p.add_argument("training_set", help="HDF5 file from make-training-set")
+    p.add_argument("--output-dir", "-o", required=True, help="run folder (checkpoints, history)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-epochs", type=int, default=200)
+    p.add_argument("--time-limit", type=float, metavar="MINUTES",
+                   help="stop after this much training time (resumed runs count)")
+    p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--threads", type=int, help="CPU threads")
+    p.add_argument("--max-samples", type=int, help="use only this many training samples")
+    p.add_argument("--restart", action="store_true", help="ignore an existing checkpoint")
+    p.add_argument("--export", metavar="PATH.pt",
+                   help="write the best weights and metadata there when done")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("evaluate", help="accuracy and speed of the CNN (and pPXF) on the test split",
+                       description="Bias and scatter of LW/MW log age and [Z/H] on the "
+                                   "held-out 10 %, SFR error per age bin, S/N dependence, "
+                                   "band ablation, CNN vs pPXF and their speed ratio.")
+    p.add_argument("training_set")
+    p.add_argument("--model", help="weights (.pt) to evaluate (default: bundled)")
+    p.add_argument("--n-ppxf", type=int, default=300, help="spectra fitted with pPXF (0: none)")
+    p.add_argument("--output", help="metrics JSON file")
+    p.add_argument("--figures", help="folder for PNG figures")
+    p.add_argument("--max-test", type=int, help="use only this many test spectra")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("make-mock", help="write a mock MUSE cube, HST images and truth",
+                       description="Simulate a small galaxy (old metal-rich bulge, disc, young "
+                                   "arms) with the forward model and write it as a MUSE cube, "
+                                   "five HST images and a truth file.")
+    p.add_argument("output_dir")
+    p.add_argument("--shape", type=int, nargs=2, default=(40, 40), metavar=("NY", "NX"))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--snr", type=float, default=50.0,
+                   help="S/N per Angstrom of the brightest spaxel (default 50)")
+    p.add_argument("--star", action="store_true", help="add a foreground star")
+    p.add_argument("--no-noise", action="store_true", help="write the noise-free model")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_make_mock)
 
     p = sub.add_parser("info", help="versions, template library and filters",
                        description="Print versions and the shipped data files.")

@@ -38,6 +38,12 @@ PHOTPLAM = {"F275W": 2709.7, "F336W": 3354.5, "F438W": 4326.2, "F555W": 5308.4,
 
 MUSE_WAVE0 = 4749.72  # first pixel of a nominal-mode MUSE cube (A)
 MUSE_DWAVE = 1.25
+MUSE_WAVE_MAX = 7100.0  # generated cubes stop here (A)
+MUSE_SCALE = 0.2  # arcsec / spaxel
+HST_SCALE = 0.04  # arcsec / pixel of drizzled WFC3/UVIS mosaics
+
+#: Central sky position of the generated fields (arbitrary).
+FIELD_CENTER = (170.0625, 12.9915)
 
 
 @dataclass
@@ -94,6 +100,178 @@ def broaden_and_shift(rest_wave, rest_flux, velocity, sigma, out_wave, *, templa
     for i in range(v.size):
         out[i] = rebin_flux_conserving(w * (1 + z[i]), smoothed[i] / (1 + z[i]), ow)
     return out
+
+
+# ----------------------------------------------------------------------------
+# File writers shared by make_example_observation and cubesfh.synthesis.mock
+# ----------------------------------------------------------------------------
+
+def _muse_wavelength():
+    """Pixel centres of a generated MUSE cube, 4749.72-7098.5 A in 1.25 A steps."""
+    n = int((MUSE_WAVE_MAX - MUSE_WAVE0) / MUSE_DWAVE)
+    return (MUSE_WAVE0 + MUSE_DWAVE * np.arange(n)) * u.AA
+
+
+def _muse_wcs(shape, *, scale=MUSE_SCALE, center=FIELD_CENTER, crpix=None):
+    """
+    3-D WCS (RA---TAN, DEC--TAN, AWAV in Angstrom) of a generated MUSE cube.
+
+    ``crpix`` (1-based x, y) defaults to the middle of the ``(ny, nx)`` field.
+    """
+    ny, nx = shape
+    if crpix is None:
+        crpix = ((nx - 1) / 2 + 1, (ny - 1) / 2 + 1)
+    w3 = WCS(naxis=3)
+    w3.wcs.ctype = ["RA---TAN", "DEC--TAN", "AWAV"]
+    w3.wcs.cunit = ["deg", "deg", "Angstrom"]
+    w3.wcs.crpix = [crpix[0], crpix[1], 1]
+    w3.wcs.crval = [center[0], center[1], MUSE_WAVE0]
+    w3.wcs.cd = np.diag([-scale / 3600, scale / 3600, MUSE_DWAVE])
+    return w3
+
+
+def _muse_data_header(w3):
+    """
+    Header cards of a 3-D WCS in the form written by the MUSE pipeline.
+
+    A CD matrix (no PC/CDELT) and the wavelength axis in Angstrom
+    (``CUNIT3 = 'Angstrom'``, ``CRVAL3`` and ``CD3_3`` in Angstrom), whatever
+    unit WCSLIB has normalised the spectral axis to.
+    """
+    # read before copying or to_header(), which normalise the spectral axis to metres
+    to_aa = u.Unit(w3.wcs.cunit[2]).to(u.AA)
+    cd = np.array(w3.wcs.cd, dtype=float)
+    crval3 = w3.wcs.crval[2] * to_aa
+    hdr = w3.deepcopy().to_header()
+    # astropy writes PC + CDELT; keep the CD form used by the MUSE pipeline
+    for k in list(hdr):
+        if k.startswith(("PC", "CDELT")):
+            del hdr[k]
+    hdr["CUNIT3"] = ("Angstrom", "Units of coordinate increment and value")
+    hdr["CRVAL3"] = (crval3, "[Angstrom] Coordinate value at reference point")
+    hdr["CD1_1"], hdr["CD2_2"], hdr["CD3_3"] = cd[0, 0], cd[1, 1], cd[2, 2] * to_aa
+    hdr["CD1_2"], hdr["CD2_1"] = cd[0, 1], cd[1, 0]
+    hdr["CD1_3"] = hdr["CD2_3"] = hdr["CD3_1"] = hdr["CD3_2"] = 0.0
+    return hdr
+
+
+def _write_muse_cube(path, data, stat, w3, *, psf_fwhm, object_name, truth_name,
+                     extra_cards=(), overwrite=False):
+    """
+    Write a MUSE-format cube: PRIMARY (ESO keywords) + DATA + STAT.
+
+    Parameters
+    ----------
+    path : `~pathlib.Path`
+        Output file (written atomically).
+    data, stat : `~numpy.ndarray`
+        Flux and variance ``[wavelength, y, x]`` in 1e-20 erg/s/cm2/A per spaxel
+        (and its square).
+    w3 : `~astropy.wcs.WCS`
+        From `_muse_wcs`.
+    psf_fwhm : `~astropy.units.Quantity`
+        Written as ``FWHM`` and ``PSFFWHM``.
+    object_name, truth_name : str
+        ``OBJECT`` and ``CSFHTRUE`` (name of the truth file).
+    extra_cards : sequence of tuple, optional
+        More ``(keyword, value, comment)`` cards for the primary header.
+    overwrite : bool, optional
+        Replace an existing file.
+    """
+    hdr = _muse_data_header(w3)
+    ra0, dec0 = w3.wcs.crval[:2]
+    prim = fits.PrimaryHDU()
+    ph = prim.header
+    ph["TELESCOP"] = "ESO-VLT-U4"
+    ph["INSTRUME"] = "MUSE"
+    ph["OBJECT"] = object_name
+    ph["RA"], ph["DEC"] = ra0, dec0
+    ph["FWHM"] = (psf_fwhm.to_value(u.arcsec), "[arcsec] PSF FWHM at 7000 A")
+    ph["PSFFWHM"] = (psf_fwhm.to_value(u.arcsec), "[arcsec] PSF FWHM")
+    ph["HIERARCH ESO DRS MUSE PIXTABLE WAVELENGTH"] = "AWAV"
+    ph["CSFHTRUE"] = (truth_name, "truth file of this generated cube")
+    for card in extra_cards:
+        ph[card[0]] = tuple(card[1:]) if len(card) > 2 else card[1]
+    dh = fits.ImageHDU(data, header=hdr, name="DATA")
+    dh.header["BUNIT"] = "10**(-20)*erg/s/cm**2/Angstrom"
+    sh = fits.ImageHDU(stat, header=hdr, name="STAT")
+    sh.header["BUNIT"] = "(10**(-20)*erg/s/cm**2/Angstrom)**2"
+    with atomic_write(path, overwrite=overwrite) as tmp:
+        fits.HDUList([prim, dh, sh]).writeto(tmp)
+
+
+def _hst_wcs(shape, *, scale=HST_SCALE, center=FIELD_CENTER, crpix=None):
+    """North-up celestial WCS of a drizzled image; ``crpix`` defaults to the middle."""
+    ny, nx = shape
+    if crpix is None:
+        crpix = ((nx - 1) / 2 + 1, (ny - 1) / 2 + 1)
+    hw = WCS(naxis=2)
+    hw.wcs.ctype = ["RA---TAN", "DEC--TAN"]
+    hw.wcs.crpix = [crpix[0], crpix[1]]
+    hw.wcs.crval = [center[0], center[1]]
+    hw.wcs.cd = np.diag([-scale / 3600, scale / 3600])
+    return hw
+
+
+def _write_hst_image(path, counts, hw, *, band, psf_fwhm, weight=None, extra_primary=(),
+                     extra_sci=(), overwrite=False):
+    """
+    Write a drizzled-WFC3/UVIS-format image: PRIMARY + SCI (e-/s) [+ WHT].
+
+    Parameters
+    ----------
+    path : `~pathlib.Path`
+        Output file (written atomically).
+    counts : `~numpy.ndarray`
+        Count rates (e-/s) per pixel.
+    hw : `~astropy.wcs.WCS`
+        Celestial WCS (from `_hst_wcs`).
+    band : str
+        Filter; sets ``FILTER``, ``PHOTMODE``, ``PHOTFLAM`` and ``PHOTPLAM``.
+    psf_fwhm : `~astropy.units.Quantity`
+        Written as ``PSFFWHM``.
+    weight : `~numpy.ndarray`, optional
+        Drizzle weight map, written as ``WHT``.
+    extra_primary, extra_sci : sequence of tuple, optional
+        More ``(keyword, value[, comment])`` cards.
+    overwrite : bool, optional
+        Replace an existing file.
+    """
+    p = fits.PrimaryHDU()
+    p.header["TELESCOP"] = "HST"
+    p.header["INSTRUME"] = "WFC3"
+    p.header["DETECTOR"] = "UVIS"
+    p.header["FILTER"] = band
+    p.header["PHOTMODE"] = f"WFC3 UVIS2 {band}"
+    for card in extra_primary:
+        p.header[card[0]] = tuple(card[1:]) if len(card) > 2 else card[1]
+    s = fits.ImageHDU(counts.astype(np.float32), header=hw.to_header(), name="SCI")
+    s.header["BUNIT"] = "ELECTRONS/S"
+    s.header["PHOTFLAM"] = (PHOTFLAM[band], "inverse sensitivity, ergs/cm2/A/e-")
+    s.header["PHOTPLAM"] = (PHOTPLAM[band], "Pivot wavelength (Angstroms)")
+    s.header["PSFFWHM"] = (psf_fwhm.to_value(u.arcsec), "[arcsec] PSF FWHM")
+    for card in extra_sci:
+        s.header[card[0]] = tuple(card[1:]) if len(card) > 2 else card[1]
+    hdus = [p, s]
+    if weight is not None:
+        hdus.append(fits.ImageHDU(weight.astype(np.float32), header=hw.to_header(),
+                                  name="WHT"))
+    with atomic_write(path, overwrite=overwrite) as tmp:
+        fits.HDUList(hdus).writeto(tmp)
+
+
+def _noise_coefficients(f_center, snr, *, floor=0.003):
+    """
+    Coefficients of the MUSE variance model var = a * max(flux, 0) + b.
+
+    ``b = (floor * f_center)**2`` is a read-out and sky floor and ``a`` sets
+    the S/N per Angstrom of a spaxel of mean flux ``f_center`` to ``snr``
+    (S/N per 1.25 A pixel = snr * sqrt(1.25): a 1 A bin holds 0.8 pixels).
+    """
+    b = (floor * f_center) ** 2
+    snr_pix = snr * np.sqrt(MUSE_DWAVE)
+    a = max(f_center / snr_pix**2 - b / f_center, 0.0) if f_center > 0 else 1.0
+    return a, b
 
 
 def _gaussian_kernel_fft(image, fwhm_pix):
@@ -205,7 +383,7 @@ def make_example_observation(directory, *, shape=(30, 30), seed=0, snr_center=40
     vel = systemic_velocity.to_value(u.km / u.s) + vrot * np.sin(incl) * np.cos(phi)
     sig = 40.0 + 80.0 * np.exp(-r / 0.8)
 
-    wave = (MUSE_WAVE0 + MUSE_DWAVE * np.arange(int((7100 - MUSE_WAVE0) / MUSE_DWAVE))) * u.AA
+    wave = _muse_wavelength()
     n = ny * nx
     cube = np.zeros((n, wave.size))
     for name, (spec, _sed, _w, _zh) in comps.items():
@@ -218,49 +396,20 @@ def make_example_observation(directory, *, shape=(30, 30), seed=0, snr_center=40
     # noise: variance = a * flux + b, scaled to the requested central S/N per A
     win = (wave.value > 5300 * (1 + 0.0023)) & (wave.value < 5500 * (1 + 0.0023))
     f_c = cube[np.ravel_multi_index((int(y0), int(x0)), shape), win].mean()
-    b = (0.003 * f_c) ** 2  # read-out and sky floor
-    # S/N per A = S/N per pixel / sqrt(1.25): a 1 A bin holds 0.8 pixels
-    snr_pix = snr_center * np.sqrt(MUSE_DWAVE)
-    a = max(f_c / snr_pix**2 - b / f_c, 0.0) if f_c > 0 else 1.0
+    a, b = _noise_coefficients(f_c, snr_center)
     var = a * np.clip(cube, 0, None) + b
     noisy = cube + rng.normal(size=cube.shape) * np.sqrt(var)
     data = noisy.T.reshape(wave.size, ny, nx).astype(np.float32)
     stat = var.T.reshape(wave.size, ny, nx).astype(np.float32)
 
-    ra0, dec0 = 170.0625, 12.9915  # arbitrary field
-    w3 = WCS(naxis=3)
-    w3.wcs.ctype = ["RA---TAN", "DEC--TAN", "AWAV"]
-    w3.wcs.cunit = ["deg", "deg", "Angstrom"]
-    w3.wcs.crpix = [x0 + 1, y0 + 1, 1]
-    w3.wcs.crval = [ra0, dec0, wave[0].value]
-    w3.wcs.cd = np.diag([-scale / 3600, scale / 3600, MUSE_DWAVE])
-    hdr = w3.to_header()
-    # astropy writes PC + CDELT; keep the CD form used by the MUSE pipeline
-    for k in list(hdr):
-        if k.startswith(("PC", "CDELT")):
-            del hdr[k]
-    hdr["CD1_1"], hdr["CD2_2"], hdr["CD3_3"] = -scale / 3600, scale / 3600, MUSE_DWAVE
-    hdr["CD1_2"] = hdr["CD2_1"] = hdr["CD1_3"] = hdr["CD2_3"] = hdr["CD3_1"] = hdr["CD3_2"] = 0.0
-    prim = fits.PrimaryHDU()
-    ph = prim.header
-    ph["TELESCOP"] = "ESO-VLT-U4"
-    ph["INSTRUME"] = "MUSE"
-    ph["OBJECT"] = "cubesfh example galaxy"
-    ph["RA"], ph["DEC"] = ra0, dec0
-    ph["FWHM"] = (muse_psf_fwhm.to_value(u.arcsec), "[arcsec] PSF FWHM at 7000 A")
-    ph["PSFFWHM"] = (muse_psf_fwhm.to_value(u.arcsec), "[arcsec] PSF FWHM")
-    ph["HIERARCH ESO DRS MUSE PIXTABLE WAVELENGTH"] = "AWAV"
-    ph["CSFHTRUE"] = ("example_truth.fits", "truth file of this generated cube")
-    dh = fits.ImageHDU(data, header=hdr, name="DATA")
-    dh.header["BUNIT"] = "10**(-20)*erg/s/cm**2/Angstrom"
-    sh = fits.ImageHDU(stat, header=hdr, name="STAT")
-    sh.header["BUNIT"] = "(10**(-20)*erg/s/cm**2/Angstrom)**2"
+    w3 = _muse_wcs(shape, scale=scale)
     cube_path = directory / "example_muse_cube.fits"
-    with atomic_write(cube_path, overwrite=overwrite) as tmp:
-        fits.HDUList([prim, dh, sh]).writeto(tmp)
+    _write_muse_cube(cube_path, data, stat, w3, psf_fwhm=muse_psf_fwhm,
+                     object_name="cubesfh example galaxy", truth_name="example_truth.fits",
+                     overwrite=overwrite)
 
     # HST images: 0.04 arcsec pixels over a slightly larger field
-    hscale = 0.04
+    hscale = HST_SCALE
     hn = int(np.ceil(max(ny, nx) * scale / hscale * 1.2))
     hy, hx = np.mgrid[0:hn, 0:hn]
     x0_s = y0_s = (hn - 1) / 2
@@ -279,25 +428,10 @@ def make_example_observation(directory, *, shape=(30, 30), seed=0, snr_center=40
         counts = flam / PHOTFLAM[band]
         counts_noisy = counts + rng.normal(size=counts.shape) * (0.002 * counts.max() + 0.02
                                                                * np.sqrt(np.abs(counts)))
-        hw = WCS(naxis=2)
-        hw.wcs.ctype = ["RA---TAN", "DEC--TAN"]
-        hw.wcs.crpix = [x0_s + 1, y0_s + 1]
-        hw.wcs.crval = [ra0, dec0]
-        hw.wcs.cd = np.diag([-hscale / 3600, hscale / 3600])
-        p = fits.PrimaryHDU()
-        p.header["TELESCOP"] = "HST"
-        p.header["INSTRUME"] = "WFC3"
-        p.header["DETECTOR"] = "UVIS"
-        p.header["FILTER"] = band
-        p.header["PHOTMODE"] = f"WFC3 UVIS2 {band}"
-        s = fits.ImageHDU(counts_noisy.astype(np.float32), header=hw.to_header(), name="SCI")
-        s.header["BUNIT"] = "ELECTRONS/S"
-        s.header["PHOTFLAM"] = (PHOTFLAM[band], "inverse sensitivity, ergs/cm2/A/e-")
-        s.header["PHOTPLAM"] = (PHOTPLAM[band], "Pivot wavelength (Angstroms)")
-        s.header["PSFFWHM"] = (hst_psf_fwhm.to_value(u.arcsec), "[arcsec] PSF FWHM")
+        hw = _hst_wcs((hn, hn), scale=hscale)
         path = directory / f"example_hst_{band.lower()}.fits"
-        with atomic_write(path, overwrite=overwrite) as tmp:
-            fits.HDUList([p, s]).writeto(tmp)
+        _write_hst_image(path, counts_noisy, hw, band=band, psf_fwhm=hst_psf_fwhm,
+                         overwrite=overwrite)
         hst_paths[band] = path
 
     truth = {"velocity": vel, "sigma": sig, **{f"mass_{k}": m * mass_scale

@@ -6,6 +6,14 @@ noise (Galceran et al. 2026, section 2), the training-set writer and mock
 observations.
 """
 
+from .mock import (
+    MOCK_COMPONENTS,
+    MockComponent,
+    MockObservation,
+    mock_components,
+    mock_observation,
+    read_mock_truth,
+)
 from .model import ForwardModel, dust_transmission, metallicity_history
 from .sfh import (
     AGE_OF_UNIVERSE_GYR,
@@ -18,7 +26,13 @@ from .sfh import (
 
 __all__ = [
     "AGE_OF_UNIVERSE_GYR",
+    "MOCK_COMPONENTS",
     "ForwardModel",
+    "MockComponent",
+    "MockObservation",
+    "mock_components",
+    "mock_observation",
+    "read_mock_truth",
     "draw_gp_parameters",
     "draw_skewnormal_parameters",
     "dust_transmission",
