@@ -1,0 +1,21 @@
+# Licensed under a 3-clause BSD style license - see LICENSE
+"""
+The CNN of Galceran et al. (2026): architecture, training and the bundled model.
+
+Importing this package does not import torch; :class:`SFHModel` and
+:func:`train` import it when called.
+"""
+
+from ._data import downsample_spectra, photometry_features
+from ._predict import DEFAULT_MODEL, SFHModel, export_model
+from ._train import split_indices, train
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "SFHModel",
+    "downsample_spectra",
+    "export_model",
+    "photometry_features",
+    "split_indices",
+    "train",
+]

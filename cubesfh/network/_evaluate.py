@@ -1,0 +1,261 @@
+# Licensed under a 3-clause BSD style license - see LICENSE
+"""
+Accuracy and speed of the CNN (and of the pPXF baseline) on the held-out test set.
+
+Produces the analogues of the paper's Fig. 4 (relative SFR error per age bin),
+Fig. 5 (bias and scatter of LW/MW log age and [Z/H]) and Fig. 8 (dependence
+on S/N), the CNN versus pPXF comparison on identical inputs, and the speed
+ratio, as a JSON-serialisable dict and PNG figures.
+"""
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..conventions import AGE_BIN_CENTERS, AGE_BIN_EDGES, HST_BANDS
+from ._train import split_indices
+
+__all__ = ["evaluate", "summary_statistics"]
+
+log = logging.getLogger(__name__)
+
+QUANTITIES = ("logage_lw", "logage_mw", "zh_lw", "zh_mw")
+
+
+def summary_statistics(pred, true):
+    """
+    Bias (mean of predicted - true), scatter (standard deviation) and the
+    median and robust scatter (1.4826 x MAD) of the difference, for the four
+    mean quantities.
+
+    Parameters
+    ----------
+    pred, true : dict of `~numpy.ndarray`
+
+    Returns
+    -------
+    stats : dict
+    """
+    out = {}
+    for q in QUANTITIES:
+        d = np.asarray(pred[q], float) - np.asarray(true[q], float)
+        d = d[np.isfinite(d)]
+        med = float(np.median(d))
+        out[q] = {"bias": float(d.mean()), "scatter": float(d.std()), "median": med,
+                  "nmad": float(1.4826 * np.median(np.abs(d - med))), "n": int(d.size)}
+    return out
+
+
+def _sfr_error(pred_formed, true_formed):
+    """Fig. 4: mean (true - predicted) SFR per bin divided by the mean true SFR."""
+    widths = np.diff(AGE_BIN_EDGES.to_value("yr"))
+    sfr_t = true_formed / widths
+    sfr_p = pred_formed / widths
+    mean_t = sfr_t.mean(axis=0)
+    diff = (sfr_t - sfr_p) / mean_t
+    return diff.mean(axis=0).tolist(), (diff.std(axis=0) / np.sqrt(len(diff))).tolist()
+
+
+def _formed_from_living(mass_fraction, zh):
+    """Convert living-mass fractions to formed-mass fractions (constant SFR in each bin)."""
+    from ..templates import TemplateLibrary
+
+    lib = TemplateLibrary.load()
+    liv = lib.binned_living_fraction()  # (n_z, 16)
+    zg = lib.zh
+    z = np.clip(zh, zg[0], zg[-1])
+    lf = np.empty_like(z)
+    for i in range(z.shape[1]):
+        lf[:, i] = np.interp(z[:, i], zg, liv[:, i])
+    formed = mass_fraction / lf
+    return formed / formed.sum(axis=1, keepdims=True)
+
+
+def evaluate(training_set, model=None, *, seed=None, n_ppxf=300, snr_grid=(5, 10, 20, 35, 50, 100),
+             output_json=None, figure_dir=None, progress_bar=True, max_test=None):
+    """
+    Evaluate the CNN (and pPXF on a subset) on the held-out test split.
+
+    Parameters
+    ----------
+    training_set : str or `~pathlib.Path`
+        The training-set HDF5 file the model was trained on.
+    model : `~cubesfh.network.SFHModel`, optional
+        Default: the bundled model.
+    seed : int, optional
+        Split seed (default: the one recorded with the model).
+    n_ppxf : int, optional
+        Test spectra fitted with pPXF for the comparison (0 to skip).
+    snr_grid : sequence of float, optional
+        S/N per Angstrom at which the noise-free test spectra are re-noised.
+    output_json : str or `~pathlib.Path`, optional
+        Where to write the metrics.
+    figure_dir : str or `~pathlib.Path`, optional
+        Where to write PNG figures.
+    progress_bar : bool, optional
+    max_test : int, optional
+        Use only the first test spectra (quick checks).
+
+    Returns
+    -------
+    metrics : dict
+    """
+    import h5py
+
+    from ..synthesis import ForwardModel
+    from ._predict import SFHModel
+
+    model = SFHModel.load() if model is None else model
+    seed = model.meta["training"]["seed"] if seed is None else seed
+    with h5py.File(training_set, "r") as f:
+        n = f["spectra"].shape[0]
+        _, _, test = split_indices(n, seed)
+        if max_test:
+            test = test[:max_test]
+        spec = f["spectra"][:][test] if test.size > 20000 else f["spectra"][test]
+        phot = f["photometry"][test]
+        spec0 = f["spectra_noiseless"][test]
+        phot0 = f["photometry_noiseless"][test]
+        truth = {k: f[k][test] for k in (*QUANTITIES, "mass_fraction", "metallicity",
+                                          "mass_formed", "snr", "tau_ism", "tau_bc")}
+    metrics = {"n_test": int(test.size), "seed": int(seed), "model_id": model.model_id}
+
+    t0 = time.perf_counter()
+    pred = model.predict(spec, phot)
+    t_cnn = (time.perf_counter() - t0) / test.size
+    metrics["cnn"] = summary_statistics(pred, truth)
+    formed = _formed_from_living(pred["mass_fraction"], pred["metallicity"])
+    metrics["cnn_sfr_error"], metrics["cnn_sfr_error_err"] = _sfr_error(formed,
+                                                                        truth["mass_formed"])
+    metrics["cnn_seconds_per_spectrum"] = t_cnn
+    metrics["cnn_by_training_snr"] = {
+        str(int(s)): summary_statistics({q: pred[q][truth["snr"] == s] for q in QUANTITIES},
+                                        {q: truth[q][truth["snr"] == s] for q in QUANTITIES})
+        for s in np.unique(truth["snr"])}
+
+    # S/N dependence (Fig. 8): re-noise the noise-free test spectra
+    fm = ForwardModel()
+    rng = np.random.default_rng([int(seed), 123])
+    metrics["snr_dependence"] = {}
+    for s in snr_grid:
+        noisy, ph, _ = fm.add_noise(rng, spec0, phot0, float(s))
+        p = model.predict(noisy, ph)
+        metrics["snr_dependence"][str(s)] = summary_statistics(p, truth)
+
+    # ablation: bands removed (for the real-data case of missing HST coverage)
+    ablation = {"all": metrics["cnn"]}
+    for i, band in enumerate(HST_BANDS):
+        m = np.ones(len(HST_BANDS), bool)
+        m[i] = False
+        ablation[f"no_{band}"] = summary_statistics(model.predict(spec, phot, band_mask=m), truth)
+    optical = np.array([b in ("F438W", "F555W", "F814W") for b in HST_BANDS])
+    ablation["optical_only"] = summary_statistics(model.predict(spec, phot, band_mask=optical),
+                                                  truth)
+    ablation["spectrum_only"] = summary_statistics(model.predict(spec, None), truth)
+    metrics["ablation"] = ablation
+
+    if n_ppxf:
+        from ..baseline import fit_populations
+
+        k = min(n_ppxf, test.size)
+        sub = np.arange(k)
+        variance = np.clip(spec0[sub], 0, None) / (truth["snr"][sub, None] ** 2 * 1.25)
+        t0 = time.perf_counter()
+        res = fit_populations(spec[sub], variance, phot[sub], progress_bar=progress_bar)
+        t_ppxf = (time.perf_counter() - t0) / k
+        pp = {q: np.asarray(res[q]) for q in QUANTITIES}
+        tr_sub = {q: truth[q][sub] for q in QUANTITIES}
+        cnn_sub = {q: pred[q][sub] for q in QUANTITIES}
+        metrics["comparison"] = {"n": int(k), "cnn": summary_statistics(cnn_sub, tr_sub),
+                                 "ppxf": summary_statistics(pp, tr_sub),
+                                 "ppxf_failed": int(np.count_nonzero(~np.isfinite(pp["logage_lw"])))}
+        metrics["ppxf_seconds_per_spectrum"] = t_ppxf
+        metrics["speed_ratio"] = t_ppxf / t_cnn
+        if figure_dir:
+            _comparison_figure(tr_sub, cnn_sub, pp, Path(figure_dir) / "eval_cnn_vs_ppxf.png")
+    if output_json:
+        Path(output_json).parent.mkdir(parents=True, exist_ok=True)
+        Path(output_json).write_text(json.dumps(metrics, indent=1))
+    if figure_dir:
+        _figures(metrics, truth, pred, Path(figure_dir))
+    return metrics
+
+
+_LABELS = {"logage_lw": r"$\langle\log\,{\rm age}\rangle_{\rm LW}$",
+           "logage_mw": r"$\langle\log\,{\rm age}\rangle_{\rm MW}$",
+           "zh_lw": r"$\langle[Z/H]\rangle_{\rm LW}$", "zh_mw": r"$\langle[Z/H]\rangle_{\rm MW}$"}
+
+
+def _figures(metrics, truth, pred, outdir):
+    import matplotlib
+
+    matplotlib.use("agg")
+    import matplotlib.pyplot as plt
+
+    outdir.mkdir(parents=True, exist_ok=True)
+    fig, axes = plt.subplots(2, 2, figsize=(8, 7.5))
+    for ax, q in zip(axes.ravel(), QUANTITIES):
+        ax.hexbin(truth[q], pred[q], gridsize=50, mincnt=1, bins="log", cmap="viridis")
+        lo, hi = np.percentile(np.r_[truth[q], pred[q]], [0.5, 99.5])
+        ax.plot([lo, hi], [lo, hi], "k:", lw=1)
+        s = metrics["cnn"][q]
+        ax.set_title(f"{_LABELS[q]}: bias {s['bias']:+.3f}, scatter {s['scatter']:.3f} dex",
+                     fontsize=9)
+        ax.set_xlabel("true")
+        ax.set_ylabel("CNN")
+    fig.tight_layout()
+    fig.savefig(outdir / "eval_means.png", dpi=90)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ages = AGE_BIN_CENTERS.to_value("Gyr")
+    ax.errorbar(ages, metrics["cnn_sfr_error"], yerr=metrics["cnn_sfr_error_err"], fmt="o-")
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("age (Gyr)")
+    ax.set_ylabel(r"$\langle {\rm SFR_{in}} - {\rm SFR_{pred}}\rangle / \langle{\rm SFR_{in}}\rangle$")
+    fig.tight_layout()
+    fig.savefig(outdir / "eval_sfr_error.png", dpi=90)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    snrs = [float(s) for s in metrics["snr_dependence"]]
+    for q in QUANTITIES:
+        sc = [metrics["snr_dependence"][k][q]["scatter"] for k in metrics["snr_dependence"]]
+        bi = [metrics["snr_dependence"][k][q]["bias"] for k in metrics["snr_dependence"]]
+        axes[0].plot(snrs, sc, "o-", label=_LABELS[q])
+        axes[1].plot(snrs, bi, "o-", label=_LABELS[q])
+    for ax, lab in zip(axes, ("scatter (dex)", "bias (dex)")):
+        ax.set_xscale("log")
+        ax.set_xlabel("S/N per Angstrom")
+        ax.set_ylabel(lab)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(outdir / "eval_snr.png", dpi=90)
+    plt.close(fig)
+
+
+def _comparison_figure(truth, cnn, ppxf, path):
+    import matplotlib
+
+    matplotlib.use("agg")
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, axes = plt.subplots(2, 4, figsize=(13, 6.2))
+    for j, q in enumerate(QUANTITIES):
+        for i, (name, pr) in enumerate((("CNN", cnn), ("pPXF", ppxf))):
+            ax = axes[i, j]
+            ax.plot(truth[q], pr[q], ".", ms=3, alpha=0.6)
+            lo, hi = np.nanpercentile(np.r_[truth[q], pr[q]], [0.5, 99.5])
+            ax.plot([lo, hi], [lo, hi], "k:", lw=1)
+            d = pr[q] - truth[q]
+            ax.set_title(f"{name} {_LABELS[q]}\nbias {np.nanmean(d):+.3f} "
+                         f"scatter {np.nanstd(d):.3f}", fontsize=8)
+            ax.set_xlabel("true", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)

@@ -1,0 +1,157 @@
+# Licensed under a 3-clause BSD style license - see LICENSE
+"""
+The network of Galceran et al. (2026, section 3.1), in PyTorch.
+
+This module imports torch; nothing else in cubesfh imports it at package import.
+
+Architecture (choices where the paper is silent are written down here):
+
+* **Spectrum encoder.** The 1761-pixel spectrum (1.25 A) is averaged in pairs
+  to 2.5 A (880 pixels; still Nyquist-sampled for a 150 km/s dispersion,
+  sigma = 2.5-3.5 A, so no information is lost) and standardised pixel by
+  pixel with the training-set mean and scatter. Three stages of 1-D
+  convolution + Instance Normalisation + PReLU + max-pooling (x2), with
+  16, 32 and 64 channels and kernels 7, 5, 5 pixels (17, 25 and 50 A
+  receptive fields after pooling: absorption lines, line complexes, bands),
+  then a self-attention layer over the 110 remaining positions (4 heads,
+  with a residual connection and a learned positional embedding, so that
+  features far apart in wavelength can be combined) and two dense layers
+  (7040 -> 128 -> 64).
+* **Photometry encoder.** log10 of the 5 normalised fluxes, standardised, set
+  to 0 where a band is missing, concatenated with the 5-element band mask
+  (1 = present): three dense layers 10 -> 64 -> 64 -> 32. The mask lets one
+  network serve any subset of bands (trained with random band masking).
+* **Latent space.** The 64 + 32 features are concatenated and compressed to
+  40 (a dense layer).
+* **Decoder.** One shared branch, 40 -> 128 -> 128 -> 32: the first 16
+  outputs go through a softmax (non-negative mass fractions that sum to 1),
+  the other 16 are the mean [Z/H] of each age bin (in dex, around the
+  training-set mean).
+
+All hidden dense layers use PReLU; weights are Glorot-uniform initialised.
+"""
+
+import torch
+from torch import nn
+
+from ..conventions import HST_BANDS, N_AGE_BINS
+
+__all__ = ["SFHNet", "log_cosh_loss"]
+
+
+def _init_glorot(module):
+    if isinstance(module, (nn.Linear, nn.Conv1d)):
+        nn.init.xavier_uniform_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
+class _ConvStage(nn.Module):
+    def __init__(self, c_in, c_out, kernel, stride=1):
+        super().__init__()
+        self.conv = nn.Conv1d(c_in, c_out, kernel, stride=stride, padding=(kernel - 1) // 2)
+        self.norm = nn.InstanceNorm1d(c_out, affine=True)
+        self.act = nn.PReLU(c_out)
+        self.pool = nn.MaxPool1d(2)
+
+    def forward(self, x):
+        return self.pool(self.act(self.norm(self.conv(x))))
+
+
+class SFHNet(nn.Module):
+    """
+    Two-branch CNN: spectrum + photometry (with band mask) -> SFH and Z(t).
+
+    Parameters
+    ----------
+    n_pix : int
+        Number of spectral pixels after the 2.5 A averaging (880).
+    n_bands : int
+        Number of photometric bands (5).
+    channels : tuple of int
+        Channels of the three convolution stages.
+    kernels : tuple of int
+        Kernel sizes of the three convolution stages.
+    heads : int
+        Attention heads.
+    """
+
+    def __init__(self, n_pix=880, n_bands=len(HST_BANDS), channels=(16, 32, 64),
+                 kernels=(8, 5, 5), strides=(2, 1, 1), heads=4, zh_offset=0.0):
+        super().__init__()
+        self.n_pix = n_pix
+        self.n_bands = n_bands
+        stages, c_in = [], 1
+        n_pos = n_pix
+        for c, k, s in zip(channels, kernels, strides):
+            stages.append(_ConvStage(c_in, c, k, s))
+            c_in = c
+            n_pos = ((n_pos + 2 * ((k - 1) // 2) - k) // s + 1) // 2
+        self.conv = nn.Sequential(*stages)
+        self.pos = nn.Parameter(torch.zeros(1, n_pos, c_in))
+        self.attention = nn.MultiheadAttention(c_in, heads, batch_first=True)
+        self.attn_norm = nn.LayerNorm(c_in)
+        self.spec_dense = nn.Sequential(
+            nn.Flatten(), nn.Linear(n_pos * c_in, 128), nn.PReLU(), nn.Linear(128, 64),
+            nn.PReLU())
+        self.phot_dense = nn.Sequential(
+            nn.Linear(2 * n_bands, 64), nn.PReLU(), nn.Linear(64, 64), nn.PReLU(),
+            nn.Linear(64, 32), nn.PReLU())
+        self.latent = nn.Sequential(nn.Linear(64 + 32, 40), nn.PReLU())
+        self.decoder = nn.Sequential(
+            nn.Linear(40, 128), nn.PReLU(), nn.Linear(128, 128), nn.PReLU(),
+            nn.Linear(128, 2 * N_AGE_BINS))
+        self.apply(_init_glorot)
+        self.register_buffer("zh_offset", torch.tensor(float(zh_offset)))
+
+    def forward(self, spectrum, photometry, mask):
+        """
+        Parameters
+        ----------
+        spectrum : `torch.Tensor`
+            ``(batch, n_pix)`` standardised spectrum.
+        photometry : `torch.Tensor`
+            ``(batch, n_bands)`` standardised log fluxes (any value where masked).
+        mask : `torch.Tensor`
+            ``(batch, n_bands)``, 1 where the band is present.
+
+        Returns
+        -------
+        fractions : `torch.Tensor`
+            ``(batch, 16)`` mass fractions (softmax).
+        zh : `torch.Tensor`
+            ``(batch, 16)`` [Z/H] per age bin.
+        """
+        h = self.conv(spectrum.unsqueeze(1)).transpose(1, 2)  # (b, pos, c)
+        h = h + self.pos
+        a, _ = self.attention(h, h, h, need_weights=False)
+        h = self.attn_norm(h + a)
+        s = self.spec_dense(h)
+        p = self.phot_dense(torch.cat([photometry * mask, mask], dim=1))
+        z = self.latent(torch.cat([s, p], dim=1))
+        out = self.decoder(z)
+        fractions = torch.softmax(out[:, :N_AGE_BINS], dim=1)
+        zh = out[:, N_AGE_BINS:] + self.zh_offset
+        return fractions, zh
+
+
+def log_cosh_loss(fractions, zh, true_fractions, true_zh, *, weights=(0.8, 0.2)):
+    """
+    Weighted log-cosh loss of eq. 5 (summed over age bins, averaged over the batch).
+
+    Parameters
+    ----------
+    fractions, zh : `torch.Tensor`
+        Predictions, ``(batch, 16)``.
+    true_fractions, true_zh : `torch.Tensor`
+        Labels.
+    weights : tuple of float
+        Weights of the SFH and metallicity terms.
+    """
+    def lc(x):
+        # log(cosh(x)) computed stably
+        return x + nn.functional.softplus(-2.0 * x) - torch.log(torch.tensor(2.0, dtype=x.dtype))
+
+    l_sfh = lc(fractions - true_fractions).sum(dim=1).mean()
+    l_z = lc(zh - true_zh).sum(dim=1).mean()
+    return weights[0] * l_sfh + weights[1] * l_z

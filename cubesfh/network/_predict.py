@@ -1,0 +1,260 @@
+# Licensed under a 3-clause BSD style license - see LICENSE
+"""Loading the bundled network and predicting star formation histories."""
+
+import functools
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+
+from ..conventions import HST_BANDS, N_AGE_BINS, OUTPUT_WAVELENGTH
+from ..utils import CubeSFHError
+from ._data import downsample_spectra, photometry_features
+
+__all__ = ["DEFAULT_MODEL", "SFHModel", "export_model"]
+
+DATA_DIR = Path(__file__).parent / "data"
+#: Stem of the bundled model files (``.pt`` weights + ``.json`` metadata).
+DEFAULT_MODEL = DATA_DIR / "sfhnet"
+
+
+def _sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _meta_digest(meta):
+    body = {k: v for k, v in meta.items() if k != "meta_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def export_model(run_dir, stem=DEFAULT_MODEL, *, metrics=None, extra=None):
+    """
+    Package the best weights of a training run with their metadata.
+
+    Writes ``<stem>.pt`` (the ``state_dict``, loadable with
+    ``torch.load(..., weights_only=True)``) and ``<stem>.json`` (architecture,
+    input normalisation, training provenance and history, metrics, and the
+    SHA-256 of both files' contents).
+
+    Parameters
+    ----------
+    run_dir : str or `~pathlib.Path`
+        Output folder of :func:`~cubesfh.network.train`.
+    stem : str or `~pathlib.Path`, optional
+        Output path without suffix (default: the bundled model).
+    metrics : dict, optional
+        Evaluation metrics to record.
+    extra : dict, optional
+        Further metadata.
+    """
+    import shutil
+
+    from .. import __version__
+    from ..templates import TemplateLibrary
+
+    run = Path(run_dir)
+    stem = Path(stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    weights = stem.with_suffix(".pt")
+    shutil.copyfile(run / "best.pt", weights)
+    lib = TemplateLibrary.load()
+    meta = {
+        "format": 1,
+        "architecture": {"class": "SFHNet", "n_pix": 880, "n_bands": len(HST_BANDS),
+                         "channels": [16, 32, 64], "kernels": [8, 5, 5], "strides": [2, 1, 1],
+                         "heads": 4},
+        "inputs": {"wavelength_start": float(OUTPUT_WAVELENGTH[0].value),
+                   "wavelength_step": 1.25, "n_pixels": int(OUTPUT_WAVELENGTH.size),
+                   "downsample": 2, "bands": list(HST_BANDS),
+                   "normalisation_window": [5300.0, 5500.0], "sigma_kms": 150.0},
+        "normalization": json.loads((run / "normalization.json").read_text()),
+        "training": json.loads((run / "train_meta.json").read_text()),
+        "history": json.loads((run / "history.json").read_text()),
+        "template_library": {"file": Path(lib.filename).name,
+                             "stellar_sha": lib.meta.get("STELSHA", ""),
+                             "source": lib.meta.get("SRCPKG", "")},
+        "code_version": __version__,
+        "metrics": metrics or {},
+        "weights_sha256": _sha256(weights),
+    }
+    if extra:
+        meta.update(extra)
+    meta["meta_sha256"] = _meta_digest(meta)
+    stem.with_suffix(".json").write_text(json.dumps(meta, indent=1))
+    return weights
+
+
+class SFHModel:
+    """
+    The trained CNN: spectra + HST photometry -> SFH, Z(t) and mean ages/metallicities.
+
+    Use :meth:`load`. Inputs are exactly what
+    :func:`~cubesfh.preprocess.prepare_observation` and the training set
+    provide: rest-frame spectra on 4800-7000 A at 1.25 A (1761 pixels) at
+    sigma = 150 km/s normalised by their 5300-5500 A mean, and the five HST
+    fluxes divided by the same number (NaN for a missing band).
+
+    Attributes
+    ----------
+    meta : dict
+        Metadata of the model (provenance, normalisation, training history,
+        metrics).
+    """
+
+    def __init__(self, net, meta, *, device="cpu"):
+        self._net = net
+        self.meta = meta
+        self.device = device
+        n = meta["normalization"]
+        self._spec_mean = np.asarray(n["spec_mean"], np.float32)
+        self._spec_std = np.asarray(n["spec_std"], np.float32)
+        self._phot_mean = np.asarray(n["phot_mean"], np.float32)
+        self._phot_std = np.asarray(n["phot_std"], np.float32)
+
+    def __repr__(self):
+        return (f"<SFHModel {self.meta.get('weights_sha256', '')[:12]} trained on "
+                f"{self.meta.get('training', {}).get('n_train', '?')} spectra, "
+                f"code {self.meta.get('code_version')}>")
+
+    @property
+    def model_id(self):
+        """Short identifier: the first 12 hex digits of the weights' SHA-256."""
+        return self.meta["weights_sha256"][:12]
+
+    @classmethod
+    def load(cls, path=None, *, device=None):
+        """
+        Load a model (by default the one bundled with cubesfh), offline.
+
+        Parameters
+        ----------
+        path : str or `~pathlib.Path`, optional
+            Path of the ``.pt`` weights (the ``.json`` metadata must sit
+            beside it with the same stem).
+        device : str, optional
+            torch device (default ``'cpu'``).
+
+        Returns
+        -------
+        model : `SFHModel`
+
+        Raises
+        ------
+        CubeSFHError
+            Missing, corrupted or modified files.
+        """
+        stem = DEFAULT_MODEL if path is None else Path(path).with_suffix("")
+        if path is None and device is None:
+            return _load_default()
+        return _load(stem, device or "cpu")
+
+    def predict(self, spectra, photometry=None, *, band_mask=None, batch_size=4096):
+        """
+        Predict the SFH and metallicity history of each spectrum.
+
+        Parameters
+        ----------
+        spectra : `~numpy.ndarray`
+            ``(n, 1761)`` prepared spectra (NaN pixels are replaced by 1, the
+            normalised continuum level; flag such spectra upstream).
+        photometry : `~numpy.ndarray`, optional
+            ``(n, 5)`` normalised HST fluxes in F275W, F336W, F438W, F555W,
+            F814W order; NaN (or non-positive) for a band that is missing.
+            `None` for spectrum-only predictions.
+        band_mask : `~numpy.ndarray`, optional
+            ``(n, 5)`` or ``(5,)`` bool: bands to use (default: all finite,
+            positive ones).
+        batch_size : int, optional
+
+        Returns
+        -------
+        result : dict of `~numpy.ndarray`
+            ``mass_fraction`` (n, 16), ``metallicity`` (n, 16, [Z/H]),
+            ``light_fraction`` (n, 16), ``logage_lw``, ``logage_mw``,
+            ``zh_lw``, ``zh_mw`` (n,).
+        """
+        import torch
+
+        from ..populations import mean_quantities
+
+        spectra = np.atleast_2d(np.asarray(spectra, dtype=np.float32))
+        n = spectra.shape[0]
+        if spectra.shape[1] != self.meta["inputs"]["n_pixels"]:
+            msg = (f"spectra have {spectra.shape[1]} pixels; the network takes "
+                   f"{self.meta['inputs']['n_pixels']} (4800-7000 A at 1.25 A). Prepare them "
+                   "with cubesfh.restframe.prepare_spectra.")
+            raise CubeSFHError(msg)
+        if photometry is None:
+            photometry = np.full((n, len(HST_BANDS)), np.nan, np.float32)
+        photometry = np.atleast_2d(np.asarray(photometry, dtype=np.float32))
+        if photometry.shape != (n, len(HST_BANDS)):
+            msg = (f"photometry must have shape ({n}, {len(HST_BANDS)}) in "
+                   f"{', '.join(HST_BANDS)} order, got {photometry.shape}.")
+            raise CubeSFHError(msg)
+        mask = None if band_mask is None else np.broadcast_to(band_mask, photometry.shape)
+        spec = downsample_spectra(np.where(np.isfinite(spectra), spectra, 1.0))
+        logf, ok = photometry_features(photometry, mask)
+        x = (spec - self._spec_mean) / self._spec_std
+        p = np.where(ok > 0, (logf - self._phot_mean) / self._phot_std, 0.0).astype(np.float32)
+        frac = np.empty((n, N_AGE_BINS))
+        zh = np.empty((n, N_AGE_BINS))
+        with torch.inference_mode():
+            for s in range(0, n, batch_size):
+                f, z = self._net(torch.from_numpy(x[s:s + batch_size]).to(self.device),
+                                 torch.from_numpy(p[s:s + batch_size]).to(self.device),
+                                 torch.from_numpy(ok[s:s + batch_size]).to(self.device))
+                frac[s:s + batch_size] = f.cpu().numpy()
+                zh[s:s + batch_size] = z.cpu().numpy()
+        out = {"mass_fraction": frac, "metallicity": zh}
+        out.update(mean_quantities(frac, zh))
+        return out
+
+
+def _load(stem, device):
+    import torch
+
+    from ._model import SFHNet
+
+    weights = stem.with_suffix(".pt")
+    meta_path = stem.with_suffix(".json")
+    for p in (weights, meta_path):
+        if not p.exists():
+            msg = (f"model file {p} not found. The bundled model ships inside the cubesfh "
+                   "package; reinstall cubesfh, or train one with 'cubesfh train'.")
+            raise CubeSFHError(msg)
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError) as exc:
+        msg = f"{meta_path} is not valid JSON ({exc}); the model metadata is corrupted."
+        raise CubeSFHError(msg) from exc
+    if meta.get("meta_sha256") != _meta_digest(meta):
+        msg = (f"{meta_path} does not match its recorded checksum: the model metadata was "
+               "modified or corrupted. Reinstall cubesfh.")
+        raise CubeSFHError(msg)
+    if meta.get("weights_sha256") != _sha256(weights):
+        msg = (f"{weights} does not match the SHA-256 recorded in {meta_path.name}: the "
+               "weights were modified or corrupted. Reinstall cubesfh.")
+        raise CubeSFHError(msg)
+    arch = dict(meta["architecture"])
+    arch.pop("class", None)
+    net = SFHNet(n_pix=arch["n_pix"], n_bands=arch["n_bands"], channels=tuple(arch["channels"]),
+                 kernels=tuple(arch["kernels"]), strides=tuple(arch["strides"]),
+                 heads=arch["heads"], zh_offset=meta["normalization"]["zh_offset"])
+    try:
+        state = torch.load(weights, map_location=device, weights_only=True)
+        net.load_state_dict(state)
+    except Exception as exc:  # torch raises several types for bad files
+        msg = f"could not load the weights in {weights}: {exc}"
+        raise CubeSFHError(msg) from exc
+    net.to(device).eval()
+    return SFHModel(net, meta, device=device)
+
+
+@functools.lru_cache(maxsize=1)
+def _load_default():
+    return _load(DEFAULT_MODEL, "cpu")
