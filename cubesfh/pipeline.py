@@ -96,7 +96,7 @@ def run_baseline(prepared, *, scheduler=None, n_workers=None, cache_dir=None, pr
     result : dict of `~numpy.ndarray`
         Same keys as :func:`predict_bins` plus ``failed`` (bool).
     """
-    from .baseline import BaselineTemplates, fit_population
+    from .baseline import BaselineFlag, BaselineTemplates, fit_population
     from .parallel import map_bins
 
     n = prepared.n_bins
@@ -113,7 +113,7 @@ def run_baseline(prepared, *, scheduler=None, n_workers=None, cache_dir=None, pr
     out.update({k: np.full(n, np.nan) for k in ("logage_lw", "logage_mw", "zh_lw", "zh_mw")})
     out["failed"] = np.ones(n, bool)
     for i, r in zip(ok, results):
-        if r is None or r.failed:
+        if r is None or (r.flag & (BaselineFlag.NO_DATA | BaselineFlag.FIT_FAILED)):
             continue
         out["mass_fraction"][i] = r.mass_fraction
         out["metallicity"][i] = r.zh
