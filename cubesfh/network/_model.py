@@ -36,7 +36,7 @@ from torch import nn
 
 from ..conventions import HST_BANDS, N_AGE_BINS
 
-__all__ = ["SFHNet", "log_cosh_loss"]
+__all__ = ["SFHNet", "light_coefficients", "light_fractions", "log_cosh_loss"]
 
 
 def _init_glorot(module):
@@ -135,9 +135,47 @@ class SFHNet(nn.Module):
         return fractions, zh
 
 
-def log_cosh_loss(fractions, zh, true_fractions, true_zh, *, weights=(0.8, 0.2)):
+def light_fractions(fractions, zh, light_coef):
+    """
+    V-band light fractions of predicted living-mass fractions (differentiable).
+
+    ``log10(L_V / M) = a_i + b_i [Z/H]_i`` per age bin ``i`` (a linear fit to
+    the template library over -0.7 < [Z/H] < 0.4, good to 0.03 dex; see
+    :func:`light_coefficients`).
+
+    Parameters
+    ----------
+    fractions, zh : `torch.Tensor`
+        ``(batch, 16)``.
+    light_coef : `torch.Tensor`
+        ``(16, 2)``: slope and intercept per bin.
+    """
+    light = fractions * torch.pow(10.0, light_coef[:, 0] * zh + light_coef[:, 1])
+    return light / light.sum(dim=1, keepdim=True)
+
+
+def light_coefficients():
+    """Per-bin linear fits of log10(L_V / M_living) versus [Z/H], shape ``(16, 2)``."""
+    import numpy as np
+
+    from ..populations import _bin_tables
+
+    zg, log_ratio = _bin_tables()
+    sel = (zg > -1.0) & (zg < 0.5)
+    return np.array([np.polyfit(zg[sel], log_ratio[sel, i], 1)
+                     for i in range(log_ratio.shape[1])])
+
+
+def log_cosh_loss(fractions, zh, true_fractions, true_zh, *, weights=(0.8, 0.2),
+                  light_coef=None, true_light=None, light_weight=0.8):
     """
     Weighted log-cosh loss of eq. 5 (summed over age bins, averaged over the batch).
+
+    With ``light_coef`` and ``true_light`` an extra term compares the V-band
+    light fractions implied by the predicted mass fractions and metallicities
+    with the true ones: small mass fractions of young stars carry most of
+    the light, and a loss on mass fractions alone barely constrains them, which
+    biases light-weighted ages (see the network docs).
 
     Parameters
     ----------
@@ -147,6 +185,12 @@ def log_cosh_loss(fractions, zh, true_fractions, true_zh, *, weights=(0.8, 0.2))
         Labels.
     weights : tuple of float
         Weights of the SFH and metallicity terms.
+    light_coef : `torch.Tensor`, optional
+        See `light_fractions`.
+    true_light : `torch.Tensor`, optional
+        True V-band light fractions, ``(batch, 16)``.
+    light_weight : float
+        Weight of the light-fraction term.
     """
     def lc(x):
         # log(cosh(x)) computed stably
@@ -154,4 +198,8 @@ def log_cosh_loss(fractions, zh, true_fractions, true_zh, *, weights=(0.8, 0.2))
 
     l_sfh = lc(fractions - true_fractions).sum(dim=1).mean()
     l_z = lc(zh - true_zh).sum(dim=1).mean()
-    return weights[0] * l_sfh + weights[1] * l_z
+    loss = weights[0] * l_sfh + weights[1] * l_z
+    if light_coef is not None and true_light is not None:
+        lf = light_fractions(fractions, zh, light_coef)
+        loss = loss + light_weight * lc(lf - true_light).sum(dim=1).mean()
+    return loss

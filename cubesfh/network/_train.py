@@ -110,6 +110,7 @@ def load_split(path, seed, *, which="train"):
             out["photometry"] = _read_rows(f["photometry"], idx).astype(np.float32)
         out["mass_fraction"] = _read_rows(f["mass_fraction"], idx).astype(np.float32)
         out["metallicity"] = _read_rows(f["metallicity"], idx).astype(np.float32)
+        out["light_fraction"] = _read_rows(f["light_fraction"], idx).astype(np.float32)
         out["snr"] = f["snr"][:][idx]
         out["snr_values"] = np.asarray(f.attrs["snr_values"], float)
         out["phot_error"] = float(f.attrs["phot_error"])
@@ -129,8 +130,22 @@ def _band_mask(rng, n, p_drop=0.4):
     return mask
 
 
+def _write_meta(out, training_set, seed, tr, n_tr, n_val, best, history, elapsed, device,
+                threads, band_dropout, batch_size, lr, light_weight):
+    meta = {"seed": int(seed), "training_set": str(Path(training_set).name),
+            "training_set_digest": _file_digest(training_set),
+            "training_set_attrs": {k: v for k, v in tr["attrs"].items()
+                                   if isinstance(v, (int, float, str, list, bool))},
+            "n_train": int(n_tr), "n_validation": int(n_val),
+            "best_val_loss": best, "epochs": len(history), "train_seconds": elapsed,
+            "device": device, "threads": int(threads), "band_dropout": band_dropout,
+            "batch_size": batch_size, "lr": lr, "light_weight": light_weight}
+    (out / "train_meta.json").write_text(json.dumps(meta, indent=1, default=str))
+
+
 def train(training_set, output_dir, *, seed=0, max_epochs=200, batch_size=128, lr=1e-3,
           lr_factor=0.8, lr_patience=5, stop_patience=20, time_limit=None, band_dropout=0.4,
+          light_weight=0.8,
           device=None, threads=None, resume=True, max_samples=None, progress_bar=True):
     """
     Train the network and write its best weights, normalisation and history.
@@ -158,6 +173,9 @@ def train(training_set, output_dir, *, seed=0, max_epochs=200, batch_size=128, l
         elapsed in total, including earlier runs that were resumed.
     band_dropout : float, optional
         Fraction of training samples with randomly removed HST bands.
+    light_weight : float, optional
+        Weight of the V-band light-fraction term of the loss (0: the paper's
+        loss only).
     device : str, optional
         ``'cuda'`` when available, else ``'cpu'``.
     threads : int, optional
@@ -176,7 +194,7 @@ def train(training_set, output_dir, *, seed=0, max_epochs=200, batch_size=128, l
     """
     import torch
 
-    from ._model import SFHNet, log_cosh_loss
+    from ._model import SFHNet, light_coefficients, log_cosh_loss
 
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -189,10 +207,12 @@ def train(training_set, output_dir, *, seed=0, max_epochs=200, batch_size=128, l
     tr = load_split(training_set, seed, which="train")
     va = load_split(training_set, seed, which="validation")
     if max_samples is not None:
-        for k in ("spectra", "photometry", "mass_fraction", "metallicity", "snr", "index"):
+        keys = ("spectra", "photometry", "mass_fraction", "metallicity", "light_fraction", "snr",
+                "index")
+        for k in keys:
             tr[k] = tr[k][:max_samples]
         n_val = max(8, max_samples // 3)
-        for k in ("spectra", "photometry", "mass_fraction", "metallicity", "snr", "index"):
+        for k in keys:
             va[k] = va[k][:n_val]
 
     # normalisation statistics (from the noise-free training inputs)
@@ -240,6 +260,8 @@ def train(training_set, output_dir, *, seed=0, max_epochs=200, batch_size=128, l
     v_mask = _band_mask(np.random.default_rng([seed, 99]), len(v_spec), band_dropout)
     v_f = torch.from_numpy(va["mass_fraction"]).to(device)
     v_z = torch.from_numpy(va["metallicity"]).to(device)
+    v_l = torch.from_numpy(va["light_fraction"]).to(device)
+    lcoef = torch.from_numpy(light_coefficients().astype(np.float32)).to(device)
     n_tr = tr["spectra"].shape[0]
     snr_values = tr["snr_values"]
     dl = 2.5  # A per input pixel after averaging
@@ -262,8 +284,10 @@ def train(training_set, output_dir, *, seed=0, max_epochs=200, batch_size=128, l
             x, p, m = inputs(spec.astype(np.float32), phot.astype(np.float32), mask)
             f_true = torch.from_numpy(tr["mass_fraction"][b]).to(device)
             z_true = torch.from_numpy(tr["metallicity"][b]).to(device)
+            l_true = torch.from_numpy(tr["light_fraction"][b]).to(device)
             f_pred, z_pred = net(x, p, m)
-            loss = log_cosh_loss(f_pred, z_pred, f_true, z_true)
+            loss = log_cosh_loss(f_pred, z_pred, f_true, z_true, light_coef=lcoef,
+                                 true_light=l_true, light_weight=light_weight)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -276,7 +300,9 @@ def train(training_set, output_dir, *, seed=0, max_epochs=200, batch_size=128, l
                 x, p, m = inputs(v_spec[s:s + 4096], v_phot[s:s + 4096], v_mask[s:s + 4096])
                 f_pred, z_pred = net(x, p, m)
                 n = x.shape[0]
-                vl += log_cosh_loss(f_pred, z_pred, v_f[s:s + n], v_z[s:s + n]).item() * n
+                vl += log_cosh_loss(f_pred, z_pred, v_f[s:s + n], v_z[s:s + n],
+                                    light_coef=lcoef, true_light=v_l[s:s + n],
+                                    light_weight=light_weight).item() * n
                 vn += n
         val = vl / vn
         sched.step(val)
@@ -294,6 +320,8 @@ def train(training_set, output_dir, *, seed=0, max_epochs=200, batch_size=128, l
                  opt.param_groups[0]["lr"], dt, " *" if improved else "")
         (out / "history.json").write_text(json.dumps(history, indent=1))
         (out / "normalization.json").write_text(json.dumps(norm))
+        _write_meta(out, training_set, seed, tr, n_tr, len(v_spec), best, history, elapsed,
+                    device, torch.get_num_threads(), band_dropout, batch_size, lr, light_weight)
         tmp = out / "checkpoint.pt.tmp"
         torch.save({"model": net.state_dict(), "optimizer": opt.state_dict(),
                     "scheduler": sched.state_dict(), "epoch": epoch, "best": best,
@@ -305,13 +333,6 @@ def train(training_set, output_dir, *, seed=0, max_epochs=200, batch_size=128, l
         if time_limit is not None and elapsed >= time_limit:
             log.info("time limit reached after epoch %d", epoch)
             break
-    meta = {"seed": int(seed), "training_set": str(Path(training_set).name),
-            "training_set_digest": _file_digest(training_set),
-            "training_set_attrs": {k: v for k, v in tr["attrs"].items()
-                                   if isinstance(v, (int, float, str, list, bool))},
-            "n_train": int(n_tr), "n_validation": int(len(v_spec)),
-            "best_val_loss": best, "epochs": len(history), "train_seconds": elapsed,
-            "device": device, "threads": torch.get_num_threads(),
-            "band_dropout": band_dropout, "batch_size": batch_size, "lr": lr}
-    (out / "train_meta.json").write_text(json.dumps(meta, indent=1, default=str))
+    _write_meta(out, training_set, seed, tr, n_tr, len(v_spec), best, history, elapsed, device,
+                torch.get_num_threads(), band_dropout, batch_size, lr, light_weight)
     return history
