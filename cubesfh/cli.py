@@ -49,6 +49,17 @@ def _add_prepare_options(p):
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
+def _add_run_options(p):
+    p.add_argument("--ppxf", action="store_true",
+                   help="also run the pPXF baseline on the same bins (through dask)")
+    p.add_argument("--scheduler", metavar="ADDRESS",
+                   help="existing dask scheduler (default: a local cluster)")
+    p.add_argument("--workers", type=int, help="workers of the local dask cluster")
+    p.add_argument("--cache-dir", help="keep finished pPXF bins here (resume)")
+    p.add_argument("--model", help="network weights (.pt; default: the bundled model)")
+    p.add_argument("--plot", action="store_true", help="also write a quick-look PNG")
+
+
 def _prepare(cube_path, hst_paths, args, output):
     from astropy import units as u
 
@@ -76,31 +87,82 @@ def _cmd_prepare(args):
     return 0
 
 
+def _load_inputs(cube_path, hst_paths, args):
+    from astropy import units as u
+
+    from .cube import Cube
+
+    kw = {"psf_fwhm": args.psf_fwhm * u.arcsec} if args.psf_fwhm else {}
+    cube = Cube.read(cube_path, **kw)
+    hst = _load_hst(hst_paths, allow_other_instrument=getattr(args, "allow_other_instrument",
+                                                              False))
+    return cube, hst
+
+
+def _run(cube_path, hst_paths, args, output):
+    from astropy import units as u
+
+    from .network import SFHModel
+    from .pipeline import run_pipeline
+
+    t0 = time.perf_counter()
+    cube, hst = _load_inputs(cube_path, hst_paths, args)
+    model = SFHModel.load(args.model) if getattr(args, "model", None) else SFHModel.load()
+    maps = run_pipeline(cube, hst or None, target_snr=args.target_snr, min_snr=args.min_snr,
+                        regions=args.mask, kinematics=args.kinematics, redshift=args.redshift,
+                        ppxf=args.ppxf, model=model, scheduler=args.scheduler,
+                        n_workers=args.workers, cache_dir=args.cache_dir,
+                        max_memory=args.max_memory * u.GB, progress_bar=not args.no_progress)
+    maps.write(output, overwrite=True)
+    print(maps.summary())
+    print(f"wrote {output} in {time.perf_counter() - t0:.1f} s")
+    if args.plot:
+        png = Path(output).with_suffix(".png")
+        maps.plot(png)
+        print(f"wrote {png}")
+    return maps
+
+
+def _cmd_run(args):
+    _run(args.cube, _parse_hst(args.hst), args, args.output)
+    return 0
+
+
 def _cmd_demo(args):
     import numpy as np
 
-    from .datasets import make_example_observation
+    from .synthesis import mock_observation
 
     out = Path(args.output_dir)
-    print("cubesfh demo: the bundled CNN is not available yet, so the demo runs the "
-          "preprocessing stages (binning, kinematics, rest frame, photometry) on a "
-          "generated cube.")
-    obs = make_example_observation(out, overwrite=True)
-    print(f"generated {obs.cube_path} and {len(obs.hst_paths)} HST images in {out}")
-    prepared = _prepare(obs.cube_path, {b: str(p) for b, p in obs.hst_paths.items()}, args,
-                        out / "demo_prepared.fits")
-    # compare recovered kinematics with the truth of the generated cube
-    bmap = prepared.bins.bin_map
-    truth_v = obs.truth["velocity"]
-    truth_s = obs.truth["sigma"]
-    good = (prepared.kinematics["flag"] == 0)
-    tv = np.array([truth_v[bmap == i].mean() for i in range(prepared.n_bins)])
-    ts = np.array([truth_s[bmap == i].mean() for i in range(prepared.n_bins)])
-    dv = prepared.kinematics["velocity_los"].value - tv
-    ds = prepared.kinematics["sigma"].value - ts
-    print(f"kinematics vs truth over {int(good.sum())} bins: "
-          f"V offset {np.median(dv[good]):+.1f} km/s (rms {np.std(dv[good]):.1f}), "
-          f"sigma offset {np.median(ds[good]):+.1f} km/s (rms {np.std(ds[good]):.1f})")
+    obs = mock_observation(out, shape=tuple(args.shape), overwrite=True,
+                           progress_bar=not args.no_progress)
+    print(f"generated the mock galaxy {obs.cube_path} and {len(obs.hst_paths)} HST images "
+          f"in {out}")
+    args.plot = True
+    maps = _run(obs.cube_path, {b: str(p) for b, p in obs.hst_paths.items()}, args,
+                out / "demo_maps.fits")
+    # recovered versus true, per bin
+    bmap = maps.bin_map
+    nb = maps.n_bins
+    truth = obs.truth
+    lines = []
+    for key, tkey in (("logage_lw", "logage_lw"), ("logage_mw", "logage_mw"),
+                      ("zh_lw", "zh_lw"), ("zh_mw", "zh_mw")):
+        t = np.array([np.nanmean(truth[tkey][bmap == i]) for i in range(nb)])
+        for name, col in (("CNN", f"cnn_{key}"), ("pPXF", f"ppxf_{key}")):
+            if col not in maps.table.colnames:
+                continue
+            values = np.asarray(getattr(maps.table[col], "value", maps.table[col]), float)
+            ok = np.isfinite(values) & np.isfinite(t)
+            if ok.sum() < 3:
+                continue
+            r = np.corrcoef(values[ok], t[ok])[0, 1]
+            d = values[ok] - t[ok]
+            lines.append(f"  {name:4s} {key:9s}: Pearson r = {r:5.2f}, median offset "
+                         f"{np.median(d):+.3f} dex, scatter {np.std(d):.3f} dex "
+                         f"({ok.sum()} bins)")
+    print("recovered versus true (per bin):")
+    print("\n".join(lines))
     return 0
 
 
@@ -213,13 +275,33 @@ def build_parser():
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    p = sub.add_parser("demo", help="run the pipeline on the built-in example galaxy",
-                       description="Generate the example observation and run the pipeline "
-                                   "on it.")
-    p.add_argument("--output-dir", default="cubesfh-demo", help="where to write (default: "
-                   "./cubesfh-demo)")
+    p = sub.add_parser("demo", help="run the whole pipeline on the built-in mock galaxy",
+                       description="Simulate the mock galaxy (MUSE cube + five HST images), "
+                                   "run binning, kinematics, the CNN and pPXF, write the FITS "
+                                   "maps and a quick-look PNG, and compare with the truth.")
+    p.add_argument("--output-dir", default="cubesfh-demo",
+                   help="where to write (default: ./cubesfh-demo)")
+    p.add_argument("--shape", type=int, nargs=2, default=(30, 30), metavar=("NY", "NX"),
+                   help="size of the mock cube in spaxels (default 30 30)")
     _add_prepare_options(p)
-    p.set_defaults(func=_cmd_demo)
+    _add_run_options(p)
+    p.add_argument("--no-ppxf", dest="ppxf", action="store_false",
+                   help="skip the pPXF baseline (faster)")
+    p.set_defaults(func=_cmd_demo, ppxf=True)
+
+    p = sub.add_parser("run", help="stellar-population maps of a cube (CNN, optionally pPXF)",
+                       description="Bin a MUSE cube, measure (or read) the kinematics, prepare "
+                                   "the spectra and HST photometry, run the bundled CNN (and "
+                                   "optionally pPXF) and write DS9-ready FITS maps.")
+    p.add_argument("cube", help="MUSE cube (DATA/STAT extensions)")
+    p.add_argument("--hst", nargs="+", metavar="BAND=PATH",
+                   help="HST images, e.g. F275W=f275w.fits ... F814W=f814w.fits")
+    p.add_argument("--output", "-o", required=True, help="output FITS file")
+    p.add_argument("--allow-other-instrument", action="store_true",
+                   help="accept non-WFC3/UVIS images (e.g. WFPC2 F814W), with a warning")
+    _add_prepare_options(p)
+    _add_run_options(p)
+    p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("prepare", help="bin a cube and build the network inputs",
                        description="Voronoi-bin a MUSE cube, measure the stellar kinematics, "

@@ -1,0 +1,1190 @@
+# Licensed under a 3-clause BSD style license - see LICENSE
+"""
+The stellar-population maps product: per-bin results painted on the cube's sky grid.
+
+`StellarPopulationMaps` gathers, for every Voronoi bin of an observation, the
+bin geometry, S/N, stellar kinematics, network inputs and quality flags, the
+CNN outputs (mean ages and metallicities, the star formation history and the
+metallicity of each of the 16 age bins) and, when it was run, the pPXF
+baseline. It writes them as one FITS file whose image extensions all carry the
+celestial WCS of the cube, so that they open in DS9 (``ds9 -multiframe``) or
+any FITS viewer with the right coordinates; the layout is described on the
+:ref:`product` page.
+
+The per-bin table (``BINS``) is the single source of the numbers: every image
+is that table painted on the spaxels with the bin map (``BIN_ID``), and
+`StellarPopulationMaps.read` rebuilds the object from ``PRIMARY``, ``BIN_ID``
+and ``BINS``.
+"""
+
+import datetime
+import json
+import logging
+import math
+import os
+import warnings
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+from astropy import units as u
+from astropy.io import fits, registry
+from astropy.table import QTable
+from astropy.wcs import WCS, FITSFixedWarning
+
+from .conventions import AGE_BIN_CENTERS, AGE_BIN_EDGES, HST_BANDS, N_AGE_BINS
+from .flags import BinFlag
+from .utils import CubeSFHError, atomic_write
+
+__all__ = [
+    "FLAG_NOT_BINNED",
+    "FLAG_PPXF_FAILED",
+    "PRODUCT_VERSION",
+    "StellarPopulationMaps",
+    "decode_flags",
+    "flag_bits",
+]
+
+log = logging.getLogger(__name__)
+
+#: Version of the layout of the FITS product (``PRODVER`` in the primary header).
+PRODUCT_VERSION = 1
+
+#: ``FLAG`` bit of spaxels that are in no bin (masked, excluded or too faint):
+#: every other map is NaN there. Bits 0-15 are reserved for
+#: `~cubesfh.flags.BinFlag`.
+FLAG_NOT_BINNED = 1 << 16
+
+#: ``FLAG`` bit of bins that the pPXF baseline could not fit (its maps are NaN).
+FLAG_PPXF_FAILED = 1 << 17
+
+_KMS = u.km / u.s
+_DEX_YR = u.dex(u.yr)
+_PRODUCT_TYPE = "STELLAR_POPULATION_MAPS"
+
+# Short descriptions of the flag bits (header comments, docs).
+_FLAG_COMMENTS = {
+    "SIGMA_TOO_HIGH": "sigma >= 150 km/s: not broadened",
+    "PHOTOMETRY_NONPOSITIVE": "an HST band <= 0, NaN or not covered",
+    "KINEMATICS_FAILED": "kinematic fit failed or missing",
+    "KINEMATICS_AT_BOUND": "kinematic fit at a bound",
+    "SPECTRUM_FAILED": "rest-frame spectrum not prepared",
+    "SPECTRUM_INCOMPLETE": "part of 4800-7000 A rest has no data",
+    "NO_PHOTOMETRY": "no HST images given",
+    "NOT_BINNED": "spaxel in no bin: maps are NaN",
+    "PPXF_FAILED": "pPXF baseline fit failed",
+}
+
+# Versions recorded in the primary header: package -> 8-character keyword.
+_VERSION_KEYS = {
+    "cubesfh": "CSFH_VER",
+    "numpy": "NPY_VER",
+    "scipy": "SCPY_VER",
+    "astropy": "APY_VER",
+    "photutils": "PHOT_VER",
+    "reproject": "REPR_VER",
+    "vorbin": "VORB_VER",
+    "ppxf": "PPXF_VER",
+    "torch": "TRCH_VER",
+    "matplotlib": "MPL_VER",
+}
+
+# Kinematic columns copied from PreparedObservation.kinematics.
+_KIN_COLUMNS = ("velocity", "velocity_los", "sigma", "velocity_err", "sigma_err")
+
+# Per-bin result columns: name (without the cnn_/ppxf_ prefix), unit, per age bin?, description.
+_RESULT_COLUMNS = (
+    ("logage_lw", _DEX_YR, False, "light-weighted (V band) mean log10(age / yr)"),
+    ("logage_mw", _DEX_YR, False, "mass-weighted mean log10(age / yr)"),
+    ("zh_lw", u.dex, False, "light-weighted (V band) mean [Z/H]"),
+    ("zh_mw", u.dex, False, "mass-weighted mean [Z/H]"),
+    ("mass_fraction", u.dimensionless_unscaled, True,
+     "fraction of the living stellar mass in each age bin"),
+    ("zh", u.dex, True, "[Z/H] of the stars of each age bin"),
+    ("light_fraction", u.dimensionless_unscaled, True,
+     "fraction of the V-band light in each age bin"),
+)
+_REQUIRED_RESULTS = ("logage_lw", "logage_mw", "zh_lw", "zh_mw", "mass_fraction", "zh")
+
+# Image extensions: extension name, column of BINS, description.
+_BASE_IMAGES = (
+    ("SNR", "snr", "S/N per Angstrom of the bin (binning window)"),
+    ("V_STARS", "velocity", "stellar velocity relative to the systemic velocity"),
+    ("SIGMA_STARS", "sigma", "stellar velocity dispersion"),
+)
+_MEAN_IMAGES = (
+    ("LOGAGE_LW", "logage_lw", "light-weighted mean log10(age / yr)"),
+    ("LOGAGE_MW", "logage_mw", "mass-weighted mean log10(age / yr)"),
+    ("ZH_LW", "zh_lw", "light-weighted mean [Z/H]"),
+    ("ZH_MW", "zh_mw", "mass-weighted mean [Z/H]"),
+)
+_CUBE_IMAGES = (
+    ("SFH", "mass_fraction", "living-mass fraction in each of the 16 age bins"),
+    ("ZH_AGE", "zh", "[Z/H] of each of the 16 age bins (NaN: no mass)"),
+)
+
+_COLUMN_DOCS = {
+    "bin": "bin number (value of BIN_ID)",
+    "x": "centroid column, zero-based pixel",
+    "y": "centroid row, zero-based pixel",
+    "ra": "right ascension of the centroid",
+    "dec": "declination of the centroid",
+    "n_spaxels": "number of spaxels in the bin",
+    "snr": "S/N per Angstrom reached by the bin",
+    "velocity": "stellar velocity relative to the systemic velocity",
+    "velocity_los": "line-of-sight stellar velocity (observed)",
+    "sigma": "stellar velocity dispersion",
+    "velocity_err": "error of velocity",
+    "sigma_err": "error of sigma",
+    "norm": "mean rest-frame flux density in 5300-5500 A per spaxel",
+    "flag": "quality bitmask (BinFlag bits + PPXF_FAILED)",
+    "ppxf_flag": "BaselineFlag of the pPXF fit",
+    "ppxf_av": "Calzetti A_V of the pPXF fit",
+    "ppxf_chi2": "reduced chi2 of the pPXF fit",
+}
+
+
+def flag_bits():
+    """
+    Every bit of the ``FLAG`` extension.
+
+    Returns
+    -------
+    bits : list of tuple
+        ``(bit, value, name, description)`` for the `~cubesfh.flags.BinFlag`
+        bits, `FLAG_NOT_BINNED` and `FLAG_PPXF_FAILED`, in bit order.
+    """
+    out = []
+    members = [(int(f.value), f.name) for f in BinFlag if f.value]
+    members += [(FLAG_NOT_BINNED, "NOT_BINNED"), (FLAG_PPXF_FAILED, "PPXF_FAILED")]
+    for value, name in sorted(members):
+        bit = int(value).bit_length() - 1
+        out.append((bit, value, name, _FLAG_COMMENTS.get(name, name.lower().replace("_", " "))))
+    return out
+
+
+def decode_flags(value):
+    """
+    Names of the bits set in one ``FLAG`` value.
+
+    Parameters
+    ----------
+    value : int
+        A value of the ``FLAG`` map or of the ``flag`` column.
+
+    Returns
+    -------
+    names : list of str
+        Empty for a usable bin.
+
+    Examples
+    --------
+    >>> from cubesfh.maps import decode_flags
+    >>> decode_flags(65536 | 1)
+    ['SIGMA_TOO_HIGH', 'NOT_BINNED']
+    """
+    value = int(value)
+    return [name for _, bit_value, name, _ in flag_bits() if value & bit_value]
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _versions():
+    """Versions of cubesfh and of the libraries its results depend on."""
+    from . import __version__
+
+    out = {}
+    for pkg in _VERSION_KEYS:
+        if pkg == "cubesfh":
+            out[pkg] = __version__
+            continue
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def _now():
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
+
+
+def _jsonable(value):
+    """Plain JSON types for provenance values (Quantities and paths as strings)."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, u.Quantity):
+        return str(value)
+    if value is None or isinstance(value, (str, bool)):
+        return value
+    if isinstance(value, np.bool_):
+        return bool(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        value = float(value)
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [_jsonable(v) for v in (value.tolist() if isinstance(value, np.ndarray)
+                                       else value)]
+    if isinstance(value, (datetime.datetime, datetime.date)):
+        return value.isoformat()
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    return str(value)
+
+
+def _normalize_meta(meta):
+    """Provenance as a JSON-equivalent dict with ``date`` and ``versions`` filled in."""
+    meta = dict(meta or {})
+    meta.setdefault("date", _now())
+    meta.setdefault("versions", _versions())
+    meta.setdefault("model_id", "")
+    meta.setdefault("model_sha256", "")
+    meta["inputs"] = _normalize_inputs(meta.get("inputs"))
+    meta.setdefault("parameters", {})
+    return json.loads(json.dumps(_jsonable(meta)))
+
+
+def _normalize_inputs(inputs):
+    """Input files as ``{file name: sha256}``."""
+    if not inputs:
+        return {}
+    if isinstance(inputs, dict):
+        return {os.fspath(k) if isinstance(k, os.PathLike) else str(k): str(v)
+                for k, v in inputs.items()}
+    out = {}
+    for item in inputs:
+        if isinstance(item, dict):
+            out[str(item.get("name", item.get("file", "")))] = str(item.get("sha256", ""))
+        else:
+            name, sha = item
+            out[os.fspath(name) if isinstance(name, os.PathLike) else str(name)] = str(sha)
+    return out
+
+
+def _unit_string(unit):
+    """FITS unit string; the generic astropy string for logarithmic units (``dex(yr)``)."""
+    if unit is None or unit == u.dimensionless_unscaled:
+        return ""
+    try:
+        return unit.to_string("fits")
+    except ValueError:
+        return unit.to_string()
+
+
+def _parse_unit(text):
+    """Inverse of `_unit_string`: FITS first, then the generic astropy format."""
+    text = (text or "").strip()
+    if not text:
+        return None
+    try:
+        return u.Unit(text, format="fits")
+    except ValueError:
+        pass
+    try:
+        return u.Unit(text)
+    except ValueError:
+        return u.Unit(text, parse_strict="silent")
+
+
+def _plain_values(name, values, unit):
+    """Values of a column as a float array in ``unit`` (accepts plain arrays)."""
+    unit_in = getattr(values, "unit", None)
+    if unit_in is not None and unit is not None:
+        if not isinstance(values, u.Quantity):  # e.g. a Table Column with a unit
+            values = np.asarray(values) * u.Unit(unit_in)
+        try:
+            values = values.to_value(unit)
+        except u.UnitsError as exc:
+            msg = (f"{name} has unit {values.unit}, which cannot be converted to {unit}; "
+                   f"give it in {unit}.")
+            raise CubeSFHError(msg) from exc
+    return np.array(getattr(values, "value", values), dtype=float)
+
+
+def _keys(result):
+    return list(result.colnames) if hasattr(result, "colnames") else list(result.keys())
+
+
+def _per_bin(result, key, n_bins, *, source, vector, unit=None):
+    """One row per bin of ``result[key]`` as a float array, shape checked."""
+    values = _plain_values(f"{source}[{key!r}]", result[key], unit)
+    expected = (n_bins, N_AGE_BINS) if vector else (n_bins,)
+    if values.shape != expected:
+        what = "(n_bins, 16)" if vector else "(n_bins,)"
+        msg = (f"{source}[{key!r}] has shape {values.shape}; expected {what} = {expected}, "
+               "one row per bin in bin-number order.")
+        raise CubeSFHError(msg)
+    return values
+
+
+def _centroids(bin_map, n_bins):
+    labels = bin_map.ravel()
+    inside = labels >= 0
+    yy, xx = np.indices(bin_map.shape)
+    n = np.bincount(labels[inside], minlength=n_bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        x = np.bincount(labels[inside], weights=xx.ravel()[inside], minlength=n_bins) / n
+        y = np.bincount(labels[inside], weights=yy.ravel()[inside], minlength=n_bins) / n
+    return x, y, n
+
+
+def _sky(wcs, x, y):
+    """Right ascension and declination (deg) of zero-based pixel positions."""
+    world = wcs.pixel_to_world_values(x, y)
+    lon, lat = (world[1], world[0]) if wcs.wcs.lng == 1 else (world[0], world[1])
+    return np.asarray(lon, float) * u.deg, np.asarray(lat, float) * u.deg
+
+
+def _celestial(wcs):
+    if not isinstance(wcs, WCS):
+        msg = (f"wcs must be an astropy.wcs.WCS (the cube's celestial WCS, e.g. "
+               f"bins.celestial_wcs), got {type(wcs).__name__}.")
+        raise CubeSFHError(msg)
+    if not wcs.has_celestial:
+        msg = ("wcs has no celestial axes; pass the cube's celestial WCS "
+               "(cube.celestial_wcs or bins.celestial_wcs).")
+        raise CubeSFHError(msg)
+    cel = wcs.celestial if wcs.naxis != 2 else wcs.deepcopy()
+    if cel.naxis != 2:
+        msg = "wcs must have exactly two celestial axes (RA, Dec)."
+        raise CubeSFHError(msg)
+    return cel
+
+
+def _header_card(header, key, value, comment=""):
+    """
+    Append a card, shortening its comment to fit in 80 characters.
+
+    Cards that cannot fit at all (a long HIERARCH key with a number) are
+    skipped: their value is also in the ``PROVJSON`` card.
+    """
+    if isinstance(value, float) and not math.isfinite(value):
+        value = str(value)
+    if isinstance(value, (list, dict)):
+        value = json.dumps(value)
+    if isinstance(value, str):
+        value = value.encode("ascii", "replace").decode("ascii")
+    comment = comment.encode("ascii", "replace").decode("ascii")
+    for text in (comment, comment[:max(0, 80 - 12 - _value_width(key, value))], ""):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                card = fits.Card(key, value, text)
+                str(card)  # formatting raises or warns when the card does not fit
+                card.verify("exception")
+        except (ValueError, fits.verify.VerifyError, Warning):
+            continue
+        header.append(card)
+        return
+    log.debug("provenance card %s does not fit in a FITS card; kept in PROVJSON", key)
+
+
+def _value_width(key, value):
+    """Length of a card image without comment (last line for long strings)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            image = str(fits.Card(key, value))
+    except ValueError:
+        return 80
+    return len(image[-80:].rstrip())
+
+
+def _flatten(prefix, value):
+    """Flatten nested dicts into (``'A B C'``, value) pairs for HIERARCH keys."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield from _flatten(f"{prefix} {str(k).upper()}".strip(), v)
+    else:
+        yield prefix, value
+
+
+# ----------------------------------------------------------------------------- I/O classes
+
+
+class StellarPopulationMapsRead(registry.UnifiedReadWrite):
+    """
+    Read a stellar-population maps product written by `StellarPopulationMaps.write`.
+
+    The object is rebuilt from the ``PRIMARY`` (provenance), ``BIN_ID`` (bin
+    map and WCS) and ``BINS`` (per-bin values) extensions::
+
+      >>> from cubesfh.maps import StellarPopulationMaps
+      >>> maps = StellarPopulationMaps.read("NGC0628_maps.fits")  # doctest: +SKIP
+
+    Parameters
+    ----------
+    path : str or `~pathlib.Path`
+        The FITS file.
+    format : str, optional
+        ``'cubesfh-maps'`` (the default and only format).
+
+    Returns
+    -------
+    maps : `StellarPopulationMaps`
+
+    Notes
+    -----
+    """
+
+    def __init__(self, instance, cls):
+        super().__init__(instance, cls, "read", registry=None)
+
+    def __call__(self, *args, format=None, **kwargs):
+        return self.registry.read(self._cls, *args, format=format or "cubesfh-maps", **kwargs)
+
+
+class StellarPopulationMapsWrite(registry.UnifiedReadWrite):
+    """
+    Write the maps to one FITS file, atomically (see :ref:`product`).
+
+    The file is written to a temporary file beside ``path`` that replaces it
+    only when complete: an interrupted write never leaves a half-written
+    product::
+
+      >>> maps.write("NGC0628_maps.fits", overwrite=True)  # doctest: +SKIP
+
+    Parameters
+    ----------
+    path : str or `~pathlib.Path`
+        Output file.
+    overwrite : bool, optional
+        Replace an existing file (default `False`: `OSError` if it exists).
+    format : str, optional
+        ``'cubesfh-maps'`` (the default and only format).
+
+    Notes
+    -----
+    """
+
+    def __init__(self, instance, cls):
+        super().__init__(instance, cls, "write", registry=None)
+
+    def __call__(self, *args, format=None, **kwargs):
+        return self.registry.write(self._instance, *args, format=format or "cubesfh-maps",
+                                   **kwargs)
+
+
+# ----------------------------------------------------------------------------- the product
+
+
+class StellarPopulationMaps:
+    """
+    Stellar-population maps of a cube: per-bin results on the cube's sky grid.
+
+    Usually made with `from_results` from a
+    `~cubesfh.preprocess.PreparedObservation` and the CNN (and pPXF) outputs;
+    written with `write`, read back with `read`, looked at with `plot`.
+
+    Parameters
+    ----------
+    bin_map : array-like of int, shape (ny, nx)
+        Bin number of every spaxel, ``-1`` outside all bins.
+    table : `~astropy.table.QTable`
+        One row per bin, in bin-number order. Required columns:
+        ``cnn_logage_lw``, ``cnn_logage_mw`` (``dex(yr)`` or plain numbers,
+        log10 of the age in yr), ``cnn_zh_lw``, ``cnn_zh_mw`` (dex), and the
+        ``(n_bins, 16)`` columns ``cnn_mass_fraction`` and ``cnn_zh``. The
+        same names with the prefix ``ppxf_`` add the pPXF baseline (all six
+        or none). Optional columns (filled in when missing): ``bin``, ``x``,
+        ``y`` (centroid, zero-based pixels), ``ra``, ``dec``, ``n_spaxels``,
+        ``snr``, ``velocity``, ``sigma`` (km/s) and ``flag``; any other
+        column is kept and written to ``BINS``.
+    wcs : `~astropy.wcs.WCS`
+        Celestial WCS of ``bin_map`` (the cube's; a WCS with more axes is
+        reduced to its celestial part).
+    meta : dict, optional
+        Provenance: ``model_id``, ``model_sha256``, ``inputs`` (file name ->
+        SHA-256), ``parameters`` (any nested dict), ``date``, ``versions``
+        (filled in with the installed versions when missing) and any other
+        keys. Stored as plain JSON types.
+
+    Attributes
+    ----------
+    bin_map : `~numpy.ndarray` of int32
+    table : `~astropy.table.QTable`
+        The per-bin values (the ``BINS`` extension).
+    wcs : `~astropy.wcs.WCS`
+        Celestial WCS.
+    meta : dict
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from astropy.table import QTable
+    >>> from astropy.wcs import WCS
+    >>> from cubesfh.maps import StellarPopulationMaps
+    >>> wcs = WCS(naxis=2)
+    >>> wcs.wcs.ctype = ["RA---TAN", "DEC--TAN"]
+    >>> wcs.wcs.crval = [150.0, 2.0]
+    >>> wcs.wcs.cdelt = [-0.2 / 3600, 0.2 / 3600]
+    >>> bin_map = np.array([[0, 0, 1], [-1, 1, 1]])
+    >>> t = QTable()
+    >>> t["cnn_logage_lw"] = [9.0, 8.0]
+    >>> t["cnn_logage_mw"] = [9.8, 9.5]
+    >>> t["cnn_zh_lw"] = [0.0, -0.3]
+    >>> t["cnn_zh_mw"] = [0.1, -0.2]
+    >>> t["cnn_mass_fraction"] = np.full((2, 16), 1 / 16)
+    >>> t["cnn_zh"] = np.zeros((2, 16))
+    >>> maps = StellarPopulationMaps(bin_map, t, wcs=wcs)
+    >>> maps["LOGAGE_LW"]
+    <Dex [[ 9.,  9.,  8.],
+          [nan,  8.,  8.]] dex(yr)>
+    >>> maps["SFH"].shape
+    (16, 2, 3)
+    """
+
+    read = registry.UnifiedReadWriteMethod(StellarPopulationMapsRead)
+    write = registry.UnifiedReadWriteMethod(StellarPopulationMapsWrite)
+
+    def __init__(self, bin_map, table, *, wcs, meta=None):
+        bin_map = np.asarray(bin_map)
+        if bin_map.ndim != 2 or not np.issubdtype(bin_map.dtype, np.integer):
+            msg = ("bin_map must be a 2-D integer array (bin number per spaxel, -1 outside "
+                   f"all bins); got dtype {bin_map.dtype} and shape {bin_map.shape}.")
+            raise CubeSFHError(msg)
+        if bin_map.size == 0 or bin_map.max() < 0:
+            msg = "bin_map has no bins (all values are -1); there is nothing to map."
+            raise CubeSFHError(msg)
+        if bin_map.min() < -1:
+            msg = "bin_map has values below -1; use -1 for spaxels outside all bins."
+            raise CubeSFHError(msg)
+        self.bin_map = bin_map.astype(np.int32)
+        self.wcs = _celestial(wcs)
+        n = self.n_bins
+        table = QTable(table, copy=True)
+        if len(table) != n:
+            msg = (f"table has {len(table)} rows but bin_map has {n} bins (0..{n - 1}); give "
+                   "one row per bin in bin-number order.")
+            raise CubeSFHError(msg)
+        self.table = self._complete(table)
+        self.meta = _normalize_meta(meta)
+
+    # ------------------------------------------------------------------ construction
+
+    def _complete(self, table):
+        """Check the result columns, give them units, fill in the optional columns."""
+        n = self.n_bins
+        for prefix, source in (("cnn_", "CNN"), ("ppxf_", "pPXF")):
+            present = [k for k in _REQUIRED_RESULTS if prefix + k in table.colnames]
+            if prefix == "ppxf_" and not present:
+                continue
+            missing = [prefix + k for k in _REQUIRED_RESULTS if k not in present]
+            if missing:
+                msg = (f"table lacks the {source} columns {missing}; the maps need "
+                       f"{[prefix + k for k in _REQUIRED_RESULTS]}.")
+                raise CubeSFHError(msg)
+            for key, unit, vector, doc in _RESULT_COLUMNS:
+                name = prefix + key
+                if name not in table.colnames:
+                    continue
+                values = _per_bin(table, name, n, source="table", vector=vector, unit=unit)
+                table[name] = values * unit
+                table[name].info.description = f"{source}: {doc}"
+        if "bin" in table.colnames:
+            if not np.array_equal(np.asarray(table["bin"]), np.arange(n)):
+                msg = "table['bin'] must be 0, 1, ..., n_bins - 1 (rows in bin-number order)."
+                raise CubeSFHError(msg)
+        else:
+            table.add_column(np.arange(n, dtype=np.int32), name="bin", index=0)
+        x, y, count = _centroids(self.bin_map, n)
+        defaults = [("x", x), ("y", y)]
+        for i, (name, values) in enumerate(defaults):
+            if name not in table.colnames:
+                table.add_column(values, name=name, index=1 + i)
+        if "ra" not in table.colnames:
+            ra, dec = _sky(self.wcs, np.asarray(table["x"], float),
+                           np.asarray(table["y"], float))
+            table.add_column(ra, name="ra", index=3)
+            table.add_column(dec, name="dec", index=4)
+        if "n_spaxels" not in table.colnames:
+            table.add_column(count.astype(np.int32), name="n_spaxels", index=5)
+        for name, unit in (("snr", None), ("velocity", _KMS), ("sigma", _KMS)):
+            if name not in table.colnames:
+                values = np.full(n, np.nan)
+                table[name] = values if unit is None else values * unit
+            elif unit is not None:
+                table[name] = _plain_values(f"table[{name!r}]", table[name], unit) * unit
+        if "flag" not in table.colnames:
+            table["flag"] = np.zeros(n, dtype=np.int32)
+        for name in table.colnames:
+            if not table[name].info.description and name in _COLUMN_DOCS:
+                table[name].info.description = _COLUMN_DOCS[name]
+        return table
+
+    @classmethod
+    def from_results(cls, prepared, cnn, ppxf=None, *, provenance=None):
+        """
+        Build the maps from the prepared observation and the per-bin results.
+
+        Parameters
+        ----------
+        prepared : `~cubesfh.preprocess.PreparedObservation`
+            Bins (bin map, WCS, S/N), kinematics, normalisations, network
+            inputs and flags.
+        cnn : dict or `~astropy.table.Table`
+            Output of `~cubesfh.network.SFHModel.predict`, one row per bin:
+            ``mass_fraction`` (n, 16), ``metallicity`` (or ``zh``) (n, 16,
+            [Z/H]), ``logage_lw``, ``logage_mw``, ``zh_lw``, ``zh_mw`` (n,)
+            and optionally ``light_fraction``.
+        ppxf : dict or `~astropy.table.Table`, optional
+            The pPXF baseline (`~cubesfh.baseline.fit_populations`), same keys
+            with ``zh`` (NaN for age bins without mass) and optionally
+            ``flag`` (`~cubesfh.baseline.BaselineFlag`), ``failed`` (bool),
+            ``av`` and ``chi2``. Bins whose fit failed (flag ``NO_DATA`` or
+            ``FIT_FAILED``, ``failed`` or non-finite means) get the
+            `FLAG_PPXF_FAILED` bit. A table's ``meta`` goes into the
+            provenance parameters.
+        provenance : dict, optional
+            ``model_id``, ``model_sha256``, ``inputs`` (file name -> SHA-256,
+            or a list of ``(name, sha256)``), ``parameters`` (dict), ``date``
+            and any other keys. Completed with ``prepared.meta`` (cube file
+            and checksum, binning parameters).
+
+        Returns
+        -------
+        maps : `StellarPopulationMaps`
+        """
+        bins = prepared.bins
+        n = int(bins.n_bins)
+        if getattr(bins, "celestial_wcs", None) is None:
+            msg = ("prepared.bins has no celestial WCS; the maps need the cube's WCS "
+                   "(bin the cube with cubesfh.binning.voronoi_bin).")
+            raise CubeSFHError(msg)
+        t = QTable()
+        t["bin"] = np.arange(n, dtype=np.int32)
+        t["x"] = np.asarray(bins.x, float)
+        t["y"] = np.asarray(bins.y, float)
+        ra, dec = _sky(_celestial(bins.celestial_wcs), t["x"], t["y"])
+        t["ra"], t["dec"] = ra, dec
+        t["n_spaxels"] = np.asarray(bins.n_spaxels, dtype=np.int32)
+        t["snr"] = (np.full(n, np.nan) if bins.snr is None
+                    else np.asarray(bins.snr, float))
+        kin = prepared.kinematics
+        for name in _KIN_COLUMNS:
+            if kin is not None and name in kin.colnames:
+                t[name] = _plain_values(f"kinematics[{name!r}]", kin[name], _KMS) * _KMS
+            else:
+                t[name] = np.full(n, np.nan) * _KMS
+        norm = prepared.spectra.norm
+        t["norm"] = norm if isinstance(norm, u.Quantity) else np.asarray(norm, float)
+        phot = prepared.photometry_normalized
+        phot = (np.full((n, len(HST_BANDS)), np.nan) if phot is None
+                else np.asarray(phot, float))
+        if phot.shape != (n, len(HST_BANDS)):
+            msg = (f"prepared.photometry_normalized has shape {phot.shape}; expected "
+                   f"({n}, {len(HST_BANDS)}).")
+            raise CubeSFHError(msg)
+        for j, band in enumerate(HST_BANDS):
+            t[f"phot_{band}"] = phot[:, j]
+            t[f"phot_{band}"].info.description = (
+                f"network input: {band} rest-frame flux density / norm")
+        flags = np.asarray(prepared.flags, dtype=np.int32).copy()
+
+        for source, result, prefix in (("cnn", cnn, "cnn_"), ("ppxf", ppxf, "ppxf_")):
+            if result is None:
+                continue
+            keys = _keys(result)
+            zh_key = "zh" if "zh" in keys else "metallicity"
+            wanted = {"logage_lw": "logage_lw", "logage_mw": "logage_mw", "zh_lw": "zh_lw",
+                      "zh_mw": "zh_mw", "mass_fraction": "mass_fraction", "zh": zh_key}
+            missing = [k for k in wanted.values() if k not in keys]
+            if missing:
+                msg = (f"{source} lacks {missing}; give the per-bin outputs of "
+                       f"{'SFHModel.predict' if source == 'cnn' else 'fit_populations'}.")
+                raise CubeSFHError(msg)
+            for key, unit, vector, _ in _RESULT_COLUMNS:
+                src = wanted.get(key, key)
+                if src in keys:
+                    t[prefix + key] = _per_bin(result, src, n, source=source, vector=vector,
+                                               unit=unit) * unit
+            if source == "ppxf":
+                failed = ~np.isfinite(t["ppxf_logage_lw"].value)
+                if "flag" in keys:
+                    from .baseline import BaselineFlag
+
+                    pflag = np.asarray(result["flag"], dtype=np.int32)
+                    t["ppxf_flag"] = pflag
+                    failed |= (pflag & int(BaselineFlag.NO_DATA | BaselineFlag.FIT_FAILED)) > 0
+                if "failed" in keys:
+                    failed |= np.asarray(result["failed"], dtype=bool)
+                for extra, unit in (("av", u.mag), ("chi2", None)):
+                    if extra in keys:
+                        values = _plain_values(f"ppxf[{extra!r}]", result[extra], unit)
+                        t[f"ppxf_{extra}"] = values if unit is None else values * unit
+                flags[failed] |= FLAG_PPXF_FAILED
+        t["flag"] = flags
+
+        prov = dict(provenance or {})
+        pmeta = dict(getattr(prepared, "meta", None) or {})
+        inputs = {}
+        cube_name = pmeta.pop("cube", "")
+        cube_sha = pmeta.pop("cube_sha", "")
+        if cube_name:
+            inputs[cube_name] = cube_sha
+        inputs.update(_normalize_inputs(prov.pop("inputs", None)))
+        parameters = {"preprocess": pmeta}
+        if ppxf is not None and getattr(ppxf, "meta", None):
+            parameters["ppxf"] = dict(ppxf.meta)
+        parameters.update(prov.pop("parameters", None) or {})
+        meta = {"date": prov.pop("date", _now()), "model_id": prov.pop("model_id", ""),
+                "model_sha256": prov.pop("model_sha256", ""), "inputs": inputs,
+                "parameters": parameters, **prov}
+        return cls(bins.bin_map, t, wcs=bins.celestial_wcs, meta=meta)
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def n_bins(self):
+        """Number of bins."""
+        return int(self.bin_map.max()) + 1
+
+    @property
+    def shape(self):
+        """Spatial shape ``(ny, nx)`` of the maps."""
+        return self.bin_map.shape
+
+    @property
+    def has_ppxf(self):
+        """Whether the pPXF baseline is included."""
+        return "ppxf_logage_lw" in self.table.colnames
+
+    @property
+    def extension_names(self):
+        """Names of the image extensions, in file order."""
+        names = ["BIN_ID", *(e for e, _, _ in _BASE_IMAGES), "FLAG"]
+        names += [e for e, _, _ in _MEAN_IMAGES] + [e for e, _, _ in _CUBE_IMAGES]
+        if self.has_ppxf:
+            names += ["PPXF_" + e for e, _, _ in _MEAN_IMAGES + _CUBE_IMAGES]
+            names += ["DIFF_" + e for e, _, _ in _MEAN_IMAGES]
+        return names
+
+    def __repr__(self):
+        ny, nx = self.shape
+        model = self.meta.get("model_id") or "unknown"
+        return (f"<StellarPopulationMaps: {self.n_bins} bins on a {ny}x{nx} grid, CNN model "
+                f"{model}, pPXF baseline: {'yes' if self.has_ppxf else 'no'}>")
+
+    # ------------------------------------------------------------------ maps
+
+    def _paint(self, values, fill=np.nan):
+        values = np.asarray(values)
+        inside = self.bin_map >= 0
+        dtype = np.result_type(values.dtype, np.asarray(fill).dtype)
+        image = np.full(self.bin_map.shape + values.shape[1:], fill, dtype=dtype)
+        image[inside] = values[self.bin_map[inside]]
+        if values.ndim == 2:
+            image = np.moveaxis(image, -1, 0)
+        return image
+
+    @property
+    def flag_map(self):
+        """``FLAG`` image: the bins' ``flag`` bits, `FLAG_NOT_BINNED` outside all bins."""
+        flags = np.asarray(self.table["flag"], dtype=np.int32)
+        return self._paint(flags, fill=np.int32(FLAG_NOT_BINNED)).astype(np.int32)
+
+    def _spec(self, name):
+        """(column, description, method) of an image extension."""
+        for ext, col, doc in _BASE_IMAGES:
+            if name == ext:
+                return col, doc, "DATA"
+        for prefix, colprefix, method, label in (("", "cnn_", "CNN", "CNN"),
+                                                 ("PPXF_", "ppxf_", "PPXF", "pPXF")):
+            if method == "PPXF" and not self.has_ppxf:
+                continue
+            for ext, col, doc in _MEAN_IMAGES + _CUBE_IMAGES:
+                if name == prefix + ext:
+                    return colprefix + col, f"{label}: {doc}", method
+        if self.has_ppxf:
+            for ext, col, doc in _MEAN_IMAGES:
+                if name == "DIFF_" + ext:
+                    return col, f"CNN - pPXF: {doc}", "CNN-PPXF"
+        msg = (f"no map named {name!r}; the maps are {', '.join(self.extension_names)}.")
+        raise KeyError(msg)
+
+    def __getitem__(self, name):
+        """
+        One map (or age-bin cube) by extension name, e.g. ``maps['LOGAGE_LW']``.
+
+        Returns a `~astropy.units.Quantity` (``(ny, nx)``, or ``(16, ny, nx)``
+        for ``SFH`` and ``ZH_AGE``) with NaN outside the bins; ``BIN_ID`` and
+        ``FLAG`` are integer `~numpy.ndarray`.
+        """
+        name = str(name).upper()
+        if name == "BIN_ID":
+            return self.bin_map.copy()
+        if name == "FLAG":
+            return self.flag_map
+        col, _, method = self._spec(name)
+        if method == "CNN-PPXF":
+            diff = (self.table["cnn_" + col].value - self.table["ppxf_" + col].value)
+            return self._paint(diff) * u.dex
+        column = self.table[col]
+        unit = getattr(column, "unit", None)
+        values = self._paint(np.asarray(getattr(column, "value", column), dtype=float))
+        return values * unit if unit is not None else values * u.dimensionless_unscaled
+
+    def summary(self):
+        """
+        Short text report: bins, provenance, median values and flags.
+
+        Returns
+        -------
+        text : str
+        """
+        ny, nx = self.shape
+        t = self.table
+        lines = [repr(self),
+                 f"  {int(np.count_nonzero(self.bin_map >= 0))} of {ny * nx} spaxels binned, "
+                 f"{int(np.count_nonzero(np.asarray(t['flag']) == 0))} bins without flags",
+                 f"  made {self.meta.get('date', '?')} with cubesfh "
+                 f"{self.meta.get('versions', {}).get('cubesfh', '?')}"]
+        for name in self.meta.get("inputs", {}):
+            lines.append(f"  input: {name}")
+        lines.append("  median (16th-84th percentile) over bins:")
+        for _, col, _ in _MEAN_IMAGES:
+            rows = [("CNN", t["cnn_" + col].value)]
+            if self.has_ppxf:
+                rows.append(("pPXF", t["ppxf_" + col].value))
+                rows.append(("CNN-pPXF", t["cnn_" + col].value - t["ppxf_" + col].value))
+            for label, values in rows:
+                v = values[np.isfinite(values)]
+                if v.size:
+                    p16, p50, p84 = np.percentile(v, [16, 50, 84])
+                    lines.append(f"    {col:<10s} {label:<9s} {p50:7.3f} ({p16:.3f} to "
+                                 f"{p84:.3f})")
+        flags = np.asarray(t["flag"], dtype=np.int64)
+        for _, value, name, _ in flag_bits():
+            count = int(np.count_nonzero(flags & value))
+            if count:
+                lines.append(f"  flag {name}: {count} bins")
+        return "\n".join(lines)
+
+    # ------------------------------------------------------------------ FITS
+
+    def _image_header(self, unit, doc, method):
+        """Celestial WCS of the cube + BUNIT and a description."""
+        header = self.wcs.to_header()
+        _header_card(header, "BUNIT", _unit_string(unit), "unit of the values")
+        _header_card(header, "METHOD", method, "origin of the values")
+        _header_card(header, "CONTENT", doc[:68])
+        return header
+
+    def _cube_header(self, unit, doc, method):
+        """3-D WCS: the celestial axes plus a linear age-bin axis (plane k = age bin k)."""
+        header = self._image_header(unit, doc, method)
+        header["WCSAXES"] = 3
+        for key, value, comment in (
+                ("CTYPE3", "AGEBIN", "age bin index, see the AGEBINS extension"),
+                ("CNAME3", "Age bin", ""),
+                ("CRPIX3", 1.0, "pixel coordinate of the reference point"),
+                ("CRVAL3", 0.0, "the first plane is age bin 0"),
+                ("CDELT3", 1.0, "one plane per age bin"),
+                ("CUNIT3", "", "age bin index (no unit)")):
+            _header_card(header, key, value, comment)
+        for i, age in enumerate(AGE_BIN_CENTERS.to_value(u.Gyr)):
+            _header_card(header, f"AGEC{i:02d}", float(age), f"[Gyr] centre of age bin {i}")
+        return header
+
+    def _primary_hdu(self):
+        prim = fits.PrimaryHDU()
+        h = prim.header
+        meta = self.meta
+        h["ORIGIN"] = ("cubesfh", "software that wrote the file")
+        h["PRODTYPE"] = (_PRODUCT_TYPE, "cubesfh product type")
+        h["PRODVER"] = (PRODUCT_VERSION, "version of the product layout")
+        h["DATE"] = (str(meta.get("date", "")), "UTC date the maps were made")
+        h["NBINS"] = (self.n_bins, "number of Voronoi bins")
+        h["HASPPXF"] = (self.has_ppxf, "pPXF baseline and differences included")
+        for pkg, key in _VERSION_KEYS.items():
+            _header_card(h, key, str(meta.get("versions", {}).get(pkg, "unknown")),
+                         f"{pkg} version")
+        _header_card(h, "MODEL_ID", str(meta.get("model_id", "")), "CNN model identifier")
+        _header_card(h, "MODELSHA", str(meta.get("model_sha256", "")),
+                     "SHA-256 of the CNN weights")
+        for i, (name, sha) in enumerate(meta.get("inputs", {}).items(), start=1):
+            if i > 99:
+                break
+            _header_card(h, f"INFILE{i}", name, "input file")
+            _header_card(h, f"INSHA{i}", sha, f"SHA-256 of INFILE{i}")
+        for key, value in _flatten("", meta.get("parameters", {})):
+            _header_card(h, f"HIERARCH CSFH PAR {key}", value)
+        skip = {"date", "versions", "model_id", "model_sha256", "inputs", "parameters"}
+        for key, value in _flatten("", {k: v for k, v in meta.items() if k not in skip}):
+            _header_card(h, f"HIERARCH CSFH {key}", value)
+        h["PROVJSON"] = (json.dumps(meta, sort_keys=True), "full provenance (JSON)")
+        h.add_comment("Stellar-population maps made by cubesfh (CNN of Galceran et al. 2026"
+                      + (", pPXF baseline" if self.has_ppxf else "") + ").")
+        h.add_comment("Extensions: " + ", ".join(self.extension_names) + ", AGEBINS, BINS.")
+        h.add_comment("All image extensions share the celestial WCS of the MUSE cube.")
+        return prim
+
+    def _agebins_hdu(self):
+        centres = AGE_BIN_CENTERS.to_value(u.Gyr)
+        edges = AGE_BIN_EDGES.to_value(u.Gyr)
+        cols = [
+            fits.Column(name="index", format="J", array=np.arange(N_AGE_BINS, dtype=np.int32)),
+            fits.Column(name="age", format="D", unit="Gyr", array=centres),
+            fits.Column(name="age_lower", format="D", unit="Gyr", array=edges[:-1]),
+            fits.Column(name="age_upper", format="D", unit="Gyr", array=edges[1:]),
+            fits.Column(name="logage", format="D", unit=_unit_string(_DEX_YR),
+                        array=np.log10(centres * 1e9)),
+        ]
+        hdu = fits.BinTableHDU.from_columns(cols, name="AGEBINS")
+        for i, doc in enumerate(("plane of SFH / ZH_AGE (CTYPE3 AGEBIN value)",
+                                 "centre of the age bin", "lower edge of the age bin",
+                                 "upper edge of the age bin", "log10(centre / yr)"), start=1):
+            hdu.header[f"TCOMM{i}"] = doc
+        return hdu
+
+    def _bins_hdu(self):
+        cols, docs = [], []
+        for name in self.table.colnames:
+            column = self.table[name]
+            unit = getattr(column, "unit", None)
+            values = np.asarray(getattr(column, "value", column))
+            kind = values.dtype.kind
+            if kind in "iu":
+                code = {1: "B", 2: "I", 4: "J", 8: "K"}[values.dtype.itemsize]
+                if kind == "u" and values.dtype.itemsize > 1:
+                    values = values.astype(np.int64)
+                    code = "K"
+            elif kind == "f":
+                values = values.astype(float)
+                code = "D"
+            elif kind == "b":
+                code = "L"
+            else:
+                values = values.astype(str)
+                code = f"{max(1, values.dtype.itemsize // 4)}A"
+            repeat = int(np.prod(values.shape[1:])) if values.ndim > 1 else 1
+            dim = (None if values.ndim <= 2
+                   else "(" + ",".join(str(s) for s in values.shape[:0:-1]) + ")")
+            fmt = code if repeat == 1 or code.endswith("A") else f"{repeat}{code}"
+            unit_str = _unit_string(unit) if unit is not None else None
+            cols.append(fits.Column(name=name, format=fmt, unit=unit_str or None, dim=dim,
+                                    array=values))
+            docs.append(column.info.description or "")
+        hdu = fits.BinTableHDU.from_columns(cols, name="BINS")
+        for i, doc in enumerate(docs, start=1):
+            if doc:
+                hdu.header[f"TCOMM{i}"] = doc[:68]
+        hdu.header["COMMENT"] = "One row per Voronoi bin; row k is bin k of BIN_ID."
+        return hdu
+
+    def to_hdulist(self):
+        """
+        The FITS product as an `~astropy.io.fits.HDUList` (layout: :ref:`product`).
+
+        Returns
+        -------
+        hdulist : `~astropy.io.fits.HDUList`
+        """
+        hdus = [self._primary_hdu()]
+        header = self._image_header(None, "Voronoi bin number, -1 outside all bins", "DATA")
+        hdus.append(fits.ImageHDU(self.bin_map, header=header, name="BIN_ID"))
+        for name in self.extension_names[1:]:
+            if name == "FLAG":
+                header = self._image_header(None, "quality bitmask, bits in FLAGBnn",
+                                            "DATA")
+                for bit, value, flag_name, doc in flag_bits():
+                    _header_card(header, f"FLAGB{bit:02d}", flag_name, f"{value}: {doc}")
+                hdus.append(fits.ImageHDU(self.flag_map, header=header, name="FLAG"))
+                continue
+            _, doc, method = self._spec(name)
+            image = self[name]
+            unit = image.unit
+            if name.endswith(("SFH", "ZH_AGE")):
+                header = self._cube_header(unit, doc, method)
+            else:
+                header = self._image_header(unit, doc, method)
+            hdus.append(fits.ImageHDU(np.asarray(image.value, dtype=np.float32), header=header,
+                                      name=name))
+        hdus.append(self._agebins_hdu())
+        hdus.append(self._bins_hdu())
+        return fits.HDUList(hdus)
+
+    def _write(self, path, *, overwrite=False):
+        hdulist = self.to_hdulist()
+        with atomic_write(path, overwrite=overwrite) as tmp:
+            hdulist.writeto(tmp, overwrite=True)
+        log.info("wrote %s (%d bins, %d extensions)", path, self.n_bins, len(hdulist))
+        return Path(path)
+
+    @classmethod
+    def _read(cls, path):
+        path = Path(path).expanduser()
+        if not path.is_file():
+            msg = f"maps file {str(path)!r} not found; check the path."
+            raise FileNotFoundError(msg)
+        with fits.open(path, memmap=False) as hdul:
+            names = {hdu.name for hdu in hdul}
+            missing = [n for n in ("BIN_ID", "BINS") if n not in names]
+            if missing:
+                msg = (f"{path} has no {' and '.join(missing)} extension: it is not a cubesfh "
+                       "stellar-population maps product (write one with "
+                       "StellarPopulationMaps.write).")
+                raise CubeSFHError(msg)
+            primary = hdul[0].header
+            raw = primary.get("PROVJSON", "")
+            try:
+                meta = json.loads(raw) if raw else {}
+            except ValueError:
+                msg = f"the PROVJSON card of {path} is not valid JSON; provenance not read."
+                log.warning(msg)
+                meta = {}
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FITSFixedWarning)
+                wcs = WCS(hdul["BIN_ID"].header)
+            bin_map = np.asarray(hdul["BIN_ID"].data, dtype=np.int32)
+            table = _table_from_hdu(hdul["BINS"])
+        return cls(bin_map, table, wcs=wcs, meta=meta)
+
+    # ------------------------------------------------------------------ figure
+
+    def plot(self, path=None, *, overwrite=False, dpi=100, figsize=None, cmap="viridis",
+             diff_cmap="RdBu_r"):
+        """
+        Quick-look figure: mean ages and metallicities with WCS axes.
+
+        Columns: LW log age, MW log age, LW [Z/H], MW [Z/H]. Rows: the CNN,
+        then (with the baseline) pPXF on the same colour scale and the
+        difference CNN - pPXF, and last the data: S/N, stellar velocity,
+        dispersion and flagged bins. 2 rows without pPXF, 4 with.
+
+        Parameters
+        ----------
+        path : str or `~pathlib.Path`, optional
+            Write the figure there (format from the suffix, PNG by default),
+            atomically.
+        overwrite : bool, optional
+            Replace an existing ``path``.
+        dpi : float, optional
+            Resolution of the saved figure.
+        figsize : tuple, optional
+            Size in inches (default 3.4 per column, 2.9 per row).
+        cmap, diff_cmap : str, optional
+            Colour maps of the values and of the differences.
+
+        Returns
+        -------
+        figure : `matplotlib.figure.Figure`
+            Made without pyplot (nothing is shown).
+        """
+        import matplotlib
+        from matplotlib.colors import ListedColormap
+        from matplotlib.figure import Figure
+
+        rows = [("CNN", [e for e, _, _ in _MEAN_IMAGES])]
+        if self.has_ppxf:
+            rows.append(("pPXF", ["PPXF_" + e for e, _, _ in _MEAN_IMAGES]))
+            rows.append(("CNN - pPXF", ["DIFF_" + e for e, _, _ in _MEAN_IMAGES]))
+        rows.append(("data", ["SNR", "V_STARS", "SIGMA_STARS", "FLAG"]))
+        titles = {"LOGAGE_LW": "log age (LW)", "LOGAGE_MW": "log age (MW)",
+                  "ZH_LW": "[Z/H] (LW)", "ZH_MW": "[Z/H] (MW)", "SNR": "S/N per A",
+                  "V_STARS": "V stars", "SIGMA_STARS": "sigma stars",
+                  "FLAG": "flagged bins"}
+        nrow, ncol = len(rows), 4
+        fig = Figure(figsize=figsize or (3.4 * ncol, 2.9 * nrow), layout="constrained")
+
+        def limits(values, symmetric=False):
+            v = np.concatenate([np.ravel(x) for x in values])
+            v = v[np.isfinite(v)]
+            if not v.size:
+                return None, None
+            lo, hi = np.percentile(v, [1, 99])
+            if symmetric:
+                hi = max(abs(lo), abs(hi)) or 1.0
+                return -hi, hi
+            return (lo, hi) if hi > lo else (lo - 0.5, hi + 0.5)
+
+        shared = {}
+        for j, (ext, _, _) in enumerate(_MEAN_IMAGES):
+            vals = [self[ext].value]
+            if self.has_ppxf:
+                vals.append(self["PPXF_" + ext].value)
+            shared[j] = limits(vals)
+        for i, (label, names) in enumerate(rows):
+            for j, name in enumerate(names):
+                ax = fig.add_subplot(nrow, ncol, i * ncol + j + 1, projection=self.wcs)
+                cm = cmap
+                if name == "FLAG":
+                    flags = self.flag_map
+                    data = np.where(flags & FLAG_NOT_BINNED, np.nan,
+                                    ((flags & ~FLAG_NOT_BINNED) != 0).astype(float))
+                    unit, (vmin, vmax), cm = "", (0.0, 1.0), None
+                else:
+                    image = self[name]
+                    data, unit = image.value, image.unit
+                    if name.startswith("DIFF_") or name == "V_STARS":
+                        vmin, vmax = limits([data], symmetric=True)
+                        cm = diff_cmap
+                    elif label in ("CNN", "pPXF"):
+                        vmin, vmax = shared[j]
+                    else:
+                        vmin, vmax = limits([data])
+                colormap = (ListedColormap(["#4477aa", "#cc3311"]) if cm is None
+                            else matplotlib.colormaps[cm])
+                colormap = colormap.with_extremes(bad="0.85")
+                im = ax.imshow(data, origin="lower", cmap=colormap, vmin=vmin, vmax=vmax,
+                               interpolation="nearest")
+                base = name.removeprefix("PPXF_").removeprefix("DIFF_")
+                prefix = "" if label == "data" else f"{label}: "
+                ax.set_title(prefix + titles[base], fontsize=9)
+                lon, lat = ax.coords[0], ax.coords[1]
+                lon.set_axislabel("RA" if i == nrow - 1 else "")
+                lat.set_axislabel("Dec" if j == 0 else "")
+                lon.set_ticklabel_visible(i == nrow - 1)
+                lat.set_ticklabel_visible(j == 0)
+                for c in (lon, lat):
+                    c.set_ticklabel(size=7)
+                cbar = fig.colorbar(im, ax=ax, shrink=0.85)
+                unit_label = ("" if name == "FLAG" or unit == u.dimensionless_unscaled
+                              else unit.to_string())
+                if name == "FLAG":
+                    cbar.set_ticks([0.25, 0.75], labels=["ok", "flagged"])
+                elif unit_label:
+                    cbar.set_label(unit_label, fontsize=8)
+                cbar.ax.tick_params(labelsize=7)
+        model = self.meta.get("model_id") or ""
+        fig.suptitle(f"cubesfh stellar populations ({self.n_bins} bins"
+                     + (f", model {model}" if model else "") + ")", fontsize=10)
+        if path is not None:
+            fmt = Path(path).suffix.lstrip(".").lower() or "png"
+            with atomic_write(path, overwrite=overwrite) as tmp:
+                fig.savefig(tmp, format=fmt, dpi=dpi)
+        return fig
+
+
+def _table_from_hdu(hdu):
+    """QTable from a BINS table HDU, units parsed as written by `_bins_hdu`."""
+    table = QTable()
+    header = hdu.header
+    for i, col in enumerate(hdu.columns, start=1):
+        values = np.array(hdu.data[col.name])
+        if values.dtype.byteorder not in ("=", "|"):
+            values = values.astype(values.dtype.newbyteorder("="))
+        unit = _parse_unit(col.unit)
+        table[col.name] = values if unit is None else values * unit
+        doc = header.get(f"TCOMM{i}", "")
+        if doc:
+            table[col.name].info.description = doc
+    return table
+
+
+def _read_maps(path, **kwargs):
+    """Reader registered with the astropy I/O registry (format ``'cubesfh-maps'``)."""
+    return StellarPopulationMaps._read(path, **kwargs)
+
+
+def _write_maps(maps, path, *, overwrite=False):
+    """Writer registered with the astropy I/O registry (format ``'cubesfh-maps'``)."""
+    return maps._write(path, overwrite=overwrite)
+
+
+with registry.delay_doc_updates(StellarPopulationMaps):
+    registry.register_reader("cubesfh-maps", StellarPopulationMaps, _read_maps)
+    registry.register_writer("cubesfh-maps", StellarPopulationMaps, _write_maps)
