@@ -26,13 +26,20 @@ __all__ = ["map_bins"]
 log = logging.getLogger(__name__)
 
 
+class _Failed:
+    """Marker of an item whose function call raised."""
+
+    def __init__(self, message):
+        self.message = message
+
+
 def _run_chunk(func, items, kwargs):
     out = []
     for item in items:
         try:
             out.append(func(*item, **kwargs))
         except Exception as exc:  # flagged by the caller, never fatal
-            out.append(("__failed__", repr(exc)))
+            out.append(_Failed(repr(exc)))
     return out
 
 
@@ -140,10 +147,10 @@ def map_bins(func, items, *, kwargs=None, scheduler=None, n_workers=None, chunk_
                 own.close()
     bar.close()
     flat = [r for chunk in results for r in chunk]
-    failed = [i for i, r in enumerate(flat) if isinstance(r, tuple) and r[:1] == ("__failed__",)]
+    failed = [i for i, r in enumerate(flat) if isinstance(r, _Failed)]
     if failed:
         msg = (f"{len(failed)} of {len(flat)} {desc} raised an exception and are flagged as "
-               f"failed (first: {flat[failed[0]][1]}).")
+               f"failed (first: {flat[failed[0]].message}).")
         warnings.warn(msg, CubeSFHWarning)
         for i in failed:
             flat[i] = None
