@@ -16,7 +16,7 @@ try:
 except ImportError:  # pragma: no cover - running from a source tree without build
     __version__ = "0.0.0"
 
-from .utils.exceptions import CubeSFHError, CubeSFHWarning  # noqa: E402
+from .utils.exceptions import CubeSFHError, CubeSFHWarning
 
 _LAZY = {"Cube": "cube", "HSTImage": "hst"}
 

@@ -251,7 +251,8 @@ def _cmd_info(args):
             print(f"  {dep} not installed")
     lib = TemplateLibrary.load()
     print(lib)
-    print(f"  from {lib.meta.get('SRCPKG')} ({lib.meta.get('STELFILE')}), built {lib.meta.get('DATE')}")
+    print(f"  from {lib.meta.get('SRCPKG')} ({lib.meta.get('STELFILE')}), "
+          f"built {lib.meta.get('DATE')}")
     for c in load_filters():
         print(f"  {c!r}")
     return 0
@@ -359,7 +360,8 @@ def build_parser():
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("evaluate", help="accuracy and speed of the CNN (and pPXF) on the test split",
+    p = sub.add_parser("evaluate",
+                       help="accuracy and speed of the CNN (and pPXF) on the test split",
                        description="Bias and scatter of LW/MW log age and [Z/H] on the "
                                    "held-out 10 %, SFR error per age bin, S/N dependence, "
                                    "band ablation, CNN vs pPXF and their speed ratio.")

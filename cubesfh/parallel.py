@@ -127,7 +127,7 @@ def map_bins(func, items, *, kwargs=None, scheduler=None, n_workers=None, chunk_
         own = None
         if scheduler is None:
             own = LocalCluster(n_workers=n_workers or os.cpu_count() or 1, threads_per_worker=1,
-                               processes=True, dashboard_address=None)
+                               processes=True, dashboard_address=":0")
             client = Client(own)
         elif isinstance(scheduler, str):
             client = Client(scheduler)

@@ -171,7 +171,8 @@ def evaluate(training_set, model=None, *, seed=None, n_ppxf=300, snr_grid=(5, 10
         cnn_sub = {q: pred[q][sub] for q in QUANTITIES}
         metrics["comparison"] = {"n": int(k), "cnn": summary_statistics(cnn_sub, tr_sub),
                                  "ppxf": summary_statistics(pp, tr_sub),
-                                 "ppxf_failed": int(np.count_nonzero(~np.isfinite(pp["logage_lw"])))}
+                                 "ppxf_failed": int(np.count_nonzero(
+                                     ~np.isfinite(pp["logage_lw"])))}
         metrics["ppxf_seconds_per_spectrum"] = t_ppxf
         metrics["speed_ratio"] = t_ppxf / t_cnn
         if figure_dir:
@@ -216,7 +217,8 @@ def _figures(metrics, truth, pred, outdir):
     ax.axhline(0, color="k", lw=0.8)
     ax.set_xscale("log")
     ax.set_xlabel("age (Gyr)")
-    ax.set_ylabel(r"$\langle {\rm SFR_{in}} - {\rm SFR_{pred}}\rangle / \langle{\rm SFR_{in}}\rangle$")
+    ax.set_ylabel(r"$\langle {\rm SFR_{in}} - {\rm SFR_{pred}}\rangle"
+                  r" / \langle{\rm SFR_{in}}\rangle$")
     fig.tight_layout()
     fig.savefig(outdir / "eval_sfr_error.png", dpi=90)
     plt.close(fig)

@@ -36,6 +36,8 @@ from torch import nn
 
 from ..conventions import HST_BANDS, N_AGE_BINS
 
+N_BANDS = len(HST_BANDS)
+
 __all__ = ["SFHNet", "light_coefficients", "light_fractions", "log_cosh_loss"]
 
 
@@ -76,7 +78,7 @@ class SFHNet(nn.Module):
         Attention heads.
     """
 
-    def __init__(self, n_pix=880, n_bands=len(HST_BANDS), channels=(16, 32, 64),
+    def __init__(self, n_pix=880, n_bands=N_BANDS, channels=(16, 32, 64),
                  kernels=(8, 5, 5), strides=(2, 1, 1), heads=4, zh_offset=0.0):
         super().__init__()
         self.n_pix = n_pix

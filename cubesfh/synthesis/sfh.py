@@ -281,9 +281,9 @@ def skewnormal_sfh(params, age_edges_yr):
     frac = np.asarray(params["burst_fraction"], float)[:, None]
     has = np.asarray(params["has_burst"], bool)
     if np.any(has):
-        bage = np.nan_to_num(np.asarray(params["burst_age"], float))[:, None]
+        b_age = np.nan_to_num(np.asarray(params["burst_age"], float))[:, None]
         bw = np.nan_to_num(np.asarray(params["burst_width"], float), nan=1.0)[:, None]
-        bcdf = special.ndtr((e - bage) / bw)
+        bcdf = special.ndtr((e - b_age) / bw)
         burst = np.clip(np.diff(bcdf, axis=1), 0.0, None)
         burst /= np.maximum(burst.sum(axis=1, keepdims=True), 1e-300)
         main = np.where(has[:, None], (1 - frac) * main + frac * burst, main)

@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 
 #: Training-set composition of the paper (GP-SFH, skew-normal, skew-normal + burst).
 DEFAULT_MIX = (150_000, 9_000, 6_000)
+#: Default number of samples.
+N_DEFAULT = sum(DEFAULT_MIX)
 #: S/N per Angstrom (5300-5500 A) of the training spectra, drawn uniformly.
 SNR_VALUES = (15.0, 20.0, 35.0, 50.0)
 #: Version of the file layout (bump on incompatible changes).
@@ -123,7 +125,7 @@ def _family_plan(n, mix, seed):
     return fam
 
 
-def make_training_set(output, *, n=sum(DEFAULT_MIX), seed=0, mix=DEFAULT_MIX,
+def make_training_set(output, *, n=N_DEFAULT, seed=0, mix=DEFAULT_MIX,
                       chunk_size=5000, snr_values=SNR_VALUES, phot_error=0.02,
                       store_noiseless=True, overwrite=False, progress_bar=True):
     """
@@ -218,7 +220,8 @@ def make_training_set(output, *, n=sum(DEFAULT_MIX), seed=0, mix=DEFAULT_MIX,
                 f.create_dataset(k, shape=(n,), dtype="f8")
             f.create_dataset("family", shape=(n,), dtype="i1")
             f.create_dataset("chunk_done", data=np.zeros(n_chunks, dtype=bool))
-            f["mass_fraction"].attrs["description"] = "fraction of the living stellar mass per age bin"
+            f["mass_fraction"].attrs["description"] = ("fraction of the living stellar mass per "
+                                                       "age bin")
             f["metallicity"].attrs["description"] = "mean [Z/H] of the stars in each age bin"
         plan = f["family_plan"][:]
         done = f["chunk_done"][:]

@@ -104,7 +104,7 @@ class FilterCurve:
         return k / k.sum()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load_filter(band, instrument="WFC3/UVIS"):
     """
     Return the shipped throughput curve of ``band``.

