@@ -215,6 +215,10 @@ def _cmd_evaluate(args):
     m = evaluate(args.training_set, model, n_ppxf=args.n_ppxf, output_json=args.output,
                  figure_dir=args.figures, progress_bar=not args.no_progress,
                  max_test=args.max_test)
+    if args.output:
+        from .network._evaluate import metrics_to_rst
+
+        Path(args.output).with_suffix(".rst").write_text(metrics_to_rst(m))
     print(json.dumps({k: m[k] for k in ("n_test", "cnn", "cnn_seconds_per_spectrum")
                       if k in m}, indent=1))
     if "comparison" in m:

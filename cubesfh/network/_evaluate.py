@@ -18,7 +18,7 @@ import numpy as np
 from ..conventions import AGE_BIN_CENTERS, AGE_BIN_EDGES, HST_BANDS
 from ._train import split_indices
 
-__all__ = ["evaluate", "summary_statistics"]
+__all__ = ["evaluate", "metrics_to_rst", "summary_statistics"]
 
 log = logging.getLogger(__name__)
 
@@ -261,3 +261,56 @@ def _comparison_figure(truth, cnn, ppxf, path):
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+def metrics_to_rst(metrics):
+    """
+    reStructuredText tables of an evaluation (included by the docs).
+
+    Parameters
+    ----------
+    metrics : dict
+        Output of `evaluate`.
+
+    Returns
+    -------
+    text : str
+    """
+    def row(name, stats):
+        cells = [name]
+        for q in QUANTITIES:
+            s = stats[q]
+            cells.append(f"{s['bias']:+.3f} / {s['scatter']:.3f}")
+        return cells
+
+    def table(rows, header):
+        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+        line = "  ".join("=" * w for w in widths)
+        fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+        out = [line, fmt.format(*header), line]
+        out += [fmt.format(*r) for r in rows]
+        out.append(line)
+        return "\n".join(out)
+
+    header = ["set", "log age LW", "log age MW", "[Z/H] LW", "[Z/H] MW"]
+    parts = [f"Held-out test set: {metrics['n_test']} spectra (bias / scatter in dex, "
+             "prediction minus truth).", "",
+             table([row("CNN, all five bands", metrics["cnn"])], header), ""]
+    if "comparison" in metrics:
+        c = metrics["comparison"]
+        parts += [f"CNN versus pPXF on the same {c['n']} test spectra "
+                  f"({c['ppxf_failed']} pPXF failures):", "",
+                  table([row("CNN", c["cnn"]), row("pPXF", c["ppxf"])], header), "",
+                  f"Speed: CNN {metrics['cnn_seconds_per_spectrum'] * 1e3:.3f} ms per spectrum "
+                  f"(batched), pPXF {metrics['ppxf_seconds_per_spectrum']:.2f} s per spectrum: "
+                  f"pPXF / CNN = {metrics['speed_ratio']:.3g}.", ""]
+    rows = [row(f"S/N = {k}", v) for k, v in metrics["snr_dependence"].items()]
+    parts += ["Dependence on the S/N per Angstrom (noise-free test spectra re-noised):", "",
+              table(rows, header), ""]
+    names = {"all": "all five bands", "optical_only": "F438W, F555W, F814W only",
+             "spectrum_only": "spectrum only"}
+    rows = [row(names.get(k, k.replace("no_", "without ")), v)
+            for k, v in metrics["ablation"].items()]
+    parts += ["HST bands removed (the same network, band mask set accordingly):", "",
+              table(rows, header), ""]
+    return "\n".join(parts)
