@@ -577,6 +577,20 @@ def test_missing_bunit(tmp_path, arrays):
         Cube.read(path)
 
 
+@pytest.mark.parametrize("stat_bunit", ["10**(-20)*erg/s/cm**2/Angstrom**2",
+                                        "10**(-20)*erg/s/cm**2/Angstrom"])
+def test_legacy_eso_stat_unit(tmp_path, arrays, stat_bunit):
+    # older MUSE pipeline versions do not square the flux unit in STAT's BUNIT
+    # (e.g. the ESO cube shipped with mpdaf): the values are still variances
+    data, variance, _ = arrays
+    path = write_muse_file(tmp_path / "legacy.fits", data, variance, stat_bunit=stat_bunit)
+    cube = Cube.read(path)
+    np.testing.assert_array_equal(np.asarray(cube.variance), variance)
+    path = write_muse_file(tmp_path / "wrong.fits", data, variance, stat_bunit="erg/s")
+    with pytest.raises(CubeSFHError, match="not the square of the DATA unit"):
+        Cube.read(path)
+
+
 def test_all_nan_cube(tmp_path):
     data = np.full((NLAM, NY, NX), np.nan, dtype=np.float32)
     var = np.ones((NLAM, NY, NX), dtype=np.float32)

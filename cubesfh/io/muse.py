@@ -170,6 +170,14 @@ def _variance_unit_factor(stat_bunit, unit):
                f"({unit.to_string()})**2, as the MUSE pipeline writes it.")
         warnings.warn(msg, CubeSFHWarning)
         return 1.0
+    if not var_unit.is_equivalent(unit**2) and (var_unit.is_equivalent(unit)
+                                                or var_unit.is_equivalent(unit / u.AA)):
+        # Older ESO MUSE pipeline versions write the STAT unit without squaring the
+        # flux unit, e.g. '10**(-20)*erg/s/cm**2/Angstrom**2' (mpdaf reads these the
+        # same way): the values are variances in (DATA unit)**2 with the same scale.
+        log.info("STAT BUNIT %r is the legacy MUSE-pipeline form; the variance is taken "
+                 "in (%s)**2", string, unit.to_string())
+        return 1.0
     if not var_unit.is_equivalent(unit**2):
         msg = (f"STAT BUNIT = {string!r} is not the square of the DATA unit "
                f"{unit.to_string()!r}: STAT must hold the variance. Fix the STAT header.")
