@@ -10,7 +10,6 @@ Each stage is also callable on its own.
 """
 
 import datetime
-import hashlib
 import logging
 import time
 from importlib import metadata
@@ -20,6 +19,7 @@ import numpy as np
 
 from .conventions import HST_BANDS
 from .flags import BinFlag
+from .utils import sha256_file
 
 __all__ = ["predict_bins", "run_baseline", "run_pipeline"]
 
@@ -27,17 +27,6 @@ log = logging.getLogger(__name__)
 
 #: Flags that make a bin's spectrum unusable by the network or the baseline.
 UNUSABLE = BinFlag.SPECTRUM_FAILED | BinFlag.KINEMATICS_FAILED
-
-
-def _sha256(path, nbytes=None):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        if nbytes:
-            h.update(f.read(nbytes))
-        else:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                h.update(block)
-    return h.hexdigest()
 
 
 def predict_bins(prepared, *, model=None):
@@ -190,12 +179,12 @@ def provenance(cube, hst, model, parameters):
     inputs = {}
     fn = getattr(cube, "filename", None)
     if fn:
-        inputs["cube"] = {"name": Path(fn).name, "sha256": _sha256(fn, nbytes=1 << 26)}
+        inputs["cube"] = {"name": Path(fn).name, "sha256": sha256_file(fn, nbytes=1 << 26)}
     images = hst.values() if isinstance(hst, dict) else (hst or [])
     for im in images:
         f = getattr(im, "filename", None)
         if f:
-            inputs[im.band] = {"name": Path(f).name, "sha256": _sha256(f)}
+            inputs[im.band] = {"name": Path(f).name, "sha256": sha256_file(f)}
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S"),
         "versions": versions,

@@ -13,7 +13,6 @@ photometry (n_bins x 5) exactly as the network takes them.
 """
 
 import datetime
-import hashlib
 import logging
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from astropy.table import QTable
 
 from .conventions import HST_BANDS
 from .flags import BinFlag
-from .utils import atomic_write
+from .utils import atomic_write, sha256_file
 
 __all__ = ["PreparedObservation", "prepare_observation"]
 
@@ -147,14 +146,6 @@ class PreparedObservation:
         return Path(path)
 
 
-def _file_sha256(path, nbytes=1 << 24):
-    """sha256 of the first ``nbytes`` of a file (cheap provenance for huge cubes)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        h.update(f.read(nbytes))
-    return h.hexdigest()[:16]
-
-
 def prepare_observation(cube, hst=None, *, target_snr=35.0, min_snr=1.0, regions=None,
                         mask=None, kinematics=None, redshift=None, max_memory=None,
                         progress_bar=True):
@@ -231,10 +222,12 @@ def prepare_observation(cube, hst=None, *, target_snr=35.0, min_snr=1.0, regions
     else:
         flags |= BinFlag.NO_PHOTOMETRY
 
+    fn = getattr(cube, "filename", None)
     meta = {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S"),
-        "cube": Path(cube.filename).name if getattr(cube, "filename", None) else "",
-        "cube_sha": (_file_sha256(cube.filename) if getattr(cube, "filename", None) else ""),
+        "cube": Path(fn).name if fn else "",
+        # the first 16 MiB: cheap provenance for cubes of tens of GB
+        "cube_sha": sha256_file(fn, nbytes=1 << 24)[:16] if fn else "",
         "target_snr": float(target_snr),
         "min_snr": float(min_snr) if min_snr is not None else -1.0,
         "kinematics": "external" if kinematics is not None else "ppxf",

