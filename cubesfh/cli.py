@@ -58,6 +58,10 @@ def _add_run_options(p):
     p.add_argument("--cache-dir", help="keep finished pPXF bins here (resume)")
     p.add_argument("--model", help="network weights (.pt; default: the bundled model)")
     p.add_argument("--plot", action="store_true", help="also write a quick-look PNG")
+    p.add_argument("--no-register", dest="register", action="store_false",
+                   help="do not measure and correct the MUSE-HST offset")
+    p.add_argument("--max-offset", type=float, default=2.0, metavar="ARCSEC",
+                   help="largest MUSE-HST offset accepted (default 2 arcsec)")
 
 
 def _prepare(cube_path, hst_paths, args, output):
@@ -112,8 +116,11 @@ def _run(cube_path, hst_paths, args, output):
                         regions=args.mask, kinematics=args.kinematics, redshift=args.redshift,
                         ppxf=args.ppxf, model=model, scheduler=args.scheduler,
                         n_workers=args.workers, cache_dir=args.cache_dir,
+                        register=args.register, max_offset=args.max_offset * u.arcsec,
                         max_memory=args.max_memory * u.GB, progress_bar=not args.no_progress)
     maps.write(output, overwrite=True)
+    if "registration" in maps.meta:
+        print(maps.meta["registration"])
     print(maps.summary())
     print(f"wrote {output} in {time.perf_counter() - t0:.1f} s")
     if args.plot:

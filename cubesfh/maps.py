@@ -912,7 +912,11 @@ class StellarPopulationMaps:
             _header_card(h, f"INSHA{i}", sha, f"SHA-256 of INFILE{i}")
         for key, value in _flatten("", meta.get("parameters", {})):
             _header_card(h, f"HIERARCH CSFH PAR {key}", value)
-        skip = {"date", "versions", "model_id", "model_sha256", "inputs", "parameters"}
+        for card in meta.get("header_cards", []):
+            # ready-made (key, value, comment) cards, e.g. the registration report
+            _header_card(h, str(card[0]), card[1], str(card[2]) if len(card) > 2 else "")
+        skip = {"date", "versions", "model_id", "model_sha256", "inputs", "parameters",
+                "header_cards", "registration"}
         for key, value in _flatten("", {k: v for k, v in meta.items() if k not in skip}):
             _header_card(h, f"HIERARCH CSFH {key}", value)
         h["PROVJSON"] = (json.dumps(meta, sort_keys=True), "full provenance (JSON)")

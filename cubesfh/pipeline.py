@@ -115,7 +115,8 @@ def run_baseline(prepared, *, scheduler=None, n_workers=None, cache_dir=None, pr
 
 def run_pipeline(cube, hst=None, *, target_snr=35.0, min_snr=1.0, regions=None, mask=None,
                  kinematics=None, redshift=None, ppxf=False, model=None, scheduler=None,
-                 n_workers=None, cache_dir=None, max_memory=None, progress_bar=True):
+                 n_workers=None, cache_dir=None, register=True, max_offset=None,
+                 max_memory=None, progress_bar=True):
     """
     Bin a cube, run the CNN (and optionally pPXF) and return the maps.
 
@@ -132,17 +133,34 @@ def run_pipeline(cube, hst=None, *, target_snr=35.0, min_snr=1.0, regions=None, 
         Default: the bundled model.
     scheduler, n_workers, cache_dir
         See :func:`run_baseline`.
+    register : bool, optional
+        Measure the MUSE-HST offset and flux ratios (:func:`cubesfh.registration.register`)
+        and correct the images' astrometry (default). `False` uses the images as they are.
+    max_offset : `~astropy.units.Quantity`, optional
+        Largest MUSE-HST offset accepted (default 2 arcsec); a larger one stops the run.
     progress_bar : bool, optional
 
     Returns
     -------
     maps : `~cubesfh.maps.StellarPopulationMaps`
+        ``maps.meta["registration"]`` holds the registration report when it ran.
     """
     from .maps import StellarPopulationMaps
     from .network import SFHModel
     from .preprocess import prepare_observation
 
     timings = {}
+    report = None
+    if hst and register:
+        from .registration import DEFAULT_MAX_OFFSET
+        from .registration import register as register_images
+
+        t0 = time.perf_counter()
+        hst, report = register_images(cube, hst, correct=True,
+                                      max_offset=max_offset or DEFAULT_MAX_OFFSET,
+                                      max_memory=max_memory)
+        timings["registration"] = time.perf_counter() - t0
+        log.info("registration:\n%s", report.summary())
     t0 = time.perf_counter()
     prepared = prepare_observation(cube, hst, target_snr=target_snr, min_snr=min_snr,
                                    regions=regions, mask=mask, kinematics=kinematics,
@@ -164,6 +182,9 @@ def run_pipeline(cube, hst=None, *, target_snr=35.0, min_snr=1.0, regions=None, 
         "kinematics": str(kinematics or "ppxf"), "redshift": str(redshift),
         "ppxf": bool(ppxf)})
     prov["timings"] = timings
+    if report is not None:
+        prov["registration"] = report.summary()
+        prov["header_cards"] = [list(c) for c in report.to_header_cards()]
     return StellarPopulationMaps.from_results(prepared, cnn, base, provenance=prov)
 
 
