@@ -229,7 +229,8 @@ def identify_filter(*headers):
             continue
         for key in _FILTER_KEYS:
             value = str(header.get(key, "")).strip().upper()
-            if not _NO_FILTER.match(value):
+            # WFPC2 FILTER1/2 hold filter-wheel numbers (e.g. 38, 0): only names count
+            if not _NO_FILTER.match(value) and _FILTER_TOKEN.match(value):
                 found.append(value)
     if not found:
         for header in headers:
@@ -511,7 +512,12 @@ class HSTImage:
         unit = u.Unit(unit)
 
         # band and camera
-        header_filter = identify_filter(primary, sci)
+        try:
+            header_filter = identify_filter(primary, sci)
+        except CubeSFHError:
+            if band is None:
+                raise
+            header_filter = None  # the user said which band it is
         if band is None:
             if header_filter is None:
                 msg = (f"No filter keyword (FILTER, FILTER1/2, FILTNAM1/2, PHOTMODE) in "

@@ -189,6 +189,24 @@ def test_unknown_and_missing_filter(tmp_path, counts):
     assert HSTImage.read(path, band="F438W").band == "F438W"
 
 
+def test_wfpc2_filter_wheel_numbers_ignored(tmp_path, counts):
+    # drizzled WFPC2 products carry filter-wheel numbers in FILTER1/2 and the
+    # names in FILTNAM1/2 (as the real Abell 478 image shipped with mpdaf)
+    path = write_drizzled(tmp_path / "wfpc2.fits", counts,
+                          primary={"INSTRUME": "WFPC2", "DETECTOR": 2, "FILTER": None,
+                                   "FILTER1": 38, "FILTER2": 0, "FILTNAM1": "F814W",
+                                   "FILTNAM2": "", "PHOTMODE": "WFPC2,2,A2D7,F814W,CAL"})
+    with pytest.warns(CubeSFHWarning, match="WFPC2"):
+        im = HSTImage.read(path, allow_other_instrument=True)
+    assert im.band == "F814W"
+    # two real filter names are ambiguous unless band= says which one
+    path = write_drizzled(tmp_path / "two.fits", counts,
+                          primary={"FILTER": None, "FILTER1": "F555W", "FILTER2": "F814W"})
+    with pytest.raises(CubeSFHError, match="several filters"):
+        HSTImage.read(path)
+    assert HSTImage.read(path, band="F814W").band == "F814W"
+
+
 def test_band_argument_overrides_header_with_warning(tmp_path, counts):
     path = write_drizzled(tmp_path / "x.fits", counts)
     with pytest.warns(CubeSFHWarning, match="header .* says F555W"):
