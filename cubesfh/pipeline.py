@@ -116,7 +116,7 @@ def run_baseline(prepared, *, scheduler=None, n_workers=None, cache_dir=None, pr
 def run_pipeline(cube, hst=None, *, target_snr=35.0, min_snr=1.0, regions=None, mask=None,
                  kinematics=None, redshift=None, ppxf=False, model=None, scheduler=None,
                  n_workers=None, cache_dir=None, register=True, max_offset=None,
-                 max_memory=None, progress_bar=True):
+                 snr_window=None, max_memory=None, progress_bar=True):
     """
     Bin a cube, run the CNN (and optionally pPXF) and return the maps.
 
@@ -125,7 +125,7 @@ def run_pipeline(cube, hst=None, *, target_snr=35.0, min_snr=1.0, regions=None, 
     cube : `~cubesfh.Cube`
     hst : dict or list of `~cubesfh.HSTImage`, optional
         Any subset of F275W, F336W, F438W, F555W, F814W; `None` for spectrum only.
-    target_snr, min_snr, regions, mask, kinematics, redshift, max_memory
+    target_snr, min_snr, regions, mask, kinematics, redshift, snr_window, max_memory
         See :func:`~cubesfh.preprocess.prepare_observation`.
     ppxf : bool, optional
         Also run the pPXF baseline on the same bins.
@@ -164,8 +164,8 @@ def run_pipeline(cube, hst=None, *, target_snr=35.0, min_snr=1.0, regions=None, 
     t0 = time.perf_counter()
     prepared = prepare_observation(cube, hst, target_snr=target_snr, min_snr=min_snr,
                                    regions=regions, mask=mask, kinematics=kinematics,
-                                   redshift=redshift, max_memory=max_memory,
-                                   progress_bar=progress_bar)
+                                   redshift=redshift, snr_window=snr_window,
+                                   max_memory=max_memory, progress_bar=progress_bar)
     timings["preprocess"] = time.perf_counter() - t0
     model = SFHModel.load() if model is None else model
     t0 = time.perf_counter()

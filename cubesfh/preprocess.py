@@ -147,8 +147,8 @@ class PreparedObservation:
 
 
 def prepare_observation(cube, hst=None, *, target_snr=35.0, min_snr=1.0, regions=None,
-                        mask=None, kinematics=None, redshift=None, max_memory=None,
-                        progress_bar=True):
+                        mask=None, kinematics=None, redshift=None, snr_window=None,
+                        max_memory=None, progress_bar=True):
     """
     Bin a cube, measure its kinematics and build the network inputs of every bin.
 
@@ -171,6 +171,10 @@ def prepare_observation(cube, hst=None, *, target_snr=35.0, min_snr=1.0, regions
         FITS maps) instead of fitting them with pPXF.
     redshift : float or `~astropy.units.Quantity`, optional
         Systemic redshift or velocity (starting guess of the kinematic fits).
+    snr_window : `~astropy.units.Quantity`, optional
+        Observed-frame window in which the binning measures the S/N (default
+        5300-5500 A; for a distant galaxy use the observed position of the
+        rest-frame window, e.g. ``(5300, 5500) * u.AA * (1 + z)``).
     max_memory : `~astropy.units.Quantity` or int, optional
         Memory allowed for reading the cube at once (see `~cubesfh.Cube.iter_chunks`).
     progress_bar : bool, optional
@@ -181,10 +185,12 @@ def prepare_observation(cube, hst=None, *, target_snr=35.0, min_snr=1.0, regions
     prepared : `PreparedObservation`
     """
     from .binning import voronoi_bin
+    from .conventions import SNR_WINDOW
     from .kinematics import KinematicsFlag, fit_kinematics, read_kinematics_maps
     from .restframe import PreparationFlag, prepare_spectra
 
     bins = voronoi_bin(cube, target_snr=target_snr, min_snr=min_snr, regions=regions, mask=mask,
+                       window=SNR_WINDOW if snr_window is None else snr_window,
                        max_memory=max_memory, progress_bar=progress_bar)
     log.info("Voronoi binning: %d bins", bins.n_bins)
     if kinematics is None:
