@@ -1,0 +1,179 @@
+#!/usr/bin/env python
+# Licensed under a 3-clause BSD style license - see LICENSE
+"""
+Run cubesfh on the real MUSE cube of the Abell 478 BCG and make the figures of
+``docs/realdata.rst``.
+
+Usage::
+
+    python scripts/realdata_figure.py [--model PATH] [--target-snr 20] [--outdir docs/_static]
+
+Prints the numbers quoted in the docs page (JSON) and writes
+``realdata_images.png`` (images, bins, centroids, light fractions) and
+``realdata_spectrum.png`` (co-added spectrum).
+The data are fetched with :func:`cubesfh.realdata.fetch_mpdaf_a478` (pip
+download of the mpdaf 3.6 wheel, cached).
+"""
+
+import argparse
+import json
+import warnings
+from pathlib import Path
+
+import astropy.units as u
+import numpy as np
+
+from cubesfh import realdata
+from cubesfh.conventions import AGE_BIN_CENTERS
+from cubesfh.network import SFHModel
+from cubesfh.pipeline import run_pipeline
+from cubesfh.registration import register
+from cubesfh.utils import CubeSFHWarning
+
+REDSHIFT_GUESS = 0.088
+#: Rest-frame wavelengths of the strong emission lines of the BCG (air).
+LINES = {"H$\\beta$": 4861.3, "[OIII]": 5006.8, "[NI]": 5199.0, "[OI]": 6300.3,
+         "H$\\alpha$+[NII]": 6562.8, "[SII]": 6723.0}
+
+
+def cards_of(report):
+    """Registration header cards as a dict."""
+    return {c[0]: c[1] for c in report.to_header_cards()}
+
+
+def run(model=None, target_snr=20.0):
+    """Run the validation; return (cube, hst, registered hst, results dict, maps)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CubeSFHWarning)
+        cube, hst = realdata.read_mpdaf_a478()
+        images, report = register(cube, {"F814W": hst}, correct=True)
+        hst_reg = images["F814W"]
+        cen = realdata.centroid_offset(cube, hst)
+        spec = run_pipeline(cube, None, target_snr=target_snr, redshift=REDSHIFT_GUESS,
+                            ppxf=True, scheduler="serial", model=model, progress_bar=False)
+        t = spec.table
+        z_fit = (1 + REDSHIFT_GUESS) * (1 + np.nanmedian(t["velocity"].to_value(u.km / u.s))
+                                        / 299792.458) - 1
+        kcorr = realdata.k_correction(np.asarray(t["ppxf_mass_fraction"]),
+                                      np.asarray(t["ppxf_zh"]), z_fit,
+                                      rest_instrument="WFC3/UVIS")
+        k = float(np.median(kcorr))
+        raw = run_pipeline(cube, [hst_reg], target_snr=target_snr, redshift=REDSHIFT_GUESS,
+                           register=False, model=model, progress_bar=False)
+        kc = run_pipeline(cube, [realdata.apply_k_correction(hst_reg, k)],
+                          target_snr=target_snr, redshift=REDSHIFT_GUESS, register=False,
+                          model=model, progress_bar=False)
+        # HST calibrated onto the cube's flux scale (K-corrected and divided by MUSE/HST)
+        ratio = float(cards_of(report)["FRATF814"])
+        matched = run_pipeline(cube, [realdata.apply_k_correction(hst_reg, k * ratio)],
+                               target_snr=target_snr, redshift=REDSHIFT_GUESS, register=False,
+                               model=model, progress_bar=False)
+    cards = cards_of(report)
+    res = {
+        "n_bins": len(t), "snr": list(np.round(np.asarray(t["snr"]), 1)),
+        "n_spaxels": [int(n) for n in t["n_spaxels"]],
+        "velocity_kms": list(np.round(t["velocity"].to_value(u.km / u.s), 0)),
+        "sigma_kms": list(np.round(t["sigma"].to_value(u.km / u.s), 0)),
+        "redshift_fit": round(z_fit, 5), "flags": [int(f) for f in t["flag"]],
+        "register_dra_arcsec": cards.get("REGDRA"), "register_ddec_arcsec": cards.get("REGDDEC"),
+        "register_err_arcsec": cards.get("REGERR"), "flux_ratio_muse_hst": cards.get("FRATF814"),
+        "centroid_dra_arcsec": round(float(cen["dra"].to_value(u.arcsec)), 3),
+        "centroid_ddec_arcsec": round(float(cen["ddec"].to_value(u.arcsec)), 3),
+        "k_correction": [round(float(x), 4) for x in np.atleast_1d(kcorr)],
+    }
+    for name, m in (("spec", spec), ("f814w_raw", raw), ("f814w_kcorr", kc),
+                    ("f814w_kcorr_fluxmatched", matched)):
+        for key in ("logage_lw", "logage_mw", "zh_lw", "zh_mw"):
+            res[f"cnn_{key}_{name}"] = list(np.round(np.asarray(m.table[f"cnn_{key}"]), 3))
+    for key in ("logage_lw", "logage_mw", "zh_lw", "zh_mw"):
+        res[f"ppxf_{key}"] = list(np.round(np.asarray(t[f"ppxf_{key}"]), 3))
+    return cube, hst, cen, res, spec
+
+
+def figures(cube, hst, cen, spec, outdir):
+    """Write the two figures."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    outdir.mkdir(parents=True, exist_ok=True)
+    t = spec.table
+    # 1. images: cube collapsed in F814W, bin map, HST cut-out, centroids
+    wave = cube.wavelength.to_value(u.AA)
+    sel = (wave > 7000) & (wave < 9300)
+    img = np.nanmean(np.asarray(cube.data[sel], dtype=float), axis=0)
+    fig = plt.figure(figsize=(13, 4.2))
+    ax1 = fig.add_subplot(1, 3, 1, projection=cube.celestial_wcs)
+    ax1.imshow(np.arcsinh(img / np.nanpercentile(img, 50)), origin="lower", cmap="gray_r")
+    ax1.contour(spec.bin_map, levels=np.arange(-0.5, spec.bin_map.max() + 1), colors="C0",
+                linewidths=0.8)
+    ax1.plot(*cube.celestial_wcs.world_to_pixel(cen["muse_sky"]), "r+", ms=14)
+    ax1.set_title("MUSE 7000-9300 A, bins")
+    ax2 = fig.add_subplot(1, 3, 2, projection=hst.wcs)
+    x, y = hst.wcs.world_to_pixel(cen["hst_sky"])
+    half = 45
+    cut = np.arcsinh(np.asarray(hst.data, dtype=float) / 0.05)
+    box = cut[int(y) - half:int(y) + half, int(x) - half:int(x) + half]
+    ax2.imshow(cut, origin="lower", cmap="gray_r", vmin=np.nanpercentile(box, 1),
+               vmax=np.nanpercentile(box, 99.8))
+    ax2.set_xlim(x - half, x + half)
+    ax2.set_ylim(y - half, y + half)
+    ax2.plot(x, y, "r+", ms=14)
+    xm, ym = hst.wcs.world_to_pixel(cen["muse_sky"])
+    ax2.plot(xm, ym, "bx", ms=10)
+    ax2.set_title("WFPC2 F814W (+ HST, x MUSE centroid)")
+    ax3 = fig.add_subplot(1, 3, 3)
+    tab = spec.table
+    for i in range(len(tab)):
+        ax3.plot(np.log10(AGE_BIN_CENTERS.to_value(u.yr)), tab["cnn_light_fraction"][i],
+                 "C0-o", ms=3, label="CNN" if i == 0 else None)
+        ax3.plot(np.log10(AGE_BIN_CENTERS.to_value(u.yr)), tab["ppxf_light_fraction"][i],
+                 "C1-s", ms=3, label="pPXF" if i == 0 else None)
+    ax3.set_xlabel("log age / yr")
+    ax3.set_ylabel("light fraction")
+    ax3.legend()
+    ax3.set_title("Light fractions per bin (spectrum only)")
+    fig.subplots_adjust(left=0.08, right=0.98, bottom=0.16, top=0.9, wspace=0.5)
+    fig.savefig(outdir / "realdata_images.png", dpi=90)
+    plt.close(fig)
+
+    # 2. co-added spectrum with emission lines
+    data = np.asarray(cube.data, dtype=float).reshape(wave.size, -1)
+    mean = np.nanmean(data, axis=1)
+    z = (1 + REDSHIFT_GUESS) * (1 + np.median(t["velocity"].to_value(u.km / u.s))
+                                / 299792.458) - 1
+    fig, ax = plt.subplots(figsize=(10, 3.5))
+    ax.plot(wave, mean, lw=0.6, color="k")
+    for name, lam in LINES.items():
+        ax.axvline(lam * (1 + z), color="C3", lw=0.6, ls=":")
+        ax.text(lam * (1 + z), np.nanpercentile(mean, 99.5), name, rotation=90,
+                fontsize=7, va="top", ha="right", color="C3")
+    ax.axvspan(4800 * (1 + z), 7000 * (1 + z), color="C0", alpha=0.08,
+               label="rest 4800-7000 A (network input)")
+    ax.axvspan(5300, 5500, color="C2", alpha=0.2, label="S/N window of voronoi_bin (observed)")
+    ax.set_xlabel("observed air wavelength (A)")
+    ax.set_ylabel(f"mean flux per spaxel ({cube.unit})")
+    ax.set_ylim(np.nanpercentile(mean, 0.5) * 0.8, np.nanpercentile(mean, 99.9) * 1.1)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(outdir / "realdata_spectrum.png", dpi=90)
+    plt.close(fig)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+    parser.add_argument("--model", default=None, help="CNN weights (default: bundled)")
+    parser.add_argument("--target-snr", type=float, default=20.0)
+    parser.add_argument("--outdir", type=Path, default=Path("docs/_static"))
+    parser.add_argument("--no-figures", action="store_true")
+    args = parser.parse_args(argv)
+    model = SFHModel.load(args.model) if args.model else None
+    cube, hst, cen, res, spec = run(model, args.target_snr)
+    print(json.dumps(res, indent=1, default=float))
+    if not args.no_figures:
+        figures(cube, hst, cen, spec, args.outdir)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+# Licensed under a 3-clause BSD style license - see LICENSE
+"""Tests of the CNN: bundled weights, predictions with known answers, training end to end."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+
+from cubesfh.network import DEFAULT_MODEL, SFHModel, export_model, train
+from cubesfh.synthesis import ForwardModel
+from cubesfh.synthesis.trainingset import make_training_set
+from cubesfh.utils import CubeSFHError
+
+
+@pytest.fixture(scope="module")
+def model():
+    return SFHModel.load()
+
+
+@pytest.fixture(scope="module")
+def fm():
+    return ForwardModel()
+
+
+def _observe(fm, mass, zval, *, snr=50.0, seed=0, tau_ism=0.3, tau_bc=1.0):
+    """Normalised noisy spectrum and photometry of one population mix, and its truth."""
+    na = fm.library.n_age
+    mass = np.asarray(mass, float)[None, :]
+    z = np.full((1, na), zval)
+    spec, phot = fm.synthesize(mass, z, np.array([tau_ism]), np.array([tau_bc]))
+    spec, phot, _ = fm.normalize(spec, phot)
+    noisy, phot_n, _ = fm.add_noise(np.random.default_rng(seed), spec, phot, snr)
+    return noisy, phot_n, fm.labels(mass, z)
+
+
+def test_import_does_not_load_torch():
+    code = "import cubesfh, cubesfh.network, cubesfh.preprocess; import sys; " \
+           "print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_bundled_model_metadata(model):
+    assert DEFAULT_MODEL.with_suffix(".pt").stat().st_size < 5e6
+    meta = model.meta
+    assert meta["inputs"]["n_pixels"] == 1761
+    assert meta["inputs"]["bands"] == ["F275W", "F336W", "F438W", "F555W", "F814W"]
+    assert meta["template_library"]["source"].startswith("bagpipes")
+    assert meta["training"]["n_train"] >= 100_000
+    assert len(meta["history"]) >= 1
+    assert len(model.model_id) == 12
+
+
+def test_prediction_constraints(model, fm):
+    rng = np.random.default_rng(1)
+    from cubesfh.synthesis.trainingset import simulate_samples
+
+    out = simulate_samples(rng, np.zeros(64, int), fm)
+    res = model.predict(out["spectra"], out["photometry"])
+    assert res["mass_fraction"].shape == (64, 16)
+    assert res["metallicity"].shape == (64, 16)
+    assert np.all(res["mass_fraction"] >= 0)
+    np.testing.assert_allclose(res["mass_fraction"].sum(axis=1), 1.0, rtol=1e-5)
+    assert np.all(np.isfinite(res["logage_lw"]))
+    # missing bands and spectrum-only inputs work
+    phot = out["photometry"].copy()
+    phot[:, 0] = np.nan
+    assert np.all(np.isfinite(model.predict(out["spectra"], phot)["zh_mw"]))
+    assert np.all(np.isfinite(model.predict(out["spectra"])["zh_mw"]))
+
+
+def test_old_population_comes_out_old(model, fm):
+    mass = np.zeros(fm.library.n_age)
+    mass[fm.library.age_bin >= 14] = 1.0  # 7-18 Gyr
+    spec, phot, truth = _observe(fm, mass, 0.02)
+    res = model.predict(spec, phot)
+    assert truth["logage_mw"][0] > 9.9
+    assert res["logage_mw"][0] > 9.7
+    assert res["logage_lw"][0] > 9.6
+    assert abs(res["logage_mw"][0] - truth["logage_mw"][0]) < 0.25
+    assert abs(res["zh_mw"][0] - truth["zh_mw"][0]) < 0.15
+
+
+def test_young_burst_comes_out_young(model, fm):
+    mass = np.zeros(fm.library.n_age)
+    mass[fm.library.age_bin >= 14] = 0.9 / np.count_nonzero(fm.library.age_bin >= 14)
+    young = (fm.library.age_bin >= 1) & (fm.library.age_bin <= 3)
+    mass[young] = 0.1 / np.count_nonzero(young)  # 10 % by mass at 12-93 Myr
+    spec, phot, truth = _observe(fm, mass, 0.02, seed=3)
+    res = model.predict(spec, phot)
+    assert truth["logage_lw"][0] < 8.5
+    assert res["logage_lw"][0] < 8.7
+    assert abs(res["logage_lw"][0] - truth["logage_lw"][0]) < 0.35
+    # the young bins carry mass
+    assert res["mass_fraction"][0, :4].sum() > 0.02
+
+
+def test_tampered_files_are_refused(tmp_path):
+    stem = tmp_path / "m"
+    shutil.copy(DEFAULT_MODEL.with_suffix(".pt"), stem.with_suffix(".pt"))
+    shutil.copy(DEFAULT_MODEL.with_suffix(".json"), stem.with_suffix(".json"))
+    assert SFHModel.load(stem.with_suffix(".pt")).model_id
+    raw = bytearray(stem.with_suffix(".pt").read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    stem.with_suffix(".pt").write_bytes(bytes(raw))
+    with pytest.raises(CubeSFHError, match="weights were modified or corrupted"):
+        SFHModel.load(stem.with_suffix(".pt"))
+    shutil.copy(DEFAULT_MODEL.with_suffix(".pt"), stem.with_suffix(".pt"))
+    meta = json.loads(stem.with_suffix(".json").read_text())
+    meta["normalization"]["zh_offset"] = 0.5
+    stem.with_suffix(".json").write_text(json.dumps(meta))
+    with pytest.raises(CubeSFHError, match="metadata was modified or corrupted"):
+        SFHModel.load(stem.with_suffix(".pt"))
+    with pytest.raises(CubeSFHError, match="not found"):
+        SFHModel.load(tmp_path / "missing.pt")
+
+
+def test_bad_input_shapes(model):
+    with pytest.raises(CubeSFHError, match="1761"):
+        model.predict(np.ones((2, 100)))
+    with pytest.raises(CubeSFHError, match="photometry must have shape"):
+        model.predict(np.ones((2, 1761)), np.ones((2, 3)))
+
+
+def test_train_one_tiny_epoch_end_to_end(tmp_path):
+    ts = tmp_path / "ts.h5"
+    make_training_set(ts, n=400, seed=3, chunk_size=200, progress_bar=False)
+    run = tmp_path / "run"
+    hist = train(ts, run, seed=3, max_epochs=1, progress_bar=False, threads=1)
+    assert len(hist) == 1 and np.isfinite(hist[0]["val_loss"])
+    # resuming a finished run adds an epoch
+    hist = train(ts, run, seed=3, max_epochs=2, progress_bar=False, threads=1)
+    assert [h["epoch"] for h in hist] == [0, 1]
+    w = export_model(run, tmp_path / "tiny")
+    m = SFHModel.load(w)
+    res = m.predict(np.ones((3, 1761)), np.ones((3, 5)))
+    np.testing.assert_allclose(res["mass_fraction"].sum(axis=1), 1.0, rtol=1e-5)
