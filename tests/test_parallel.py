@@ -37,8 +37,13 @@ def test_cache_resume(tmp_path):
     assert len(list(tmp_path.glob("*.pkl"))) == 3
 
 
-def test_local_cluster():
-    pytest.importorskip("distributed")
-    out = map_bins(_square_or_fail, [(float(i),) for i in range(6)], n_workers=1,
-                   progress_bar=False, chunk_size=4)
+def test_existing_dask_client():
+    distributed = pytest.importorskip("distributed")
+    # an in-process cluster (threads): the test function need not be importable by
+    # worker processes; the process-based LocalCluster is exercised by the demo and
+    # benchmarks/bench_dask.py
+    with distributed.Client(processes=False, n_workers=1, threads_per_worker=1,
+                            dashboard_address=":0") as client:
+        out = map_bins(_square_or_fail, [(float(i),) for i in range(6)], scheduler=client,
+                       progress_bar=False, chunk_size=4)
     np.testing.assert_allclose(out, [0, 1, 4, 9, 16, 25])
