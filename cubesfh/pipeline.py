@@ -157,7 +157,8 @@ def run_pipeline(cube, hst=None, *, target_snr=35.0, min_snr=1.0, regions=None, 
 
         t0 = time.perf_counter()
         hst, report = register_images(cube, hst, correct=True,
-                                      max_offset=max_offset or DEFAULT_MAX_OFFSET,
+                                      max_offset=(DEFAULT_MAX_OFFSET if max_offset is None
+                                                  else max_offset),
                                       max_memory=max_memory)
         timings["registration"] = time.perf_counter() - t0
         log.info("registration:\n%s", report.summary())
