@@ -46,6 +46,7 @@ from scipy.optimize import least_squares
 from .conventions import HST_BANDS
 from .hst import SB_UNIT
 from .photometry import cutout_to_grid, grid_overlap, match_psf, reproject_to_cube
+from .photometry._binphot import _ordered_images
 from .templates import load_filter
 from .utils import CubeSFHError, CubeSFHWarning, progress
 
@@ -1172,29 +1173,6 @@ class RegistrationReport:
         return self.summary()
 
 
-def _as_image_dict(images):
-    if hasattr(images, "band") and hasattr(images, "wcs"):
-        images = [images]
-    items = list(images.items()) if isinstance(images, Mapping) else \
-        [(getattr(im, "band", None), im) for im in images]
-    if not items:
-        msg = "No HST images given; pass a dict {band: HSTImage} or a list of HSTImage."
-        raise CubeSFHError(msg)
-    out = {}
-    for key, image in items:
-        if not hasattr(image, "to_surface_brightness"):
-            msg = f"Expected HSTImage objects; got {type(image).__name__} for {key!r}."
-            raise CubeSFHError(msg)
-        if key is not None and str(key).upper() != image.band:
-            msg = f"The image under key {key!r} is a {image.band} image; fix the dict key."
-            raise CubeSFHError(msg)
-        if image.band in out:
-            msg = f"Two images for band {image.band}; pass one image per band."
-            raise CubeSFHError(msg)
-        out[image.band] = image
-    return {b: out[b] for b in HST_BANDS if b in out}
-
-
 def _visit(image):
     """Visit label from the header: PROPOSID + the first six characters of ROOTNAME."""
     meta = image.meta if image.meta is not None else {}
@@ -1342,7 +1320,7 @@ def register(cube, images, *, correct=True, max_offset=DEFAULT_MAX_OFFSET,
         When ``|ratio - 1| > tolerance`` in a band, or an offset is unreliable
         (low correlation; it is then not applied).
     """
-    images = _as_image_dict(images)
+    images = dict(_ordered_images(images))
     max_offset = _check_angle(max_offset, "max_offset")
     target = _check_angle(cube.psf_fwhm if target_psf_fwhm is None else target_psf_fwhm,
                           "target_psf_fwhm")
