@@ -185,12 +185,16 @@ def _cmd_make_example(args):
 
 
 def _cmd_make_training_set(args):
+    from astropy import units as u
+
     from .synthesis.trainingset import DEFAULT_MIX, make_training_set
 
     t0 = time.perf_counter()
     mix = tuple(args.mix) if args.mix else DEFAULT_MIX
     path = make_training_set(args.output, n=args.n, seed=args.seed, mix=mix,
                              chunk_size=args.chunk_size, store_noiseless=not args.no_noiseless,
+                             sigma_target=args.sigma_target * u.km / u.s,
+                             chemistry=args.chemistry,
                              overwrite=args.overwrite, progress_bar=not args.no_progress)
     print(f"wrote {path} ({args.n} samples, seed {args.seed}) in {time.perf_counter() - t0:.1f} s")
     return 0
@@ -200,7 +204,8 @@ def _cmd_train(args):
     from .network import export_model, train
 
     history = train(args.training_set, args.output_dir, seed=args.seed,
-                    max_epochs=args.max_epochs, time_limit=args.time_limit * 60
+                    max_epochs=args.max_epochs, lr=args.lr, init_weights=args.init_weights,
+                    time_limit=args.time_limit * 60
                     if args.time_limit else None, device=args.device, threads=args.threads,
                     resume=not args.restart, max_samples=args.max_samples,
                     progress_bar=not args.no_progress)
@@ -348,6 +353,11 @@ def build_parser():
     p.add_argument("--chunk-size", type=int, default=5000, help="samples per chunk")
     p.add_argument("--no-noiseless", action="store_true",
                    help="do not store the noise-free spectra and photometry")
+    p.add_argument("--sigma-target", type=float, default=150.0, metavar="KM/S",
+                   help="common velocity dispersion of the spectra (default 150)")
+    p.add_argument("--chemistry", choices=("paper", "wide"), default="paper",
+                   help="chemical-evolution prior: the paper's (default) or extended to "
+                        "super-solar metallicities")
     p.add_argument("--overwrite", action="store_true", help="start again from scratch")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=_cmd_make_training_set)
@@ -360,6 +370,9 @@ def build_parser():
     p.add_argument("--output-dir", "-o", required=True, help="run folder (checkpoints, history)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-epochs", type=int, default=200)
+    p.add_argument("--lr", type=float, default=1e-3, help="initial learning rate (default 1e-3)")
+    p.add_argument("--init-weights", metavar="PATH.pt",
+                   help="start from these weights (fine-tuning) instead of random ones")
     p.add_argument("--time-limit", type=float, metavar="MINUTES",
                    help="stop after this much training time (resumed runs count)")
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")

@@ -106,17 +106,30 @@ def broaden_and_shift(rest_wave, rest_flux, velocity, sigma, out_wave, *, templa
 # File writers shared by make_example_observation and cubesfh.synthesis.mock
 # ----------------------------------------------------------------------------
 
-def _muse_wavelength():
-    """Pixel centres of a generated MUSE cube, 4749.72-7098.5 A in 1.25 A steps."""
-    n = int((MUSE_WAVE_MAX - MUSE_WAVE0) / MUSE_DWAVE)
-    return (MUSE_WAVE0 + MUSE_DWAVE * np.arange(n)) * u.AA
+def _muse_wavelength(redshift=0.0):
+    """
+    Pixel centres of a generated MUSE cube, 4749.72-7098.5 A in 1.25 A steps.
+
+    For a galaxy beyond ``700 km/s`` (the mocks' default systemic velocity)
+    the range is stretched by the extra ``(1 + z)``, on the same pixel grid
+    and inside MUSE's 4750-9350 A, so that it still holds the rest-frame
+    4800-7000 A with margins.
+    """
+    stretch = (1.0 + redshift) / (1.0 + 700.0 / 299792.458)
+    lo, hi = MUSE_WAVE0, MUSE_WAVE_MAX
+    if stretch > 1.0 + 1e-9:
+        lo = MUSE_WAVE0 + MUSE_DWAVE * np.floor(MUSE_WAVE0 * (stretch - 1.0) / MUSE_DWAVE)
+        hi = min(9350.0, MUSE_WAVE_MAX * stretch)
+    n = int((hi - lo) / MUSE_DWAVE)
+    return (lo + MUSE_DWAVE * np.arange(n)) * u.AA
 
 
-def _muse_wcs(shape, *, scale=MUSE_SCALE, center=FIELD_CENTER, crpix=None):
+def _muse_wcs(shape, *, scale=MUSE_SCALE, center=FIELD_CENTER, crpix=None, wave0=MUSE_WAVE0):
     """
     3-D WCS (RA---TAN, DEC--TAN, AWAV in Angstrom) of a generated MUSE cube.
 
-    ``crpix`` (1-based x, y) defaults to the middle of the ``(ny, nx)`` field.
+    ``crpix`` (1-based x, y) defaults to the middle of the ``(ny, nx)`` field;
+    ``wave0`` is the first wavelength (Angstrom).
     """
     ny, nx = shape
     if crpix is None:
@@ -125,7 +138,7 @@ def _muse_wcs(shape, *, scale=MUSE_SCALE, center=FIELD_CENTER, crpix=None):
     w3.wcs.ctype = ["RA---TAN", "DEC--TAN", "AWAV"]
     w3.wcs.cunit = ["deg", "deg", "Angstrom"]
     w3.wcs.crpix = [crpix[0], crpix[1], 1]
-    w3.wcs.crval = [center[0], center[1], MUSE_WAVE0]
+    w3.wcs.crval = [center[0], center[1], float(wave0)]
     w3.wcs.cd = np.diag([-scale / 3600, scale / 3600, MUSE_DWAVE])
     return w3
 

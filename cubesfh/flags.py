@@ -15,8 +15,9 @@ class BinFlag(enum.IntFlag):
 
     #: Usable.
     OK = 0
-    #: Stellar dispersion >= 150 km/s: the spectrum was not broadened and is
-    #: broader than the training spectra.
+    #: Stellar dispersion >= the largest dispersion of the models (150 km/s
+    #: for a single model of the paper, 300 km/s for the bundled family): the
+    #: spectrum was not broadened and is broader than the training spectra.
     SIGMA_TOO_HIGH = 1
     #: At least one HST band is non-positive or NaN in the bin (or not covered).
     PHOTOMETRY_NONPOSITIVE = 2

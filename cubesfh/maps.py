@@ -64,7 +64,7 @@ _PRODUCT_TYPE = "STELLAR_POPULATION_MAPS"
 
 # Short descriptions of the flag bits (header comments, docs).
 _FLAG_COMMENTS = {
-    "SIGMA_TOO_HIGH": "sigma >= 150 km/s: not broadened",
+    "SIGMA_TOO_HIGH": "sigma >= every model's dispersion: not broadened",
     "PHOTOMETRY_NONPOSITIVE": "an HST band <= 0, NaN or not covered",
     "KINEMATICS_FAILED": "kinematic fit failed or missing",
     "KINEMATICS_AT_BOUND": "kinematic fit at a bound",
@@ -136,6 +136,7 @@ _COLUMN_DOCS = {
     "sigma": "stellar velocity dispersion",
     "velocity_err": "error of velocity",
     "sigma_err": "error of sigma",
+    "sigma_target": "common dispersion the spectrum was broadened to (selects the model)",
     "norm": "mean rest-frame flux density in 5300-5500 A per spaxel",
     "flag": "quality bitmask (BinFlag bits + PPXF_FAILED)",
     "ppxf_flag": "BaselineFlag of the pPXF fit",
@@ -669,6 +670,9 @@ class StellarPopulationMaps:
                 t[name] = _plain_values(f"kinematics[{name!r}]", kin[name], _KMS) * _KMS
             else:
                 t[name] = np.full(n, np.nan) * _KMS
+        st = getattr(prepared.spectra, "sigma_target", None)
+        t["sigma_target"] = (np.full(n, np.nan) if st is None else np.broadcast_to(
+            u.Quantity(st, _KMS).to_value(_KMS), (n,)).astype(float)) * _KMS
         norm = prepared.spectra.norm
         t["norm"] = norm if isinstance(norm, u.Quantity) else np.asarray(norm, float)
         phot = prepared.photometry_normalized
@@ -682,6 +686,12 @@ class StellarPopulationMaps:
             t[f"phot_{band}"] = phot[:, j]
             t[f"phot_{band}"].info.description = (
                 f"network input: {band} rest-frame flux density / norm")
+        kcorr = getattr(prepared, "k_correction", None)
+        if kcorr is not None:
+            for j, band in enumerate(HST_BANDS):
+                t[f"kcorr_{band}"] = np.asarray(kcorr, float)[:, j]
+                t[f"kcorr_{band}"].info.description = (
+                    f"K-correction applied to {band} (observed -> rest-frame WFC3/UVIS)")
         flags = np.asarray(prepared.flags, dtype=np.int32).copy()
 
         for source, result, prefix in (("cnn", cnn, "cnn_"), ("ppxf", ppxf, "ppxf_")):

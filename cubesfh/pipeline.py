@@ -16,12 +16,13 @@ from importlib import metadata
 from pathlib import Path
 
 import numpy as np
+from astropy import units as u
 
 from .conventions import HST_BANDS
 from .flags import BinFlag
-from .utils import sha256_file
+from .utils import CubeSFHError, sha256_file
 
-__all__ = ["predict_bins", "run_baseline", "run_pipeline"]
+__all__ = ["K_CORRECT_MIN_Z", "k_correct_bins", "predict_bins", "run_baseline", "run_pipeline"]
 
 log = logging.getLogger(__name__)
 
@@ -29,19 +30,56 @@ log = logging.getLogger(__name__)
 UNUSABLE = BinFlag.SPECTRUM_FAILED | BinFlag.KINEMATICS_FAILED
 
 
-def predict_bins(prepared, *, model=None):
+def _as_models(model):
+    """A list of models sorted by training dispersion (default: the bundled family)."""
+    from .network import SFHModel, bundled_models
+
+    if model is None:
+        models = bundled_models()
+    elif isinstance(model, SFHModel):
+        models = [model]
+    else:
+        models = list(model)
+        if not models or not all(isinstance(m, SFHModel) for m in models):
+            msg = ("model must be an SFHModel or a sequence of them (one per velocity "
+                   f"dispersion); got {model!r}.")
+            raise CubeSFHError(msg)
+    models = sorted(models, key=lambda m: m.sigma_target.value)
+    sig = [m.sigma_target.value for m in models]
+    if len(set(sig)) != len(sig):
+        msg = f"two models were trained at the same velocity dispersion ({sig} km/s); give one."
+        raise CubeSFHError(msg)
+    return models
+
+
+def _bin_targets(prepared):
+    """Per-bin common dispersion of the prepared spectra, in km/s."""
+    st = u.Quantity(prepared.spectra.sigma_target, u.km / u.s).to_value(u.km / u.s)
+    return np.broadcast_to(st, (prepared.n_bins,))
+
+
+def predict_bins(prepared, *, model=None, photometry=True):
     """
     Run the CNN on the usable bins of a prepared observation.
 
     Bins whose spectrum could not be prepared get NaN. Bands that are missing
     or non-positive in a bin are masked for that bin (the network takes any
-    subset of bands); such bins keep their photometry flag.
+    subset of bands); such bins keep their photometry flag. Each bin goes to
+    the model trained at its dispersion (``prepared.spectra.sigma_target``).
 
     Parameters
     ----------
     prepared : `~cubesfh.preprocess.PreparedObservation`
-    model : `~cubesfh.network.SFHModel`, optional
-        Default: the bundled model.
+    model : `~cubesfh.network.SFHModel` or list of them, optional
+        Default: the bundled family (`~cubesfh.network.bundled_models`).
+    photometry : bool, optional
+        `False` ignores the HST photometry (spectrum-only predictions).
+
+    Raises
+    ------
+    CubeSFHError
+        If some usable bin was prepared at a dispersion that no model was
+        trained at (prepare with the models' dispersions).
 
     Returns
     -------
@@ -51,17 +89,115 @@ def predict_bins(prepared, *, model=None):
     """
     from .network import SFHModel
 
-    model = SFHModel.load() if model is None else model
+    models = _as_models(model)
     n = prepared.n_bins
     ok = (prepared.flags & UNUSABLE) == 0
+    targets = _bin_targets(prepared)
     keys = ("mass_fraction", "metallicity", "light_fraction")
     out = {k: np.full((n, 16), np.nan) for k in keys}
     out.update({k: np.full(n, np.nan) for k in ("logage_lw", "logage_mw", "zh_lw", "zh_mw")})
-    if ok.any():
-        res = model.predict(prepared.spectra.flux[ok], prepared.photometry_normalized[ok])
-        for k in out:
-            out[k][ok] = res[k]
+    out["model_index"] = np.full(n, -1, dtype=np.int16)
+    done = np.zeros(n, bool)
+    for j, m in enumerate(models):
+        sel = ok & np.isclose(targets, m.sigma_target.value)
+        if sel.any():
+            res = m.predict(prepared.spectra.flux[sel],
+                            prepared.photometry_normalized[sel] if photometry else None)
+            for k in keys + ("logage_lw", "logage_mw", "zh_lw", "zh_mw"):
+                out[k][sel] = res[k]
+            out["model_index"][sel] = j
+            done |= sel
+    if np.any(ok & ~done):
+        have = sorted({float(t) for t in targets[ok & ~done]})
+        msg = (f"{int(np.sum(ok & ~done))} bins were prepared at sigma = {have} km/s, but the "
+               f"models were trained at {[m.sigma_target.value for m in models]} km/s. Prepare "
+               "the observation with sigma_target set to the models' dispersions.")
+        raise CubeSFHError(msg)
+    out["models"] = [m.model_id for m in models]
     return out
+
+
+#: ``k_correct='auto'`` K-corrects the photometry when the median redshift of
+#: the bins exceeds this (at z = 0.01 the correction reaches ~1 per cent in
+#: F814W for an old population).
+K_CORRECT_MIN_Z = 0.01
+
+
+def k_correct_bins(prepared, instruments=None, *, model=None, iterations=3, tolerance=0.005):
+    """
+    K-correct the HST photometry of a prepared observation to the rest frame.
+
+    The network was trained on rest-frame WFC3/UVIS band fluxes, while an
+    image of a galaxy at redshift z samples the band at rest-frame
+    wavelengths ``lambda / (1 + z)``. For every usable bin this takes the
+    star formation history and metallicities predicted from the *spectrum
+    alone* (the same network, photometry ignored), builds its dust-free SED on
+    the template library and multiplies the bin's network photometry by
+    :func:`~cubesfh.photometry.k_correction` (observed band of the image's
+    camera -> rest-frame WFC3/UVIS band), in place.
+
+    Parameters
+    ----------
+    prepared : `~cubesfh.preprocess.PreparedObservation`
+        Modified in place: ``photometry_normalized`` is multiplied by the
+        factors, which are also stored as ``prepared.k_correction``.
+    instruments : dict, optional
+        Camera of each band's image (``{'F814W': 'WFPC2'}``); default
+        WFC3/UVIS. A camera without bundled throughputs uses the WFC3/UVIS
+        curve.
+    model : `~cubesfh.network.SFHModel` or list of them, optional
+        Default: the bundled family.
+
+    Returns
+    -------
+    factors : `~numpy.ndarray`
+        ``(n_bins, 5)`` in `~cubesfh.conventions.HST_BANDS` order; NaN for
+        bands without data and bins without a usable spectrum.
+    """
+    from .photometry import k_correction
+    from .templates import load_filter
+
+    instruments = dict(instruments or {})
+    n = prepared.n_bins
+    phot = prepared.photometry_normalized.copy()
+    z = np.asarray(prepared.spectra.redshift, float)
+    insts = {}
+    for band in HST_BANDS:
+        inst = instruments.get(band, "WFC3/UVIS")
+        try:
+            load_filter(band, inst)
+        except CubeSFHError:
+            log.warning("no throughput curve for %s %s: K-correcting with WFC3/UVIS %s",
+                        inst, band, band)
+            inst = "WFC3/UVIS"
+        insts[band] = inst
+    factors = np.full((n, len(HST_BANDS)), np.nan)
+    for it in range(iterations + 1):
+        # it = 0: SFH from the spectrum alone; then from spectrum + corrected photometry
+        prepared.photometry_normalized = np.where(np.isfinite(factors), phot * factors, phot)
+        pred = predict_bins(prepared, model=model, photometry=it > 0)
+        mf, zh = pred["mass_fraction"], pred["metallicity"]
+        ok = np.all(np.isfinite(mf), axis=1) & (np.nansum(mf, axis=1) > 0) & np.isfinite(z)
+        new = np.full_like(factors, np.nan)
+        for j, band in enumerate(HST_BANDS):
+            has = ok & np.isfinite(phot[:, j])
+            if has.any():
+                new[has, j] = k_correction(mf[has], zh[has], z[has], band=band,
+                                           instrument=insts[band],
+                                           rest_instrument="WFC3/UVIS")
+        change = np.nanmax(np.abs(new / factors - 1)) if it else np.inf
+        factors = new
+        log.debug("K-correction iteration %d: largest change %.4f", it, change)
+        if change < tolerance:
+            break
+    prepared.photometry_normalized = np.where(np.isfinite(factors), phot * factors, phot)
+    prepared.k_correction = factors
+    done = np.isfinite(factors)
+    if done.any():
+        log.info("K-corrections (median per band): %s", ", ".join(
+            f"{b} {np.nanmedian(factors[:, j]):.3f}" for j, b in enumerate(HST_BANDS)
+            if done[:, j].any()))
+    return factors
 
 
 def run_baseline(prepared, *, scheduler=None, n_workers=None, cache_dir=None, progress_bar=True):
@@ -87,16 +223,26 @@ def run_baseline(prepared, *, scheduler=None, n_workers=None, cache_dir=None, pr
     """
     from .baseline import BaselineFlag, BaselineTemplates, fit_population
     from .parallel import map_bins
+    from .synthesis import ForwardModel
 
     n = prepared.n_bins
     ok = np.flatnonzero((prepared.flags & UNUSABLE) == 0)
-    templates = BaselineTemplates()
+    targets = _bin_targets(prepared)
     spec = prepared.spectra
     var = spec.variance if spec.variance is not None else np.full_like(spec.flux, np.nan)
-    items = [(spec.flux[i], var[i], prepared.photometry_normalized[i]) for i in ok]
-    results = map_bins(fit_population, items, kwargs={"templates": templates},
+    results = [None] * ok.size
+    for st in np.unique(targets[ok]):
+        # templates at the bins' own dispersion, as the network's inputs
+        templates = BaselineTemplates(ForwardModel(sigma_target=st * (u.km / u.s)))
+        idx = np.flatnonzero(np.isclose(targets[ok], st))
+        items = [(spec.flux[ok[k]], var[ok[k]], prepared.photometry_normalized[ok[k]])
+                 for k in idx]
+        res = map_bins(fit_population, items, kwargs={"templates": templates},
                        scheduler=scheduler, n_workers=n_workers, cache_dir=cache_dir,
-                       cache_tag="ppxf", progress_bar=progress_bar, desc="pPXF bins")
+                       cache_tag=f"ppxf{st:g}", progress_bar=progress_bar,
+                       desc=f"pPXF bins ({st:g} km/s)")
+        for k, r in zip(idx, res):
+            results[k] = r
     out = {k: np.full((n, 16), np.nan) for k in ("mass_fraction", "metallicity",
                                                   "light_fraction")}
     out.update({k: np.full(n, np.nan) for k in ("logage_lw", "logage_mw", "zh_lw", "zh_mw")})
@@ -116,7 +262,7 @@ def run_baseline(prepared, *, scheduler=None, n_workers=None, cache_dir=None, pr
 def run_pipeline(cube, hst=None, *, target_snr=35.0, min_snr=1.0, regions=None, mask=None,
                  kinematics=None, redshift=None, ppxf=False, model=None, scheduler=None,
                  n_workers=None, cache_dir=None, register=True, max_offset=None,
-                 snr_window=None, max_memory=None, progress_bar=True):
+                 k_correct="auto", snr_window=None, max_memory=None, progress_bar=True):
     """
     Bin a cube, run the CNN (and optionally pPXF) and return the maps.
 
@@ -129,8 +275,12 @@ def run_pipeline(cube, hst=None, *, target_snr=35.0, min_snr=1.0, regions=None, 
         See :func:`~cubesfh.preprocess.prepare_observation`.
     ppxf : bool, optional
         Also run the pPXF baseline on the same bins.
-    model : `~cubesfh.network.SFHModel`, optional
-        Default: the bundled model.
+    model : `~cubesfh.network.SFHModel` or list of them, optional
+        Default: the bundled family (`~cubesfh.network.bundled_models`): the
+        150 km/s network of the paper and a 300 km/s one. Each bin is
+        broadened to the smallest of the models' dispersions above its own
+        (:func:`~cubesfh.preprocess.choose_sigma_target`) and analysed by that
+        model; the pPXF baseline uses templates at the same dispersion.
     scheduler, n_workers, cache_dir
         See :func:`run_baseline`.
     register : bool, optional
@@ -138,6 +288,11 @@ def run_pipeline(cube, hst=None, *, target_snr=35.0, min_snr=1.0, regions=None, 
         and correct the images' astrometry (default). `False` uses the images as they are.
     max_offset : `~astropy.units.Quantity`, optional
         Largest MUSE-HST offset accepted (default 2 arcsec); a larger one stops the run.
+    k_correct : {'auto', True, False}, optional
+        K-correct the HST photometry to the rest frame (:func:`k_correct_bins`);
+        ``'auto'`` (default) does so when the median redshift of the bins
+        exceeds `K_CORRECT_MIN_Z` = 0.01. The factors are in the product's
+        ``kcorr_<band>`` columns.
     progress_bar : bool, optional
 
     Returns
@@ -146,7 +301,6 @@ def run_pipeline(cube, hst=None, *, target_snr=35.0, min_snr=1.0, regions=None, 
         ``maps.meta["registration"]`` holds the registration report when it ran.
     """
     from .maps import StellarPopulationMaps
-    from .network import SFHModel
     from .preprocess import prepare_observation
 
     timings = {}
@@ -162,15 +316,26 @@ def run_pipeline(cube, hst=None, *, target_snr=35.0, min_snr=1.0, regions=None, 
                                       max_memory=max_memory)
         timings["registration"] = time.perf_counter() - t0
         log.info("registration:\n%s", report.summary())
+    models = _as_models(model)
     t0 = time.perf_counter()
     prepared = prepare_observation(cube, hst, target_snr=target_snr, min_snr=min_snr,
                                    regions=regions, mask=mask, kinematics=kinematics,
                                    redshift=redshift, snr_window=snr_window,
+                                   sigma_target=u.Quantity([m.sigma_target for m in models]),
                                    max_memory=max_memory, progress_bar=progress_bar)
     timings["preprocess"] = time.perf_counter() - t0
-    model = SFHModel.load() if model is None else model
+    if k_correct not in ("auto", True, False):
+        msg = f"k_correct must be 'auto', True or False; got {k_correct!r}."
+        raise CubeSFHError(msg)
+    z_med = float(np.nanmedian(prepared.spectra.redshift)) if prepared.n_bins else 0.0
+    kcorr_done = False
+    if prepared.photometry is not None and (k_correct is True or (
+            k_correct == "auto" and z_med > K_CORRECT_MIN_Z)):
+        images = hst.values() if isinstance(hst, dict) else hst
+        k_correct_bins(prepared, {im.band: im.instrument for im in images}, model=models)
+        kcorr_done = True
     t0 = time.perf_counter()
-    cnn = predict_bins(prepared, model=model)
+    cnn = predict_bins(prepared, model=models)
     timings["cnn"] = time.perf_counter() - t0
     base = None
     if ppxf:
@@ -178,10 +343,11 @@ def run_pipeline(cube, hst=None, *, target_snr=35.0, min_snr=1.0, regions=None, 
         base = run_baseline(prepared, scheduler=scheduler, n_workers=n_workers,
                             cache_dir=cache_dir, progress_bar=progress_bar)
         timings["ppxf"] = time.perf_counter() - t0
-    prov = provenance(cube, hst, model, {
+    prov = provenance(cube, hst, models, {
         "target_snr": target_snr, "min_snr": min_snr, "regions": str(regions or ""),
         "kinematics": str(kinematics or "ppxf"), "redshift": str(redshift),
-        "ppxf": bool(ppxf)})
+        "ppxf": bool(ppxf), "k_correct": str(k_correct), "k_corrected": kcorr_done,
+        "median_redshift": z_med})
     prov["timings"] = timings
     if report is not None:
         prov["registration"] = report.summary()
@@ -190,7 +356,10 @@ def run_pipeline(cube, hst=None, *, target_snr=35.0, min_snr=1.0, regions=None, 
 
 
 def provenance(cube, hst, model, parameters):
-    """Provenance dictionary recorded in the FITS product."""
+    """Provenance dictionary recorded in the FITS product (``model``: one or a list)."""
+    from .network import SFHModel
+
+    models = [model] if isinstance(model, SFHModel) else list(model)
     versions = {}
     for dep in ("cubesfh", "numpy", "astropy", "photutils", "reproject", "vorbin", "ppxf",
                 "regions", "torch", "dask"):
@@ -210,8 +379,9 @@ def provenance(cube, hst, model, parameters):
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S"),
         "versions": versions,
-        "model_id": model.model_id,
-        "model_sha256": model.meta["weights_sha256"],
+        "model_id": models[0].model_id,
+        "model_sha256": models[0].meta["weights_sha256"],
+        "models": {f"{m.sigma_target.value:g} km/s": m.model_id for m in models},
         "inputs": inputs,
         "bands_used": [b for b in HST_BANDS if b in {getattr(i, "band", None)
                                                      for i in images}],

@@ -24,9 +24,10 @@ from astropy.table import QTable
 
 from .conventions import HST_BANDS
 from .flags import BinFlag
-from .utils import atomic_write, sha256_file
+from .utils import CubeSFHError, atomic_write, sha256_file
 
-__all__ = ["PreparedObservation", "prepare_observation"]
+__all__ = ["PreparedObservation", "check_redshift_coverage", "choose_sigma_target",
+           "prepare_observation"]
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +48,9 @@ class PreparedObservation:
         Per-bin HST flux densities (observed frame, cube flux unit per spaxel).
     photometry_normalized : `~numpy.ndarray`
         ``(n_bins, 5)`` in :data:`~cubesfh.conventions.HST_BANDS` order: rest-frame
-        f_lambda (observed x (1 + z)) divided by the spectrum's normalisation;
-        NaN for bands not given.
+        f_lambda (observed x (1 + z), times the K-correction if one was
+        applied) divided by the spectrum's normalisation; NaN for bands not
+        given.
     flags : `~numpy.ndarray`
         ``(n_bins,)`` `~cubesfh.flags.BinFlag` bitmask.
     meta : dict
@@ -62,6 +64,9 @@ class PreparedObservation:
         self.spectra = spectra
         self.photometry = photometry
         self.photometry_normalized = photometry_normalized
+        #: ``(n_bins, 5)`` K-correction factors applied to
+        #: ``photometry_normalized`` (`~cubesfh.pipeline.k_correct_bins`), or `None`.
+        self.k_correction = None
         self.flags = flags
         self.meta = meta
 
@@ -98,6 +103,7 @@ class PreparedObservation:
         for col in ("velocity", "velocity_los", "sigma", "velocity_err", "sigma_err"):
             if col in self.kinematics.colnames:
                 t[col] = self.kinematics[col]
+        t["sigma_target"] = np.broadcast_to(self.spectra.sigma_target, (self.n_bins,))
         t["norm"] = self.spectra.norm
         t["flag"] = self.flags
         for i, band in enumerate(HST_BANDS):
@@ -146,9 +152,92 @@ class PreparedObservation:
         return Path(path)
 
 
+def check_redshift_coverage(wavelength, redshift, *, margin=1000.0):
+    """
+    Check that a cube observed at ``redshift`` holds the rest-frame 4800-7000 A.
+
+    Called by :func:`prepare_observation` before any work, so that a galaxy
+    too distant (or too blueshifted) for the cube fails at once with the
+    ranges involved rather than after the binning and kinematics.
+
+    Parameters
+    ----------
+    wavelength : `~astropy.units.Quantity`
+        Observed wavelengths of the cube.
+    redshift : float or `~astropy.units.Quantity`
+        Systemic redshift z, or velocity cz.
+    margin : float, optional
+        Velocity (km/s) either side of ``redshift`` that the rotation of the
+        galaxy may add.
+
+    Raises
+    ------
+    CubeSFHError
+        If the observed range lacks part of the rest-frame window.
+    """
+    from .conventions import OUTPUT_WAVELENGTH
+    from .kinematics import _as_redshift
+
+    z = _as_redshift(redshift)
+    c_kms = const.c.to_value(u.km / u.s)
+    lam = u.Quantity(wavelength, u.AA).to_value(u.AA)
+    rest = OUTPUT_WAVELENGTH.to_value(u.AA)
+    lo = rest[0] * (1 + z) * (1 - margin / c_kms)
+    hi = rest[-1] * (1 + z) * (1 + margin / c_kms)
+    if lo < lam[0] or hi > lam[-1]:
+        msg = (f"At redshift z = {z:.5f} (cz = {z * c_kms:.0f} km/s) the rest-frame "
+               f"{rest[0]:.0f}-{rest[-1]:.0f} A the network needs is observed at "
+               f"{lo:.0f}-{hi:.0f} A (with +-{margin:.0f} km/s for the rotation), but the "
+               f"cube covers {lam[0]:.0f}-{lam[-1]:.0f} A. cubesfh can analyse this cube "
+               f"only for {lam[0] / rest[0] - 1:.4f} < z < {lam[-1] / rest[-1] - 1:.4f} "
+               "(about); check the redshift (z, or cz as a velocity Quantity).")
+        raise CubeSFHError(msg)
+
+
+def choose_sigma_target(sigma, sigma_target=None):
+    """
+    Common dispersion to which each bin is broadened.
+
+    Parameters
+    ----------
+    sigma : `~astropy.units.Quantity`
+        Stellar velocity dispersion of each bin.
+    sigma_target : `~astropy.units.Quantity`, optional
+        One value (default 150 km/s) or several (a model family).
+
+    Returns
+    -------
+    targets : `~astropy.units.Quantity`
+        Per bin: the smallest target strictly above its dispersion, or the
+        largest target (then the bin is flagged ``SIGMA_TOO_HIGH`` by
+        `~cubesfh.restframe.prepare_spectra`). Bins with a non-finite
+        dispersion get the smallest target.
+
+    Examples
+    --------
+    >>> from astropy import units as u
+    >>> from cubesfh.preprocess import choose_sigma_target
+    >>> choose_sigma_target([90, 150, 275, 320] * u.km / u.s, [150, 300] * u.km / u.s)
+    <Quantity [150., 300., 300., 300.] km / s>
+    """
+    from .conventions import SIGMA_TARGET
+
+    kms = u.km / u.s
+    ladder = np.atleast_1d(u.Quantity(SIGMA_TARGET if sigma_target is None else sigma_target,
+                                      kms).to_value(kms))
+    if ladder.size == 0 or not np.all(ladder > 0):
+        msg = f"sigma_target must hold positive dispersions; got {sigma_target}."
+        raise CubeSFHError(msg)
+    ladder = np.unique(ladder)
+    sig = np.atleast_1d(u.Quantity(sigma, kms).to_value(kms))
+    with np.errstate(invalid="ignore"):
+        idx = np.searchsorted(ladder, np.where(np.isfinite(sig), sig, 0.0), side="right")
+    return ladder[np.minimum(idx, ladder.size - 1)] * kms
+
+
 def prepare_observation(cube, hst=None, *, target_snr=35.0, min_snr=1.0, regions=None,
                         mask=None, kinematics=None, redshift=None, snr_window=None,
-                        max_memory=None, progress_bar=True):
+                        sigma_target=None, max_memory=None, progress_bar=True):
     """
     Bin a cube, measure its kinematics and build the network inputs of every bin.
 
@@ -175,6 +264,12 @@ def prepare_observation(cube, hst=None, *, target_snr=35.0, min_snr=1.0, regions
         Observed-frame window in which the binning measures the S/N (default
         5300-5500 A; for a distant galaxy use the observed position of the
         rest-frame window, e.g. ``(5300, 5500) * u.AA * (1 + z)``).
+    sigma_target : `~astropy.units.Quantity`, optional
+        Common velocity dispersion of the prepared spectra (default 150 km/s,
+        the paper's). Several values (e.g. ``[150, 300] * u.km / u.s``, the
+        dispersions of a model family, see :ref:`network-sigma`) give each
+        bin the smallest one above its dispersion; bins above the largest
+        are broadened to none and flagged ``SIGMA_TOO_HIGH``.
     max_memory : `~astropy.units.Quantity` or int, optional
         Memory allowed for reading the cube at once (see `~cubesfh.Cube.iter_chunks`).
     progress_bar : bool, optional
@@ -183,12 +278,15 @@ def prepare_observation(cube, hst=None, *, target_snr=35.0, min_snr=1.0, regions
     Returns
     -------
     prepared : `PreparedObservation`
+        ``prepared.spectra.sigma_target`` holds the dispersion of each bin.
     """
     from .binning import voronoi_bin
     from .conventions import SNR_WINDOW
     from .kinematics import KinematicsFlag, fit_kinematics, read_kinematics_maps
     from .restframe import PreparationFlag, prepare_spectra
 
+    if redshift is not None:
+        check_redshift_coverage(cube.wavelength, redshift)
     bins = voronoi_bin(cube, target_snr=target_snr, min_snr=min_snr, regions=regions, mask=mask,
                        window=SNR_WINDOW if snr_window is None else snr_window,
                        max_memory=max_memory, progress_bar=progress_bar)
@@ -197,8 +295,10 @@ def prepare_observation(cube, hst=None, *, target_snr=35.0, min_snr=1.0, regions
         kin = fit_kinematics(bins, redshift=redshift, progress_bar=progress_bar)
     else:
         kin = read_kinematics_maps(kinematics, bins)
+    targets = choose_sigma_target(kin["sigma"], sigma_target)
     spectra = prepare_spectra(bins.wavelength, bins.spectra, bins.variance,
-                              kin["velocity_los"], kin["sigma"], progress_bar=progress_bar)
+                              kin["velocity_los"], kin["sigma"], sigma_target=targets,
+                              progress_bar=progress_bar)
 
     flags = np.zeros(bins.n_bins, dtype=np.int32)
     kf = np.asarray(kin["flag"], dtype=int)
@@ -239,6 +339,7 @@ def prepare_observation(cube, hst=None, *, target_snr=35.0, min_snr=1.0, regions
         "kinematics": "external" if kinematics is not None else "ppxf",
         "bands": tuple(bands),
         "n_bins": int(bins.n_bins),
+        "sigma_targets": tuple(float(v) for v in np.unique(targets.to_value(u.km / u.s))),
     }
     from . import __version__
 

@@ -127,7 +127,7 @@ class PreparedSpectra:
     redshift : `~numpy.ndarray`, shape (n_spec,)
         :math:`z` derived from ``velocity``.
     sigma_target : `~astropy.units.Quantity`
-        Target dispersion.
+        Target dispersion (a scalar, or one value per spectrum).
     norm_window : `~astropy.units.Quantity`
         Normalisation window.
     """
@@ -437,7 +437,9 @@ def prepare_spectra(wavelength, flux, variance, velocity, sigma, *, lsf=muse_lsf
         the output (`PreparedSpectra.lsf_fwhm`, `PreparedSpectra.sigma_total`);
         the LSF is already in the data and is not convolved again.
     sigma_target : `~astropy.units.Quantity`, optional
-        Common dispersion of the output (150 km/s, the network's convention).
+        Common dispersion of the output (150 km/s, the network's convention);
+        a scalar, or one value per spectrum (a model family with several
+        dispersions, see :ref:`network-sigma`).
     output_wavelength : `~astropy.units.Quantity`, optional
         Rest-frame output pixel centres (4800-7000 A at 1.25 A by default).
     norm_window : `~astropy.units.Quantity`, optional
@@ -499,7 +501,16 @@ def prepare_spectra(wavelength, flux, variance, velocity, sigma, *, lsf=muse_lsf
         msg = (f"velocity and sigma must be scalars or have one value per spectrum "
                f"({n_spec}); got shapes {velocity.shape} and {sigma.shape}.")
         raise CubeSFHError(msg) from exc
-    sig_t = u.Quantity(sigma_target, u.km / u.s).to_value(u.km / u.s)
+    try:
+        sig_t = np.broadcast_to(u.Quantity(sigma_target, u.km / u.s).to_value(u.km / u.s),
+                                (n_spec,)).astype(float)
+    except ValueError as exc:
+        msg = (f"sigma_target must be a scalar or have one value per spectrum ({n_spec}); got "
+               f"shape {np.shape(sigma_target)}.")
+        raise CubeSFHError(msg) from exc
+    if not np.all(sig_t > 0):
+        msg = f"sigma_target must be positive; got {sigma_target}."
+        raise CubeSFHError(msg)
     out_lam = u.Quantity(output_wavelength, u.AA).to_value(u.AA)
     edges_out = _pixel_edges(out_lam)
     edges_in = _pixel_edges(lam)
@@ -578,7 +589,7 @@ def prepare_spectra(wavelength, flux, variance, velocity, sigma, *, lsf=muse_lsf
     if any(n_flagged.values()):
         parts = ", ".join(f"{n} {name}" for name, n in n_flagged.items() if n)
         msg = (f"Of {n_spec} spectra, flagged: {parts}. SIGMA_TOO_HIGH spectra (sigma >= "
-               f"{sig_t:g} km/s) are not broadened and stay broader than the network's "
+               f"{np.max(sig_t):g} km/s) are not broadened and stay broader than the network's "
                "training spectra; the others are incomplete (NaN). See PreparedSpectra.flags.")
         warnings.warn(msg, CubeSFHWarning)
 
@@ -586,5 +597,6 @@ def prepare_spectra(wavelength, flux, variance, velocity, sigma, *, lsf=muse_lsf
         u.Quantity(output_wavelength, u.AA), flux_n, var_n, norm * unit, flags,
         velocity=v * (u.km / u.s), sigma=sig * (u.km / u.s),
         sigma_broad=sig_broad * (u.km / u.s), redshift=onepz - 1.0,
-        sigma_target=sig_t * (u.km / u.s), norm_window=u.Quantity(norm_window, u.AA),
+        sigma_target=(sig_t[0] if np.all(sig_t == sig_t[0]) else sig_t) * (u.km / u.s),
+        norm_window=u.Quantity(norm_window, u.AA),
         lsf=lsf)

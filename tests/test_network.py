@@ -140,3 +140,24 @@ def test_train_one_tiny_epoch_end_to_end(tmp_path):
     m = SFHModel.load(w)
     res = m.predict(np.ones((3, 1761)), np.ones((3, 5)))
     np.testing.assert_allclose(res["mass_fraction"].sum(axis=1), 1.0, rtol=1e-5)
+
+
+def test_fine_tuning_starts_from_given_weights(tmp_path):
+    import torch
+
+    ts = tmp_path / "ts.h5"
+    make_training_set(ts, n=200, seed=4, chunk_size=200, progress_bar=False)
+    run = tmp_path / "run"
+    # with a zero learning rate the weights cannot move from the initial ones
+    train(ts, run, seed=4, max_epochs=1, lr=0.0, progress_bar=False, threads=1,
+          init_weights=DEFAULT_MODEL.with_suffix(".pt"))
+    start = torch.load(DEFAULT_MODEL.with_suffix(".pt"), weights_only=True)
+    best = torch.load(run / "best.pt", weights_only=True)
+    assert start.keys() == best.keys()
+    for k in start:
+        torch.testing.assert_close(best[k], start[k], rtol=0, atol=0)
+    meta = json.loads((run / "train_meta.json").read_text())
+    assert meta["init_weights"]["file"] == "sfhnet.pt"
+    with pytest.raises(CubeSFHError, match="could not start from the weights"):
+        train(ts, tmp_path / "bad", seed=4, max_epochs=1, progress_bar=False, threads=1,
+              init_weights=ts)

@@ -14,6 +14,7 @@ from cubesfh.cli import main as cli_main
 from cubesfh.maps import StellarPopulationMaps
 from cubesfh.pipeline import run_pipeline
 from cubesfh.synthesis import mock_observation
+from cubesfh.conventions import HST_BANDS
 from cubesfh.utils import CubeSFHError
 
 
@@ -163,3 +164,70 @@ def test_bad_inputs(mock, tmp_path, capsys):
     bad.write_text("# Region file format: DS9\nfk5\ncircle(1,2,\n")
     with pytest.raises(CubeSFHError, match="bad.reg"):
         run_pipeline(cube, None, kinematics=kin, regions=bad, progress_bar=False)
+
+
+@pytest.fixture(scope="module")
+def distant(tmp_path_factory):
+    """A mock galaxy at cz = 25 000 km/s (z = 0.083), run with automatic K-correction."""
+    d = tmp_path_factory.mktemp("distant")
+    obs = mock_observation(d, shape=(16, 16), seed=2, systemic_velocity=25_000 * u.km / u.s,
+                           progress_bar=False)
+    cube = Cube.read(obs.cube_path)
+    hst = {b: HSTImage.read(p) for b, p in obs.hst_paths.items()}
+    z = 25_000 / 299_792.458
+    # the mock cube stops at 7672 A observed: no HST band is covered well enough to
+    # register (real MUSE cubes reach 9350 A); the images are aligned by construction
+    maps = run_pipeline(cube, hst, target_snr=30, redshift=25_000 * u.km / u.s,
+                        snr_window=(5300, 5500) * u.AA * (1 + z), register=False,
+                        progress_bar=False)
+    return obs, cube, hst, maps
+
+
+def test_distant_galaxy_k_correction(distant):
+    from cubesfh.synthesis import ForwardModel
+    from cubesfh.synthesis.mock import _component_quantities, mock_components
+
+    obs, _, _, maps = distant
+    t = maps.table
+    assert maps.meta["parameters"]["k_corrected"] is True
+    z_sys = 25_000 / 299_792.458
+    assert maps.meta["parameters"]["median_redshift"] == pytest.approx(z_sys, abs=5e-4)
+    # known answer: the true K of each bin from the mock's components (dust included):
+    # rest-frame over observed-frame (x (1 + z)) band fluxes, weighted by the bins' masses
+    fm = ForwardModel()
+    comps = list(mock_components(fm.library).values())
+    rest = _component_quantities(fm, comps, HST_BANDS, 0.0)["photometry"]
+    obs_frame = _component_quantities(fm, comps, HST_BANDS, z_sys)["photometry"] * (1 + z_sys)
+    with fits.open(obs.truth_path) as h:
+        mass = np.stack([h[f"MASS_{c.upper()}"].data for c in mock_components(fm.library)])
+    m_bin = np.array([[m[maps.bin_map == i].sum() for m in mass] for i in range(maps.n_bins)])
+    k_true = (m_bin @ rest) / (m_bin @ obs_frame)
+    # the correction is large in F438W (the 4000 A break moves into it)
+    assert np.median(k_true[:, HST_BANDS.index("F438W")]) > 1.15
+    limits = {"F275W": 0.12, "F336W": 0.10, "F438W": 0.03, "F555W": 0.03, "F814W": 0.03}
+    for j, band in enumerate(HST_BANDS):
+        err = np.asarray(t[f"kcorr_{band}"]) / k_true[:, j] - 1
+        assert np.all(np.isfinite(err))
+        assert np.median(np.abs(err)) < limits[band], band
+
+
+def test_distant_galaxy_recovered(distant):
+    obs, cube, hst, maps = distant
+    lw = np.asarray(maps.table["cnn_logage_lw"].value)
+    zh = np.asarray(maps.table["cnn_zh_lw"].value)
+    r_age = np.corrcoef(lw, _truth_per_bin(maps, obs.truth, "logage_lw"))[0, 1]
+    r_zh = np.corrcoef(zh, _truth_per_bin(maps, obs.truth, "zh_lw"))[0, 1]
+    assert r_age >= 0.85
+    assert r_zh >= 0.7
+
+
+def test_redshift_outside_cube_range_is_a_clear_error(mock):
+    obs, _ = mock
+    cube = Cube.read(obs.cube_path)  # 4750-7100 A: z = 0.083 would need 5200-7584 A
+    # checked before any binning or fitting, with the range of redshifts the cube allows
+    # 4749.72 / 4800 - 1 = -0.0105 and 7098.47 / 7000 - 1 = 0.0141
+    with pytest.raises(CubeSFHError, match=r"covers 4750-7098 A.* -0\.0105 < z < 0\.0141"):
+        run_pipeline(cube, None, target_snr=35, redshift=25_000 * u.km / u.s,
+                     progress_bar=False)
+    with pytest.raises(CubeSFHError, match=r"z = -0\.02000 .* observed at 4688-"):
+        run_pipeline(cube, None, target_snr=35, redshift=-0.02, progress_bar=False)

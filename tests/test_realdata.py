@@ -95,7 +95,8 @@ def test_k_correction_known_answers():
     # <S> in rest F814W over <S> in rest 6400-8900 A is below 1, by a few per cent
     assert 0.85 < k[0] < 1.0
     # WFPC2 and WFC3/UVIS F814W differ by well under a per cent for this SED
-    assert k_correction(mf, zh, 0.0, rest_instrument="WFC3/UVIS") == pytest.approx(1.0, abs=0.01)
+    assert k_correction(mf, zh, 0.0, instrument="WFPC2",
+                        rest_instrument="WFC3/UVIS") == pytest.approx(1.0, abs=0.01)
     with pytest.raises(CubeSFHError, match="shape"):
         k_correction(mf[:5], zh, 0.088)
     with pytest.raises(CubeSFHError, match="positive sum"):

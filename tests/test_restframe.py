@@ -169,6 +169,29 @@ def test_sigma_above_target_flagged_and_not_broadened():
     np.testing.assert_allclose(out.flux, plain, rtol=1e-10)
 
 
+def test_per_spectrum_sigma_target():
+    # a model family: each spectrum broadened to its own target dispersion
+    velocity = np.array([800.0, 800.0, 800.0])
+    sigma = np.array([100.0, 220.0, 320.0])
+    targets = np.array([150.0, 300.0, 300.0])
+    flux = np.array([observe(800.0, s) for s in sigma])
+    with pytest.warns(CubeSFHWarning, match="1 SIGMA_TOO_HIGH"):
+        out = prepare_spectra(LAM_OBS * u.AA, flux * FLUX_UNIT, None, velocity * KMS,
+                              sigma * KMS, sigma_target=targets * KMS, progress_bar=False)
+    np.testing.assert_allclose(out.sigma_broad.value,
+                               [np.sqrt(150**2 - 100**2), np.sqrt(300**2 - 220**2), 0.0])
+    assert out.sigma_too_high.tolist() == [False, False, True]
+    np.testing.assert_array_equal(out.sigma_target.value, targets)
+    # the 220 km/s spectrum broadened to 300 equals one observed at 300 km/s
+    ref = prepare_spectra(LAM_OBS * u.AA, observe(800.0, 300.0)[None] * FLUX_UNIT, None,
+                          800.0 * KMS, 300.0 * KMS, sigma_target=300.0001 * KMS,
+                          progress_bar=False)
+    assert np.sqrt(np.mean((out.flux[1] - ref.flux[0]) ** 2)) < 5e-3
+    with pytest.raises(CubeSFHError, match="one value per spectrum"):
+        prepare_spectra(LAM_OBS * u.AA, flux * FLUX_UNIT, None, velocity * KMS, sigma * KMS,
+                        sigma_target=[150.0, 300.0] * KMS, progress_bar=False)
+
+
 def test_velocity_out_of_range_raises():
     flux = np.ones((2, LAM_OBS.size))
     with pytest.raises(CubeSFHError, match=r"1 of 2 spectra.*velocity -4000\.0 km/s.*4749") as err:

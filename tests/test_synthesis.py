@@ -7,6 +7,7 @@ import pytest
 from astropy import units as u
 from scipy import stats
 
+from cubesfh._spectral import gaussian_smooth
 from cubesfh.conventions import HST_BANDS, OUTPUT_WAVELENGTH
 from cubesfh.synthesis import (
     AGE_OF_UNIVERSE_GYR,
@@ -87,6 +88,28 @@ def test_metallicity_history_eq2():
     frac = np.array([0.9 + 0.05, 0.7 + 0.1, 0.4 + 0.15, 0.2])
     np.testing.assert_allclose(z[0], 0.008 + 0.022 * frac)
     assert np.all(np.diff(z[0]) < 0)  # younger stars are more metal-rich
+    # one Z_start per history
+    z2 = metallicity_history(np.vstack([mass, mass]), np.array([0.03, 0.05]),
+                             z_start=np.array([0.008, 0.02]))
+    np.testing.assert_allclose(z2[0], z[0])
+    np.testing.assert_allclose(z2[1], 0.02 + 0.03 * frac)
+
+
+def test_wide_chemistry_prior(model):
+    rng = np.random.default_rng(4)
+    fam = np.zeros(400, int)
+    paper = simulate_samples(rng, fam, model, noise=False)
+    wide = simulate_samples(rng, fam, model, noise=False, chemistry="wide")
+    # the paper's prior: Z_start = 0.008 < Z <= 0.03, sub-solar mass-weighted means
+    assert np.all(paper["z_start"] == 0.008)
+    assert paper["zh_mw"].max() < 0.0 and paper["zh_mw"].min() > np.log10(0.008 / 0.02)
+    # the wide one: 0.004 <= Z_start <= Z_final <= 0.05, reaching super-solar means
+    assert np.all((wide["z_start"] >= 0.004) & (wide["z_start"] <= 0.03))
+    assert np.all((wide["z_final"] >= wide["z_start"]) & (wide["z_final"] <= 0.05))
+    assert np.mean(wide["zh_mw"] > 0.1) > 0.3
+    assert wide["zh_mw"].max() < np.log10(0.05 / 0.02)
+    with pytest.raises(CubeSFHError, match="chemistry='solar'"):
+        simulate_samples(rng, fam[:2], model, chemistry="solar")
 
 
 def test_labels(model):
@@ -218,3 +241,28 @@ def test_training_set_reproducible_and_resumable(tmp_path):
         assert np.bincount(fam, minlength=3).tolist() == [110, 6, 4]
     with pytest.raises(CubeSFHError, match="different settings"):
         make_training_set(a, n=120, seed=6, chunk_size=50, progress_bar=False)
+    with pytest.raises(CubeSFHError, match="sigma_target_kms"):
+        make_training_set(a, n=120, seed=5, chunk_size=50, progress_bar=False,
+                          sigma_target=300 * u.km / u.s)
+
+
+def test_training_set_at_300_kms(tmp_path):
+    # same seed, other dispersion: same histories, spectra broadened to 300 km/s
+    a = tmp_path / "a.h5"
+    b = tmp_path / "b.h5"
+    make_training_set(a, n=20, seed=2, chunk_size=20, progress_bar=False)
+    make_training_set(b, n=20, seed=2, chunk_size=20, progress_bar=False,
+                      sigma_target=300 * u.km / u.s)
+    with h5py.File(a, "r") as fa, h5py.File(b, "r") as fb:
+        assert fa.attrs["sigma_target_kms"] == 150.0 and fb.attrs["sigma_target_kms"] == 300.0
+        np.testing.assert_array_equal(fa["mass_fraction"][:], fb["mass_fraction"][:])
+        sa, sb = fa["spectra_noiseless"][:], fb["spectra_noiseless"][:]
+    # known answer: the 150 km/s spectra convolved with sqrt(300^2 - 150^2) km/s
+    # (away from the edges, where the 150 km/s spectra lack the outside pixels)
+    w = OUTPUT_WAVELENGTH.to_value(u.AA)
+    extra = np.sqrt(300.0**2 - 150.0**2) / 299792.458 * w
+    smoothed = gaussian_smooth(w, sa, extra)
+    inner = slice(40, -40)
+    rel = (smoothed[:, inner] - sb[:, inner]) / sb[:, inner]
+    assert np.sqrt(np.mean(rel**2)) < 2e-3
+    assert np.abs(sb[:, inner] - sa[:, inner]).max() > 0.05  # and it is a real change

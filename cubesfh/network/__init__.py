@@ -7,12 +7,14 @@ Importing this package does not import torch; :class:`SFHModel` and
 """
 
 from ._data import downsample_spectra, photometry_features
-from ._predict import DEFAULT_MODEL, SFHModel, export_model
+from ._predict import BUNDLED_MODELS, DEFAULT_MODEL, SFHModel, bundled_models, export_model
 from ._train import split_indices, train
 
 __all__ = [
+    "BUNDLED_MODELS",
     "DEFAULT_MODEL",
     "SFHModel",
+    "bundled_models",
     "downsample_spectra",
     "export_model",
     "photometry_features",

@@ -12,11 +12,15 @@ from ..conventions import HST_BANDS, N_AGE_BINS, OUTPUT_WAVELENGTH
 from ..utils import CubeSFHError, sha256_file
 from ._data import downsample_spectra, photometry_features
 
-__all__ = ["DEFAULT_MODEL", "SFHModel", "export_model"]
+__all__ = ["BUNDLED_MODELS", "DEFAULT_MODEL", "SFHModel", "bundled_models", "export_model"]
 
 DATA_DIR = Path(__file__).parent / "data"
 #: Stem of the bundled model files (``.pt`` weights + ``.json`` metadata).
 DEFAULT_MODEL = DATA_DIR / "sfhnet"
+#: Stems of the bundled model family, by increasing velocity dispersion: the
+#: paper's 150 km/s network and its fine-tuned 300 km/s sibling for
+#: galaxies with sigma >= 150 km/s (see :ref:`network-sigma`).
+BUNDLED_MODELS = (DEFAULT_MODEL, DATA_DIR / "sfhnet_s300")
 
 
 def _meta_digest(meta):
@@ -55,6 +59,8 @@ def export_model(run_dir, stem=DEFAULT_MODEL, *, metrics=None, extra=None):
     weights = stem.with_suffix(".pt")
     shutil.copyfile(run / "best.pt", weights)
     lib = TemplateLibrary.load()
+    training = json.loads((run / "train_meta.json").read_text())
+    sigma = float(training.get("training_set_attrs", {}).get("sigma_target_kms", 150.0))
     meta = {
         "format": 1,
         "architecture": {"class": "SFHNet", "n_pix": 880, "n_bands": len(HST_BANDS),
@@ -63,9 +69,9 @@ def export_model(run_dir, stem=DEFAULT_MODEL, *, metrics=None, extra=None):
         "inputs": {"wavelength_start": float(OUTPUT_WAVELENGTH[0].value),
                    "wavelength_step": 1.25, "n_pixels": int(OUTPUT_WAVELENGTH.size),
                    "downsample": 2, "bands": list(HST_BANDS),
-                   "normalisation_window": [5300.0, 5500.0], "sigma_kms": 150.0},
+                   "normalisation_window": [5300.0, 5500.0], "sigma_kms": sigma},
         "normalization": json.loads((run / "normalization.json").read_text()),
-        "training": json.loads((run / "train_meta.json").read_text()),
+        "training": training,
         "history": json.loads((run / "history.json").read_text()),
         "template_library": {"file": Path(lib.filename).name,
                              "stellar_sha": lib.meta.get("STELSHA", ""),
@@ -112,6 +118,13 @@ class SFHModel:
         return (f"<SFHModel {self.meta.get('weights_sha256', '')[:12]} trained on "
                 f"{self.meta.get('training', {}).get('n_train', '?')} spectra, "
                 f"code {self.meta.get('code_version')}>")
+
+    @property
+    def sigma_target(self):
+        """Velocity dispersion of the spectra the network was trained on (Quantity)."""
+        from astropy import units as u
+
+        return float(self.meta["inputs"].get("sigma_kms", 150.0)) * (u.km / u.s)
 
     @property
     def model_id(self):
@@ -247,6 +260,30 @@ def _load(stem, device):
     return SFHModel(net, meta, device=device)
 
 
-@functools.lru_cache(maxsize=1)
+@functools.lru_cache(maxsize=4)
+def _load_bundled(stem):
+    return _load(stem, "cpu")
+
+
 def _load_default():
-    return _load(DEFAULT_MODEL, "cpu")
+    return _load_bundled(DEFAULT_MODEL)
+
+
+def bundled_models(*, device=None):
+    """
+    The bundled model family, by increasing training velocity dispersion.
+
+    Parameters
+    ----------
+    device : str, optional
+        torch device (default ``'cpu'``).
+
+    Returns
+    -------
+    models : list of `SFHModel`
+        The 150 km/s network of the paper first, then the 300 km/s one used
+        for bins whose dispersion is 150 km/s or more.
+    """
+    if device is None:
+        return [_load_bundled(stem) for stem in BUNDLED_MODELS]
+    return [_load(stem, device) for stem in BUNDLED_MODELS]

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from ..conventions import HST_BANDS
-from ..utils import CubeSFHError, progress
+from ..utils import CubeSFHError, progress, sha256_file
 from ._data import downsample_spectra, photometry_features
 
 __all__ = ["split_indices", "train"]
@@ -131,7 +131,7 @@ def _band_mask(rng, n, p_drop=0.4):
 
 
 def _write_meta(out, training_set, seed, tr, n_tr, n_val, best, history, elapsed, device,
-                threads, band_dropout, batch_size, lr, light_weight):
+                threads, band_dropout, batch_size, lr, light_weight, init=None):
     meta = {"seed": int(seed), "training_set": str(Path(training_set).name),
             "training_set_digest": _file_digest(training_set),
             "training_set_attrs": {k: v for k, v in tr["attrs"].items()
@@ -139,13 +139,14 @@ def _write_meta(out, training_set, seed, tr, n_tr, n_val, best, history, elapsed
             "n_train": int(n_tr), "n_validation": int(n_val),
             "best_val_loss": best, "epochs": len(history), "train_seconds": elapsed,
             "device": device, "threads": int(threads), "band_dropout": band_dropout,
-            "batch_size": batch_size, "lr": lr, "light_weight": light_weight}
+            "batch_size": batch_size, "lr": lr, "light_weight": light_weight,
+            "init_weights": init}
     (out / "train_meta.json").write_text(json.dumps(meta, indent=1, default=str))
 
 
 def train(training_set, output_dir, *, seed=0, max_epochs=200, batch_size=128, lr=1e-3,
           lr_factor=0.8, lr_patience=5, stop_patience=20, time_limit=None, band_dropout=0.4,
-          light_weight=0.8,
+          light_weight=0.8, init_weights=None,
           device=None, threads=None, resume=True, max_samples=None, progress_bar=True):
     """
     Train the network and write its best weights, normalisation and history.
@@ -176,6 +177,11 @@ def train(training_set, output_dir, *, seed=0, max_epochs=200, batch_size=128, l
     light_weight : float, optional
         Weight of the V-band light-fraction term of the loss (0: the paper's
         loss only).
+    init_weights : str or `~pathlib.Path`, optional
+        Start from these weights (a ``.pt`` state dict of the same
+        architecture, e.g. the bundled model) instead of a random
+        initialisation: fine-tuning, used for the models at other velocity
+        dispersions. Ignored when resuming from a checkpoint.
     device : str, optional
         ``'cuda'`` when available, else ``'cpu'``.
     threads : int, optional
@@ -233,6 +239,18 @@ def train(training_set, output_dir, *, seed=0, max_epochs=200, batch_size=128, l
                                                        patience=lr_patience)
     history, best, since_best, start_epoch, elapsed = [], math.inf, 0, 0, 0.0
     ckpt = out / "checkpoint.pt"
+    init = None
+    if init_weights is not None:
+        init_weights = Path(init_weights)
+        init = {"file": init_weights.name, "sha256": sha256_file(init_weights)}
+    if init is not None and not (resume and ckpt.exists()):
+        try:
+            net.load_state_dict(torch.load(init_weights, map_location=device, weights_only=True))
+        except Exception as exc:  # torch raises several types for bad files
+            msg = (f"could not start from the weights in {init_weights}: {exc}. They must be "
+                   "the best.pt of a training run or a bundled sfhnet*.pt.")
+            raise CubeSFHError(msg) from exc
+        log.info("starting from the weights in %s", init_weights)
     if resume and ckpt.exists():
         state = torch.load(ckpt, map_location=device, weights_only=True)
         net.load_state_dict(state["model"])
@@ -321,7 +339,8 @@ def train(training_set, output_dir, *, seed=0, max_epochs=200, batch_size=128, l
         (out / "history.json").write_text(json.dumps(history, indent=1))
         (out / "normalization.json").write_text(json.dumps(norm))
         _write_meta(out, training_set, seed, tr, n_tr, len(v_spec), best, history, elapsed,
-                    device, torch.get_num_threads(), band_dropout, batch_size, lr, light_weight)
+                    device, torch.get_num_threads(), band_dropout, batch_size, lr, light_weight,
+                    init)
         tmp = out / "checkpoint.pt.tmp"
         torch.save({"model": net.state_dict(), "optimizer": opt.state_dict(),
                     "scheduler": sched.state_dict(), "epoch": epoch, "best": best,
@@ -334,5 +353,5 @@ def train(training_set, output_dir, *, seed=0, max_epochs=200, batch_size=128, l
             log.info("time limit reached after epoch %d", epoch)
             break
     _write_meta(out, training_set, seed, tr, n_tr, len(v_spec), best, history, elapsed, device,
-                torch.get_num_threads(), band_dropout, batch_size, lr, light_weight)
+                torch.get_num_threads(), band_dropout, batch_size, lr, light_weight, init)
     return history

@@ -5,10 +5,13 @@ HST photometry of the spatial bins of a MUSE cube.
 Each HST image is converted to surface brightness, convolved to the cube's
 PSF with a photutils matching kernel (:func:`match_psf`), reprojected onto
 the spaxel grid conserving flux (:func:`reproject_to_cube`) and averaged in
-every bin (:func:`bin_photometry`).
+every bin (:func:`bin_photometry`). For a redshifted galaxy,
+:func:`k_correction` turns the observed-frame band fluxes into the rest-frame
+ones the network was trained on.
 """
 
 from ._binphot import BinPhotometry, bin_photometry
+from ._kcorr import k_correction
 from ._psf import DEFAULT_WINDOW, gaussian_psf, make_matching_kernel, match_psf
 from ._reproject import cutout_to_grid, grid_overlap, reproject_to_cube
 
@@ -19,6 +22,7 @@ __all__ = [
     "cutout_to_grid",
     "gaussian_psf",
     "grid_overlap",
+    "k_correction",
     "make_matching_kernel",
     "match_psf",
     "reproject_to_cube",

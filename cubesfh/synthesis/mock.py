@@ -4,7 +4,8 @@ Mock MUSE + HST observations of a small galaxy with known star formation histori
 
 :func:`mock_observation` writes, in real file formats, what an observer of a
 nearby spiral would have: a MUSE cube (``DATA`` + ``STAT``, ESO keywords,
-celestial WCS, air wavelengths 4750-7100 A at 1.25 A), five drizzled
+celestial WCS, air wavelengths 4750-7100 A at 1.25 A, stretched by the extra
+(1 + z) beyond 700 km/s), five drizzled
 WFC3/UVIS images (``SCI`` in e-/s with ``PHOTFLAM``/``PHOTPLAM``, ``WHT``,
 0.04 arcsec pixels on their own WCS) and a truth file holding, for every
 spaxel, what the network should recover: light- and mass-weighted ages and
@@ -612,7 +613,7 @@ def mock_observation(directory, *, shape=(40, 40), seed=0, snr=50.0, distance=10
     velocity, sigma = _kinematics((xx - x0) * MUSE_SCALE, (yy - y0) * MUSE_SCALE, rf, v_sys)
 
     # --- spectra -----------------------------------------------------------------------
-    wave = _muse_wavelength()
+    wave = _muse_wavelength(redshift)
     model_cube = np.empty((wave.size, n), dtype=np.float32)
     native = q["native"] * lum_to_flux
     starts = range(0, n, _CHUNK)
@@ -660,7 +661,7 @@ def mock_observation(directory, *, shape=(40, 40), seed=0, snr=50.0, distance=10
     data = data.reshape(wave.size, ny, nx)
     variance = variance.reshape(wave.size, ny, nx)
 
-    w3 = _muse_wcs(shape, scale=MUSE_SCALE)
+    w3 = _muse_wcs(shape, scale=MUSE_SCALE, wave0=wave[0].to_value(u.AA))
     celestial = w3.celestial
     cards = [
         ("ORIGIN", "cubesfh", "cubesfh.synthesis.mock_observation"),

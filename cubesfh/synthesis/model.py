@@ -104,8 +104,8 @@ def metallicity_history(mass, z_final, *, z_start=Z_START):
         increasing look-back time (youngest first).
     z_final : `~numpy.ndarray`
         Metallicity of the youngest stars, shape ``(n,)``.
-    z_start : float, optional
-        Metallicity of the first stars.
+    z_start : float or `~numpy.ndarray`, optional
+        Metallicity of the first stars (one value, or one per history).
 
     Returns
     -------
@@ -117,6 +117,9 @@ def metallicity_history(mass, z_final, *, z_start=Z_START):
     # cumulative mass formed from the oldest population up to each sub-interval
     older = np.cumsum(mass[:, ::-1], axis=1)[:, ::-1] - mass  # formed before it
     frac = (older + 0.5 * mass) / total
+    z_start = np.asarray(z_start, float)
+    if z_start.ndim:
+        z_start = z_start[:, None]
     return z_start + (np.asarray(z_final, float)[:, None] - z_start) * frac
 
 

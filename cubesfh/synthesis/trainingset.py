@@ -15,9 +15,15 @@ from pathlib import Path
 import numpy as np
 from astropy import units as u
 
-from ..conventions import AGE_BIN_CENTERS, AGE_BIN_EDGES, HST_BANDS, OUTPUT_WAVELENGTH
+from ..conventions import (
+    AGE_BIN_CENTERS,
+    AGE_BIN_EDGES,
+    HST_BANDS,
+    OUTPUT_WAVELENGTH,
+    SIGMA_TARGET,
+)
 from ..utils import CubeSFHError, progress
-from .model import ForwardModel, metallicity_history
+from .model import Z_START, ForwardModel, metallicity_history
 from .sfh import (
     FAMILY_BURST,
     FAMILY_GP,
@@ -28,8 +34,8 @@ from .sfh import (
     skewnormal_sfh,
 )
 
-__all__ = ["DEFAULT_MIX", "SNR_VALUES", "TRAINING_SET_FORMAT", "make_training_set",
-           "simulate_samples"]
+__all__ = ["CHEMISTRY_PRIORS", "DEFAULT_MIX", "SNR_VALUES", "TRAINING_SET_FORMAT",
+           "make_training_set", "simulate_samples"]
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +54,16 @@ _PARAM_COLUMNS = ("t25", "t50", "t75", "ssfr", "peak", "width", "skewness", "bur
                   "burst_width", "burst_fraction")
 _LABEL_COLUMNS = ("logage_lw", "logage_mw", "zh_lw", "zh_mw")
 
+#: Priors of the chemical evolution (eq. 2). ``'paper'``: Z_start = 0.008,
+#: Z_final uniform in 0.010-0.030 (Galceran et al. 2026; mass-weighted [Z/H]
+#: between about -0.35 and 0). ``'wide'``: Z_start uniform in 0.004-0.030 and
+#: Z_final uniform between Z_start and 0.050 (mass-weighted [Z/H] up to about
+#: +0.35), for the metal-rich centres of massive galaxies.
+CHEMISTRY_PRIORS = ("paper", "wide")
+
 
 def simulate_samples(rng, families, model, *, snr=None, snr_values=SNR_VALUES,
-                     phot_error=0.02, noise=True):
+                     phot_error=0.02, noise=True, chemistry="paper"):
     """
     Draw SFH, chemistry, dust and noise parameters and simulate the observables.
 
@@ -67,6 +80,8 @@ def simulate_samples(rng, families, model, *, snr=None, snr_values=SNR_VALUES,
         Relative error of the HST fluxes.
     noise : bool, optional
         Add noise (the noise-free versions are always returned as well).
+    chemistry : {'paper', 'wide'}, optional
+        Prior of the chemical evolution, see `CHEMISTRY_PRIORS`.
 
     Returns
     -------
@@ -95,13 +110,21 @@ def simulate_samples(rng, families, model, *, snr=None, snr_values=SNR_VALUES,
         mass[sk] = skewnormal_sfh(p, edges)
         for k in ("peak", "width", "skewness", "burst_age", "burst_width", "burst_fraction"):
             params[k][sk] = p[k]
-    z_final = rng.uniform(0.010, 0.030, n)
+    if chemistry == "paper":
+        z_start = np.full(n, Z_START)
+        z_final = rng.uniform(0.010, 0.030, n)
+    elif chemistry == "wide":
+        z_start = rng.uniform(0.004, 0.030, n)
+        z_final = z_start + rng.uniform(0.0, 1.0, n) * (0.050 - z_start)
+    else:
+        msg = f"chemistry={chemistry!r}: choose one of {CHEMISTRY_PRIORS}."
+        raise CubeSFHError(msg)
     tau_ism = np.clip(rng.normal(0.3, 0.08, n), 0.0, None)
     tau_bc = 10 ** rng.uniform(np.log10(0.5), np.log10(4.0), n)
     if snr is None:
         snr = rng.choice(np.asarray(snr_values, float), n)
     snr = np.broadcast_to(np.asarray(snr, float), (n,)).copy()
-    z = metallicity_history(mass, z_final)
+    z = metallicity_history(mass, z_final, z_start=z_start)
     spec0, phot0 = model.synthesize(mass * TOTAL_MASS, z, tau_ism, tau_bc)
     spec0, phot0, norm = model.normalize(spec0, phot0)
     if noise:
@@ -110,7 +133,8 @@ def simulate_samples(rng, families, model, *, snr=None, snr_values=SNR_VALUES,
         spec, phot = spec0, phot0
     out = {"spectra": spec, "photometry": phot, "spectra_noiseless": spec0,
            "photometry_noiseless": phot0, "norm": norm, "family": families.astype(np.int8),
-           "snr": snr, "tau_ism": tau_ism, "tau_bc": tau_bc, "z_final": z_final, **params}
+           "snr": snr, "tau_ism": tau_ism, "tau_bc": tau_bc, "z_start": z_start,
+           "z_final": z_final, **params}
     out.update(model.labels(mass, z))
     return out
 
@@ -127,7 +151,8 @@ def _family_plan(n, mix, seed):
 
 def make_training_set(output, *, n=N_DEFAULT, seed=0, mix=DEFAULT_MIX,
                       chunk_size=5000, snr_values=SNR_VALUES, phot_error=0.02,
-                      store_noiseless=True, overwrite=False, progress_bar=True):
+                      store_noiseless=True, sigma_target=SIGMA_TARGET, chemistry="paper",
+                      overwrite=False, progress_bar=True):
     """
     Generate the synthetic training set and write it to an HDF5 file.
 
@@ -152,6 +177,14 @@ def make_training_set(output, *, n=N_DEFAULT, seed=0, mix=DEFAULT_MIX,
     store_noiseless : bool, optional
         Also store the noise-free spectra and photometry (needed to evaluate
         the network at other S/N).
+    sigma_target : `~astropy.units.Quantity`, optional
+        Common stellar velocity dispersion of the spectra (default 150 km/s,
+        as in the paper). A network trained on a set at a larger value
+        analyses galaxies whose dispersion exceeds 150 km/s (see
+        :ref:`network-sigma`).
+    chemistry : {'paper', 'wide'}, optional
+        Prior of the chemical evolution (`CHEMISTRY_PRIORS`); ``'wide'``
+        extends the paper's to super-solar metallicities.
     overwrite : bool, optional
         Start again from scratch.
     progress_bar : bool, optional
@@ -169,19 +202,30 @@ def make_training_set(output, *, n=N_DEFAULT, seed=0, mix=DEFAULT_MIX,
     if n < 1:
         msg = f"n={n}: the training set needs at least one sample."
         raise CubeSFHError(msg)
-    model = ForwardModel()
+    sigma_target = u.Quantity(sigma_target, u.km / u.s)
+    if not sigma_target.value > 0:
+        msg = f"sigma_target={sigma_target}: it must be a positive velocity dispersion."
+        raise CubeSFHError(msg)
+    if chemistry not in CHEMISTRY_PRIORS:
+        msg = f"chemistry={chemistry!r}: choose one of {CHEMISTRY_PRIORS}."
+        raise CubeSFHError(msg)
+    model = ForwardModel(sigma_target=sigma_target)
     lib = model.library
     n_chunks = int(np.ceil(n / chunk_size))
     settings = {"seed": int(seed), "n": n, "chunk_size": int(chunk_size),
                 "mix": np.asarray(mix, np.int64), "snr_values": np.asarray(snr_values, float),
                 "phot_error": float(phot_error), "format": TRAINING_SET_FORMAT,
                 "template_sha": str(lib.meta.get("STELSHA", "")),
-                "store_noiseless": bool(store_noiseless)}
+                "store_noiseless": bool(store_noiseless),
+                "sigma_target_kms": float(sigma_target.value), "chemistry": chemistry}
     if output.exists() and overwrite:
         output.unlink()
     mode = "a" if output.exists() else "w"
     with h5py.File(output, mode) as f:
         if mode == "a":
+            # files written before these options had their default values
+            f.attrs.setdefault("sigma_target_kms", SIGMA_TARGET.to_value(u.km / u.s))
+            f.attrs.setdefault("chemistry", "paper")
             for k, v in settings.items():
                 if k not in f.attrs or not np.array_equal(np.asarray(f.attrs[k]), np.asarray(v)):
                     msg = (f"{output} was started with different settings ({k}: "
@@ -215,7 +259,7 @@ def make_training_set(output, *, n=N_DEFAULT, seed=0, mix=DEFAULT_MIX,
             for k, shp in shapes.items():
                 f.create_dataset(k, shape=(n, *shp), dtype="f4",
                                  chunks=(min(256, n), *shp))
-            for k in (*_LABEL_COLUMNS, "snr", "tau_ism", "tau_bc", "z_final", "norm",
+            for k in (*_LABEL_COLUMNS, "snr", "tau_ism", "tau_bc", "z_start", "z_final", "norm",
                       *_PARAM_COLUMNS):
                 f.create_dataset(k, shape=(n,), dtype="f8")
             f.create_dataset("family", shape=(n,), dtype="i1")
@@ -236,6 +280,7 @@ def make_training_set(output, *, n=N_DEFAULT, seed=0, mix=DEFAULT_MIX,
             lo, hi = c * chunk_size, min(n, (c + 1) * chunk_size)
             rng = np.random.default_rng([int(seed), int(c)])
             out = simulate_samples(rng, plan[lo:hi], model, snr_values=snr_values,
+                                   chemistry=chemistry,
                                    phot_error=phot_error)
             for k in names:
                 f[k][lo:hi] = out[k]
