@@ -7,6 +7,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 __all__ = ["main"]
 
 log = logging.getLogger("cubesfh")
@@ -42,6 +44,9 @@ def _add_prepare_options(p):
                    help="read V_STARS/SIGMA_STARS from a PHANGS DAP MAPS file instead of fitting")
     p.add_argument("--redshift", type=float,
                    help="systemic redshift (starting guess of the kinematic fits)")
+    p.add_argument("--snr-window", type=float, nargs=2, metavar=("LO", "HI"),
+                   help="observed window (Angstrom) for the binning S/N (default 5300 5500; "
+                        "for a distant galaxy 5300*(1+z) 5500*(1+z))")
     p.add_argument("--psf-fwhm", type=float, metavar="ARCSEC",
                    help="MUSE PSF FWHM in arcsec when the cube header lacks it")
     p.add_argument("--max-memory", type=float, default=2.0, metavar="GB",
@@ -56,12 +61,23 @@ def _add_run_options(p):
                    help="existing dask scheduler (default: a local cluster)")
     p.add_argument("--workers", type=int, help="workers of the local dask cluster")
     p.add_argument("--cache-dir", help="keep finished pPXF bins here (resume)")
-    p.add_argument("--model", help="network weights (.pt; default: the bundled model)")
+    p.add_argument("--model", action="append", metavar="PATH.pt",
+                   help="network weights (repeatable, one per velocity dispersion; default: "
+                        "the bundled 150 and 300 km/s models)")
+    p.add_argument("--k-correct", choices=("auto", "yes", "no"), default="auto",
+                   help="K-correct the HST photometry (auto: when z > 0.01)")
     p.add_argument("--plot", action="store_true", help="also write a quick-look PNG")
     p.add_argument("--no-register", dest="register", action="store_false",
                    help="do not measure and correct the MUSE-HST offset")
     p.add_argument("--max-offset", type=float, default=2.0, metavar="ARCSEC",
                    help="largest MUSE-HST offset accepted (default 2 arcsec)")
+
+
+def _snr_window(args):
+    from astropy import units as u
+
+    w = getattr(args, "snr_window", None)
+    return None if w is None else np.asarray(w, float) * u.AA
 
 
 def _prepare(cube_path, hst_paths, args, output):
@@ -77,6 +93,8 @@ def _prepare(cube_path, hst_paths, args, output):
     prepared = prepare_observation(cube, hst or None, target_snr=args.target_snr,
                                    min_snr=args.min_snr, regions=args.mask,
                                    kinematics=args.kinematics, redshift=args.redshift,
+                                   snr_window=_snr_window(args),
+                                   sigma_target=np.asarray(args.sigma_target) * u.km / u.s,
                                    max_memory=args.max_memory * u.GB,
                                    progress_bar=not args.no_progress)
     prepared.write(output, overwrite=True)
@@ -111,12 +129,15 @@ def _run(cube_path, hst_paths, args, output):
 
     t0 = time.perf_counter()
     cube, hst = _load_inputs(cube_path, hst_paths, args)
-    model = SFHModel.load(args.model) if getattr(args, "model", None) else SFHModel.load()
+    paths = getattr(args, "model", None)
+    model = [SFHModel.load(p) for p in paths] if paths else None
+    k_correct = {"auto": "auto", "yes": True, "no": False}[getattr(args, "k_correct", "auto")]
     maps = run_pipeline(cube, hst or None, target_snr=args.target_snr, min_snr=args.min_snr,
                         regions=args.mask, kinematics=args.kinematics, redshift=args.redshift,
                         ppxf=args.ppxf, model=model, scheduler=args.scheduler,
                         n_workers=args.workers, cache_dir=args.cache_dir,
                         register=args.register, max_offset=args.max_offset * u.arcsec,
+                        k_correct=k_correct, snr_window=_snr_window(args),
                         max_memory=args.max_memory * u.GB, progress_bar=not args.no_progress)
     maps.write(output, overwrite=True)
     if "registration" in maps.meta:
@@ -136,8 +157,6 @@ def _cmd_run(args):
 
 
 def _cmd_demo(args):
-    import numpy as np
-
     from .synthesis import mock_observation
 
     out = Path(args.output_dir)
@@ -322,12 +341,16 @@ def build_parser():
 
     p = sub.add_parser("prepare", help="bin a cube and build the network inputs",
                        description="Voronoi-bin a MUSE cube, measure the stellar kinematics, "
-                                   "move the spectra to the rest frame at 150 km/s and "
-                                   "average PSF-matched HST images in the bins.")
+                                   "move the spectra to the rest frame at 150 km/s (300 km/s "
+                                   "for bins above 150) and average PSF-matched HST images "
+                                   "in the bins.")
     p.add_argument("cube", help="MUSE cube (DATA/STAT extensions)")
     p.add_argument("--hst", nargs="+", metavar="BAND=PATH",
                    help="HST images, e.g. F275W=f275w.fits F555W=f555w.fits")
     p.add_argument("--output", "-o", required=True, help="output FITS file")
+    p.add_argument("--sigma-target", type=float, nargs="+", default=[150.0, 300.0],
+                   metavar="KM/S", help="common dispersions; each bin gets the smallest "
+                                        "above its own (default: 150 300, the bundled models)")
     _add_prepare_options(p)
     p.set_defaults(func=_cmd_prepare)
 

@@ -87,7 +87,6 @@ def predict_bins(prepared, *, model=None, photometry=True):
         Per-bin ``mass_fraction``, ``metallicity``, ``logage_lw``,
         ``logage_mw``, ``zh_lw``, ``zh_mw``, ``light_fraction``.
     """
-    from .network import SFHModel
 
     models = _as_models(model)
     n = prepared.n_bins

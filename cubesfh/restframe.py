@@ -46,9 +46,13 @@ observed spectra already contain the LSF, so the prepared spectra have a
 total Gaussian dispersion :math:`\\sigma_{\\rm tot}^2 = 150^2 +
 \\sigma_{\\rm LSF}^2(\\lambda)` (km/s): the same as the synthetic training
 spectra, which are templates degraded to the MUSE LSF and then broadened by
-150 km/s. (In the rest frame the LSF of a bin at redshift :math:`z` is
-:math:`{\\rm FWHM}_{\\rm LSF}(\\lambda(1+z))/(1+z)`, a difference below 1 % for
-nearby galaxies; see `PreparedSpectra.lsf_fwhm`.)
+150 km/s. In the rest frame, however, the LSF of a bin at redshift :math:`z`
+is :math:`{\\rm FWHM}_{\\rm LSF}(\\lambda(1+z))/(1+z)` (see
+`PreparedSpectra.lsf_fwhm`), narrower in km/s than at :math:`\\lambda`: by
+0.1 km/s for a nearby galaxy, but at z = 0.083 the total dispersion at 4800 A
+would be 165.4 instead of 169.6 km/s. With ``match_lsf=True`` (default) the
+kernel adds the difference in quadrature, pixel by pixel, so the output has
+the training resolution at any redshift.
 
 **Variance.** Input pixels are treated as independent: the output variance is
 :math:`\\sum_j A_{kj}^2 \\sigma_j^2`, the exact diagonal of the output
@@ -133,7 +137,8 @@ class PreparedSpectra:
     """
 
     def __init__(self, wavelength, flux, variance, norm, flags, *, velocity, sigma,
-                 sigma_broad, redshift, sigma_target, norm_window, lsf=None):
+                 sigma_broad, redshift, sigma_target, norm_window, lsf=None,
+                 lsf_matched=False):
         self.wavelength = wavelength
         self.flux = flux
         self.variance = variance
@@ -146,6 +151,7 @@ class PreparedSpectra:
         self.sigma_target = sigma_target
         self.norm_window = norm_window
         self._lsf = lsf
+        self.lsf_matched = lsf_matched
 
     def __len__(self):
         return self.flux.shape[0]
@@ -208,7 +214,8 @@ class PreparedSpectra:
         Total Gaussian dispersion of the prepared spectra in km/s, shape (n_spec, n_pix).
 
         :math:`\\sqrt{\\max(\\sigma, \\sigma_{\\rm target})^2 + \\sigma_{\\rm LSF}^2}`,
-        with the LSF from ``lsf``; `None` if ``lsf=None``.
+        with the LSF from ``lsf`` (after ``match_lsf``, the larger of the
+        rest-frame and the observed one); `None` if ``lsf=None``.
         """
         fwhm = self.lsf_fwhm
         if fwhm is None:
@@ -216,6 +223,10 @@ class PreparedSpectra:
         from .lsf import fwhm_to_velocity_sigma
 
         sig_lsf = fwhm_to_velocity_sigma(fwhm, self.wavelength)
+        if self.lsf_matched:  # raised to the rest-frame LSF where it was narrower
+            rest = fwhm_to_velocity_sigma(u.Quantity(self._lsf(self.wavelength), u.AA),
+                                          self.wavelength)
+            sig_lsf = np.maximum(sig_lsf, rest)
         sig = np.maximum(self.sigma, self.sigma_target)
         return np.sqrt(sig[:, None] ** 2 + sig_lsf**2)
 
@@ -410,7 +421,7 @@ def _one_plus_z(velocity_kms, convention):
 def prepare_spectra(wavelength, flux, variance, velocity, sigma, *, lsf=muse_lsf_fwhm,
                     sigma_target=SIGMA_TARGET, output_wavelength=OUTPUT_WAVELENGTH,
                     norm_window=NORM_WINDOW, convention="optical", min_coverage=0.5,
-                    progress_bar=True):
+                    match_lsf=True, progress_bar=True):
     """
     Move spectra to the rest frame, broaden them to a common dispersion,
     resample them and normalise them.
@@ -433,9 +444,10 @@ def prepare_spectra(wavelength, flux, variance, velocity, sigma, *, lsf=muse_lsf
         measured by pPXF).
     lsf : callable or `None`, optional
         Observed-frame LSF FWHM as a function of wavelength (default: MUSE,
-        `~cubesfh.lsf.muse_lsf_fwhm`). Only used to describe the resolution of
-        the output (`PreparedSpectra.lsf_fwhm`, `PreparedSpectra.sigma_total`);
-        the LSF is already in the data and is not convolved again.
+        `~cubesfh.lsf.muse_lsf_fwhm`). The LSF is already in the data; it
+        describes the resolution of the output (`PreparedSpectra.lsf_fwhm`,
+        `PreparedSpectra.sigma_total`) and, with ``match_lsf``, sets the
+        redshift correction of the kernel.
     sigma_target : `~astropy.units.Quantity`, optional
         Common dispersion of the output (150 km/s, the network's convention);
         a scalar, or one value per spectrum (a model family with several
@@ -451,6 +463,16 @@ def prepare_spectra(wavelength, flux, variance, velocity, sigma, *, lsf=muse_lsf
     min_coverage : float, optional
         Output pixels whose weight from valid (non-NaN) input pixels is below
         this fraction are set to NaN.
+    match_lsf : bool, optional
+        The training spectra carry the LSF at their rest wavelength
+        ``lambda``; a galaxy at redshift z carries it at ``lambda (1 + z)``,
+        where MUSE's resolution in km/s is higher (at z = 0.083 the total
+        dispersion at 4800 A is 165.4 instead of 169.6 km/s). With
+        ``match_lsf`` (default) the kernel adds, in quadrature, the
+        wavelength-dependent difference
+        :math:`\\sigma_{\\rm LSF}(\\lambda)^2 - \\sigma_{\\rm LSF}(\\lambda(1+z))^2`
+        (in km/s, where positive), so that the output has the training
+        resolution at any redshift. Ignored with ``lsf=None``.
     progress_bar : bool, optional
         Show a progress bar over blocks of spectra.
 
@@ -551,8 +573,22 @@ def prepare_spectra(wavelength, flux, variance, velocity, sigma, *, lsf=muse_lsf
         valid &= np.isfinite(var2)
     out = np.full((n_spec, n_out), np.nan)
     vout = None if var2 is None else np.full((n_spec, n_out), np.nan)
+    # redshift correction of the LSF (km/s^2 per spectrum and output pixel)
+    if match_lsf and lsf is not None and good.size:
+        from .lsf import fwhm_to_velocity_sigma
+
+        rest_lsf = fwhm_to_velocity_sigma(u.Quantity(lsf(out_lam * u.AA), u.AA),
+                                          out_lam * u.AA).to_value(u.km / u.s)
+        obs_w = out_lam[None, :] * onepz[good][:, None]
+        obs_lsf = fwhm_to_velocity_sigma(u.Quantity(lsf(obs_w * u.AA), u.AA),
+                                         obs_w * u.AA).to_value(u.km / u.s)
+        extra2 = np.zeros((n_spec, n_out))
+        extra2[good] = np.clip(rest_lsf[None, :] ** 2 - obs_lsf**2, 0.0, None)
+    else:
+        extra2 = np.zeros((n_spec, 1))
     if good.size:
-        s_max = np.max(sig_broad[good]) / _C_KMS * edges_out[-1] * np.max(onepz[good])
+        s_max = (np.sqrt(np.max(sig_broad[good]) ** 2 + np.max(extra2)) / _C_KMS
+                 * edges_out[-1] * np.max(onepz[good]))
         width = int((np.max(np.diff(edges_out)) * np.max(onepz[good]) + 2 * _TRUNCATE * s_max)
                     / np.min(np.diff(edges_in))) + 3
         step = _block_size(n_out, width)
@@ -564,7 +600,7 @@ def prepare_spectra(wavelength, flux, variance, velocity, sigma, *, lsf=muse_lsf
             zf = onepz[sel][:, None]
             lo = edges_out[:-1] * zf
             hi = edges_out[1:] * zf
-            s = out_lam * zf * (sig_broad[sel][:, None] / _C_KMS)
+            s = out_lam * zf * (np.sqrt(sig_broad[sel][:, None] ** 2 + extra2[sel]) / _C_KMS)
             f0 = np.where(valid[sel], flux2[sel], 0.0)
             v0 = None if var2 is None else np.where(valid[sel], var2[sel], 0.0)
             f, var, cov = _transform(edges_in, f0, v0, valid[sel], lo, hi, s)
@@ -599,4 +635,4 @@ def prepare_spectra(wavelength, flux, variance, velocity, sigma, *, lsf=muse_lsf
         sigma_broad=sig_broad * (u.km / u.s), redshift=onepz - 1.0,
         sigma_target=(sig_t[0] if np.all(sig_t == sig_t[0]) else sig_t) * (u.km / u.s),
         norm_window=u.Quantity(norm_window, u.AA),
-        lsf=lsf)
+        lsf=lsf, lsf_matched=bool(match_lsf and lsf is not None))

@@ -11,10 +11,10 @@ pytest.importorskip("torch")
 
 from cubesfh import Cube, HSTImage
 from cubesfh.cli import main as cli_main
+from cubesfh.conventions import HST_BANDS
 from cubesfh.maps import StellarPopulationMaps
 from cubesfh.pipeline import run_pipeline
 from cubesfh.synthesis import mock_observation
-from cubesfh.conventions import HST_BANDS
 from cubesfh.utils import CubeSFHError
 
 

@@ -76,6 +76,48 @@ def test_restframe_and_broadening_match_analytic():
     assert np.sqrt(np.mean(resid_narrow**2)) > 0.01
 
 
+def _line_spectrum(lam, sigma_lines):
+    """Like `rest_spectrum` with one dispersion per line (km/s)."""
+    x = np.log(lam)[..., None]
+    s = np.asarray(sigma_lines) / C_KMS
+    lines = np.exp(-0.5 * ((x - np.log(LINES)) / s) ** 2) / (np.sqrt(2 * np.pi) * s)
+    return 1.0 + 0.3 * np.log(lam / 5500.0) - (lines * EW / LINES).sum(axis=-1)
+
+
+@pytest.mark.parametrize("velocity", [25_000.0, 90_000.0])
+def test_lsf_matched_at_high_redshift(velocity):
+    # A galaxy at cz = 25 000 / 90 000 km/s carries the MUSE LSF at lambda (1 + z),
+    # narrower in km/s than at the rest wavelength the training spectra assume.
+    from cubesfh.lsf import fwhm_to_velocity_sigma, muse_lsf_fwhm
+
+    def lsf_kms(lam):
+        return fwhm_to_velocity_sigma(muse_lsf_fwhm(lam * u.AA), lam * u.AA).to_value(KMS)
+
+    sigma, onepz = 100.0, 1.0 + velocity / C_KMS
+    observed = np.hypot(sigma, lsf_kms(LINES * onepz))
+    flux = pixel_average(lambda lam: _line_spectrum(lam / onepz, observed) / onepz, LAM_OBS)
+    lam = OUTPUT_WAVELENGTH.to_value(u.AA)
+    # known answer: every line at the training resolution, 150 km/s + LSF at rest
+    # (the input pixels, 1.25 / (1 + z) A wide in the rest frame, are averaged in too)
+    width = 1.25 / onepz
+    sub = (np.arange(21) + 0.5) / 21 - 0.5
+
+    def sampled(x):
+        return np.mean([_line_spectrum(x + o * width, np.hypot(150.0, lsf_kms(LINES)))
+                        for o in sub], axis=0)
+
+    expected = pixel_average(sampled, lam)
+    expected /= expected[(lam >= 5300) & (lam <= 5500)].mean()
+    rms = {}
+    for match in (True, False):
+        out = prepare_spectra(LAM_OBS * u.AA, flux[None] * FLUX_UNIT, None, velocity * KMS,
+                              sigma * KMS, match_lsf=match, progress_bar=False)
+        rms[match] = np.sqrt(np.mean((out.flux[0] / expected - 1) ** 2))
+    # measured: 2.9e-4 / 5.8e-4 at 25 000 km/s, 2.0e-4 / 2.1e-3 at 90 000 km/s
+    assert rms[True] < 3.5e-4
+    assert rms[False] > 1.8 * rms[True]
+
+
 def test_velocity_conventions():
     flux = np.ones((3, LAM_OBS.size)) * FLUX_UNIT
     v = 3000.0 * KMS
@@ -157,7 +199,7 @@ def test_sigma_above_target_flagged_and_not_broadened():
     flux = np.array([observe(800.0, s) for s in sigma])
     with pytest.warns(CubeSFHWarning, match="2 SIGMA_TOO_HIGH"):
         out = prepare_spectra(LAM_OBS * u.AA, flux * FLUX_UNIT, None, velocity * KMS,
-                              sigma * KMS, progress_bar=False)
+                              sigma * KMS, match_lsf=False, progress_bar=False)
     assert np.all(out.sigma_too_high)
     assert np.all(out.flags == PreparationFlag.SIGMA_TOO_HIGH)
     assert np.all(out.usable)

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ..conventions import AGE_BIN_CENTERS, AGE_BIN_EDGES, HST_BANDS
+from ..utils import CubeSFHError
 from ._train import split_indices
 
 __all__ = ["evaluate", "metrics_to_rst", "summary_statistics"]
@@ -111,6 +112,12 @@ def evaluate(training_set, model=None, *, seed=None, n_ppxf=300, snr_grid=(5, 10
     model = SFHModel.load() if model is None else model
     seed = model.meta["training"]["seed"] if seed is None else seed
     with h5py.File(training_set, "r") as f:
+        ts_sigma = float(f.attrs.get("sigma_target_kms", 150.0))
+        if not np.isclose(ts_sigma, model.sigma_target.value):
+            msg = (f"{training_set} holds spectra at sigma = {ts_sigma:g} km/s but the model "
+                   f"was trained at {model.sigma_target.value:g} km/s; evaluate it on its own "
+                   "training set.")
+            raise CubeSFHError(msg)
         n = f["spectra"].shape[0]
         _, _, test = split_indices(n, seed)
         if max_test:
@@ -137,7 +144,7 @@ def evaluate(training_set, model=None, *, seed=None, n_ppxf=300, snr_grid=(5, 10
         for s in np.unique(truth["snr"])}
 
     # S/N dependence (Fig. 8): re-noise the noise-free test spectra
-    fm = ForwardModel()
+    fm = ForwardModel(sigma_target=model.sigma_target)
     rng = np.random.default_rng([int(seed), 123])
     metrics["snr_dependence"] = {}
     for s in snr_grid:
@@ -158,13 +165,15 @@ def evaluate(training_set, model=None, *, seed=None, n_ppxf=300, snr_grid=(5, 10
     metrics["ablation"] = ablation
 
     if n_ppxf:
-        from ..baseline import fit_populations
+        from ..baseline import BaselineTemplates, fit_populations
 
         k = min(n_ppxf, test.size)
         sub = np.arange(k)
         variance = np.clip(spec0[sub], 0, None) / (truth["snr"][sub, None] ** 2 * 1.25)
         t0 = time.perf_counter()
-        res = fit_populations(spec[sub], variance, phot[sub], progress_bar=progress_bar)
+        templates = BaselineTemplates(ForwardModel(sigma_target=model.sigma_target))
+        res = fit_populations(spec[sub], variance, phot[sub], templates=templates,
+                              progress_bar=progress_bar)
         t_ppxf = (time.perf_counter() - t0) / k
         pp = {q: np.asarray(res[q]) for q in QUANTITIES}
         tr_sub = {q: truth[q][sub] for q in QUANTITIES}
