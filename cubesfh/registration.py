@@ -982,6 +982,13 @@ class RegistrationReport:
         for the covered bands only.
     n_spaxels : dict
         ``{band: int}`` spaxels in the common footprint of each ratio.
+    linear_fits : dict
+        ``{band: (slope, offset)}``: least-squares fit MUSE = slope x HST +
+        offset over the common spaxels (offset in the cube's flux unit per
+        spaxel). A ratio that differs from 1 through the offset rather than
+        the slope (it changes across the field) points to the sky
+        subtraction of the cube or the background of the image, not to the
+        flux calibration.
     corrected : bool
         Whether the offsets were applied to the returned images.
     max_offset : `~astropy.units.Quantity`
@@ -1006,6 +1013,8 @@ class RegistrationReport:
     min_coverage: float
     missing: str = "linear"
     field: str | None = None
+    linear_fits: dict = dataclasses.field(default_factory=dict)
+    flux_unit: str = ""
 
     @property
     def bands(self):
@@ -1049,7 +1058,8 @@ class RegistrationReport:
             Columns ``band``, ``coverage``, ``dra``, ``ddec``, ``error``
             (arcsec), ``dx``, ``dy`` (cube pixels), ``measured_on`` (band of
             the image the offset was measured on), ``cube_band``,
-            ``correlation``, ``flux_ratio`` (NaN when not covered).
+            ``correlation``, ``flux_ratio``, ``flux_slope``, ``flux_offset``
+            (NaN when not covered).
         """
         rows = []
         for b in self.bands:
@@ -1061,9 +1071,10 @@ class RegistrationReport:
                          off.dx if off else np.nan, off.dy if off else np.nan,
                          (off.image_band or "") if off else "", (off.band or "") if off else "",
                          off.correlation if off else np.nan,
-                         self.ratios.get(b, np.nan)))
+                         self.ratios.get(b, np.nan),
+                         *self.linear_fits.get(b, (np.nan, np.nan))))
         names = ("band", "coverage", "dra", "ddec", "error", "dx", "dy", "measured_on",
-                 "cube_band", "correlation", "flux_ratio")
+                 "cube_band", "correlation", "flux_ratio", "flux_slope", "flux_offset")
         table = QTable(rows=rows, names=names) if rows else QTable(names=names)
         for col in ("dra", "ddec", "error"):
             table[col].unit = u.arcsec
@@ -1086,7 +1097,8 @@ class RegistrationReport:
             (arcsec), ``REGCC`` (correlation); per image band ``Fnnn``:
             ``RDAFnnn``, ``RDDFnnn`` (offset, arcsec), ``COVFnnn`` (covered
             fraction) and, for covered bands, ``FRATFnnn`` (MUSE/HST flux
-            ratio); ``FRATTOL`` (tolerance) and ``FRATMETH`` (treatment of
+            ratio), ``FSLPFnnn`` and ``FOFFFnnn`` (slope and offset of the
+            linear fit MUSE = slope x HST + offset); ``FRATTOL`` (tolerance) and ``FRATMETH`` (treatment of
             the missing part of a band). Undefined values are omitted.
         """
         def num(x, digits=4):
@@ -1120,6 +1132,11 @@ class RegistrationReport:
                           f"fraction of {b} photon weight in the cube"))
             if b in self.ratios:
                 cards.append((f"FRAT{key}", num(self.ratios[b]), f"MUSE/HST flux ratio in {b}"))
+            if b in self.linear_fits:
+                slope, offset = self.linear_fits[b]
+                cards += [(f"FSLP{key}", num(slope), f"{b}: MUSE = FSLP x HST + FOFF, slope"),
+                          (f"FOFF{key}", num(offset, 6),
+                           f"[{self.flux_unit}] {b}: offset per spaxel"[:47])]
         cards += [("FRATTOL", num(self.tolerance), "tolerance on |MUSE/HST - 1|"),
                   ("FRATMETH", self.missing, "f_lambda outside the cube: linear or mean")]
         return [c for c in cards if c[1] is not None]
@@ -1164,6 +1181,9 @@ class RegistrationReport:
                      "cube synthetic band.")
         lines.append(f"Flux ratios for bands with coverage >= {self.min_coverage:g}; f_lambda "
                      f"outside the cube: {self.missing} extrapolation.")
+        for b, (slope, offset) in self.linear_fits.items():
+            lines.append(f"{b}: per spaxel, MUSE = {slope:.3f} x HST {offset:+.4g} "
+                         f"({self.flux_unit}).")
         bad = self.outside_tolerance()
         if bad:
             lines.append(f"WARNING: MUSE/HST flux ratio beyond tolerance in {', '.join(bad)}.")
@@ -1379,7 +1399,7 @@ def register(cube, images, *, correct=True, max_offset=DEFAULT_MAX_OFFSET,
     out = {b: (apply_offset(im, offsets[b]) if applied.get(b) else im)
            for b, im in images.items()}
 
-    ratios, n_used = {}, {}
+    ratios, n_used, fits_ = {}, {}, {}
     for b in ratio_bands:
         image_cube = synthetic[b][0]
         hst = _hst_on_grid(out[b], cube.celestial_wcs, cube.spatial_shape, target_fwhm=target,
@@ -1399,12 +1419,20 @@ def register(cube, images, *, correct=True, max_offset=DEFAULT_MAX_OFFSET,
         ratio = float(image_cube[common].sum()) / total_hst
         ratios[b] = ratio
         n_used[b] = n
+        if n >= 3 and np.ptp(hst[common]) > 0:
+            slope, offset = np.polyfit(hst[common], image_cube[common], 1)
+            fits_[b] = (float(slope), float(offset))
         log.info("MUSE/HST flux ratio in %s: %.4f over %d spaxels", b, ratio, n)
         if abs(ratio - 1.0) > tolerance:
+            fit = ""
+            if b in fits_:
+                fit = (f" Per spaxel, MUSE = {fits_[b][0]:.3f} x HST {fits_[b][1]:+.3g} "
+                       f"({cube.unit}): a non-zero offset points to the sky subtraction or "
+                       "the image background, the slope to the flux calibration.")
             msg = (f"The MUSE/HST flux ratio in {b} is {ratio:.3f}, {abs(ratio - 1):.1%} from 1 "
                    f"(tolerance {tolerance:.0%}) in field {field}: the flux calibrations of "
-                   f"the cube and the {b} image disagree. Check the cube's flux calibration "
-                   f"and sky subtraction and the image's PHOTFLAM/BUNIT (or raise "
+                   f"the cube and the {b} image disagree.{fit} Check the cube's flux "
+                   f"calibration and sky subtraction and the image's PHOTFLAM/BUNIT (or raise "
                    f"tolerance= if this is expected).")
             warnings.warn(msg, CubeSFHWarning)
 
@@ -1412,5 +1440,6 @@ def register(cube, images, *, correct=True, max_offset=DEFAULT_MAX_OFFSET,
                                 n_spaxels=n_used, corrected=bool(correct and any(applied.values())),
                                 max_offset=max_offset, tolerance=float(tolerance),
                                 min_coverage=float(min_coverage), missing=missing,
-                                field=None if field is None else str(field))
+                                field=None if field is None else str(field),
+                                linear_fits=fits_, flux_unit=cube.unit.to_string())
     return out, report

@@ -6,7 +6,7 @@ Run cubesfh on the real MUSE cube of the Abell 478 BCG and make the figures of
 
 Usage::
 
-    python scripts/realdata_figure.py [--model PATH] [--target-snr 20] [--outdir docs/_static]
+    python scripts/realdata_figure.py [--model PATH ...] [--target-snr 20] [--outdir docs/_static]
 
 Prints the numbers quoted in the docs page (JSON) and writes
 ``realdata_images.png`` (images, bins, centroids, light fractions) and
@@ -42,51 +42,50 @@ def cards_of(report):
 
 
 def run(model=None, target_snr=20.0):
-    """Run the validation; return (cube, hst, registered hst, results dict, maps)."""
+    """Run the validation; return (cube, hst, centroids, results dict, spectrum-only maps)."""
+    common = {"target_snr": target_snr, "redshift": REDSHIFT_GUESS, "model": model,
+              "scheduler": "serial", "progress_bar": False}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", CubeSFHWarning)
         cube, hst = realdata.read_mpdaf_a478()
         images, report = register(cube, {"F814W": hst}, correct=True)
-        hst_reg = images["F814W"]
         cen = realdata.centroid_offset(cube, hst)
-        spec = run_pipeline(cube, None, target_snr=target_snr, redshift=REDSHIFT_GUESS,
-                            ppxf=True, scheduler="serial", model=model, progress_bar=False)
-        t = spec.table
-        z_fit = (1 + REDSHIFT_GUESS) * (1 + np.nanmedian(t["velocity"].to_value(u.km / u.s))
-                                        / 299792.458) - 1
-        kcorr = realdata.k_correction(np.asarray(t["ppxf_mass_fraction"]),
-                                      np.asarray(t["ppxf_zh"]), z_fit,
-                                      rest_instrument="WFC3/UVIS")
-        k = float(np.median(kcorr))
-        raw = run_pipeline(cube, [hst_reg], target_snr=target_snr, redshift=REDSHIFT_GUESS,
-                           register=False, model=model, progress_bar=False)
-        kc = run_pipeline(cube, [realdata.apply_k_correction(hst_reg, k)],
-                          target_snr=target_snr, redshift=REDSHIFT_GUESS, register=False,
-                          model=model, progress_bar=False)
-        # HST calibrated onto the cube's flux scale (K-corrected and divided by MUSE/HST)
+        # spectrum only, bundled family (sigma ~ 275 km/s: the 300 km/s network) + pPXF
+        spec = run_pipeline(cube, None, ppxf=True, **common)
+        # the paper's 150 km/s network alone, for comparison (spectra not broadened)
+        spec150 = run_pipeline(cube, None, ppxf=True, **dict(common, model=SFHModel.load()))
+        # with the WFPC2 F814W image: registration, flux ratio and K-correction in the run
+        phot = run_pipeline(cube, {"F814W": hst}, ppxf=True, **common)
+        # the same with the image calibrated onto the cube's flux scale (x MUSE/HST)
         ratio = float(cards_of(report)["FRATF814"])
-        matched = run_pipeline(cube, [realdata.apply_k_correction(hst_reg, k * ratio)],
-                               target_snr=target_snr, redshift=REDSHIFT_GUESS, register=False,
-                               model=model, progress_bar=False)
+        matched = run_pipeline(cube, {"F814W": realdata.apply_k_correction(hst, ratio)},
+                               ppxf=True, **common)
+    t = spec.table
+    z_fit = (1 + REDSHIFT_GUESS) * (1 + np.nanmedian(t["velocity"].to_value(u.km / u.s))
+                                    / 299792.458) - 1
     cards = cards_of(report)
     res = {
-        "n_bins": len(t), "snr": list(np.round(np.asarray(t["snr"]), 1)),
+        "models": spec.meta.get("models"), "n_bins": len(t),
+        "snr": list(np.round(np.asarray(t["snr"]), 1)),
         "n_spaxels": [int(n) for n in t["n_spaxels"]],
         "velocity_kms": list(np.round(t["velocity"].to_value(u.km / u.s), 0)),
         "sigma_kms": list(np.round(t["sigma"].to_value(u.km / u.s), 0)),
+        "sigma_target_kms": list(np.round(t["sigma_target"].to_value(u.km / u.s), 0)),
         "redshift_fit": round(z_fit, 5), "flags": [int(f) for f in t["flag"]],
         "register_dra_arcsec": cards.get("REGDRA"), "register_ddec_arcsec": cards.get("REGDDEC"),
         "register_err_arcsec": cards.get("REGERR"), "flux_ratio_muse_hst": cards.get("FRATF814"),
         "centroid_dra_arcsec": round(float(cen["dra"].to_value(u.arcsec)), 3),
         "centroid_ddec_arcsec": round(float(cen["ddec"].to_value(u.arcsec)), 3),
-        "k_correction": [round(float(x), 4) for x in np.atleast_1d(kcorr)],
+        "k_correction_f814w": list(np.round(np.asarray(phot.table["kcorr_F814W"]), 4)),
+        "k_correction_f814w_matched": list(np.round(np.asarray(matched.table["kcorr_F814W"]),
+                                                    4)),
     }
-    for name, m in (("spec", spec), ("f814w_raw", raw), ("f814w_kcorr", kc),
-                    ("f814w_kcorr_fluxmatched", matched)):
+    for name, m in (("spec", spec), ("spec_150only", spec150), ("f814w", phot),
+                    ("f814w_fluxmatched", matched)):
         for key in ("logage_lw", "logage_mw", "zh_lw", "zh_mw"):
-            res[f"cnn_{key}_{name}"] = list(np.round(np.asarray(m.table[f"cnn_{key}"]), 3))
-    for key in ("logage_lw", "logage_mw", "zh_lw", "zh_mw"):
-        res[f"ppxf_{key}"] = list(np.round(np.asarray(t[f"ppxf_{key}"]), 3))
+            for who in ("cnn", "ppxf"):
+                res[f"{who}_{key}_{name}"] = list(np.round(np.asarray(m.table[f"{who}_{key}"]),
+                                                           3))
     return cube, hst, cen, res, spec
 
 
@@ -163,12 +162,13 @@ def figures(cube, hst, cen, spec, outdir):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
-    parser.add_argument("--model", default=None, help="CNN weights (default: bundled)")
+    parser.add_argument("--model", action="append",
+                        help="CNN weights, repeatable (default: the bundled family)")
     parser.add_argument("--target-snr", type=float, default=20.0)
     parser.add_argument("--outdir", type=Path, default=Path("docs/_static"))
     parser.add_argument("--no-figures", action="store_true")
     args = parser.parse_args(argv)
-    model = SFHModel.load(args.model) if args.model else None
+    model = [SFHModel.load(p) for p in args.model] if args.model else None
     cube, hst, cen, res, spec = run(model, args.target_snr)
     print(json.dumps(res, indent=1, default=float))
     if not args.no_figures:

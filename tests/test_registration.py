@@ -349,6 +349,34 @@ def test_register_flux_ratio_mock_scaled_warns(mock):
     assert "WARNING" in report.summary()
 
 
+def test_register_flux_offset_separated_from_scale(mock):
+    """A 7 % brighter image on a pedestal: the linear fit finds both."""
+    cube, images = read_mock(mock)
+    img = images["F555W"]
+    pedestal = 0.05  # image units (e-/s) per HST pixel
+    bright = scaled(img, 1.07)
+    bright.data = bright.data + pedestal
+    _, plain = register(cube, images)
+    with pytest.warns(CubeSFHWarning, match=r"MUSE = 0\.9\d\d x HST -"):
+        _, report = register(cube, {"F555W": bright})
+    # known answer: the pedestal as a mean flux density per spaxel, in the cube's unit
+    per_pixel = pedestal * img.unit * img.photflam  # f_lambda per HST pixel
+    per_spaxel = (per_pixel * (cube.spaxel_scale / img.pixel_scale) ** 2).to_value(cube.unit)
+    slope0, offset0 = plain.linear_fits["F555W"]
+    assert slope0 == pytest.approx(1.0, abs=0.015) and abs(offset0) < 0.02 * per_spaxel
+    slope, offset = report.linear_fits["F555W"]
+    assert slope == pytest.approx(slope0 / 1.07, rel=1e-3)
+    assert offset == pytest.approx((offset0 - per_spaxel) / 1.07, rel=0.01)
+    # while the total ratio mixes the two
+    assert report.ratios["F555W"] < 0.9 / 1.07
+    cards = {c[0]: c[1] for c in report.to_header_cards()}
+    assert cards["FSLPF555"] == pytest.approx(slope, abs=1e-4)
+    assert cards["FOFFF555"] == pytest.approx(offset, rel=1e-4)
+    assert f"MUSE = {slope:.3f} x HST" in report.summary()
+    t = report.to_table()
+    assert t["flux_slope"][0] == pytest.approx(slope)
+
+
 def test_register_blobs_f555w_f814w(blobs):
     """Linear f_lambda: both bands give MUSE/HST = 1; a 7 % brighter image gives 1/1.07."""
     cube, images = blobs
