@@ -692,6 +692,10 @@ class StellarPopulationMaps:
                 t[f"kcorr_{band}"] = np.asarray(kcorr, float)[:, j]
                 t[f"kcorr_{band}"].info.description = (
                     f"K-correction applied to {band} (observed -> rest-frame WFC3/UVIS)")
+            tau = getattr(prepared, "k_correction_tau", None)
+            if tau is not None:
+                t["kcorr_tau_v"] = np.asarray(tau, float)
+                t["kcorr_tau_v"].info.description = "optical depth of the K-correction SED"
         flags = np.asarray(prepared.flags, dtype=np.int32).copy()
 
         for source, result, prefix in (("cnn", cnn, "cnn_"), ("ppxf", ppxf, "ppxf_")):

@@ -122,7 +122,8 @@ def predict_bins(prepared, *, model=None, photometry=True):
 K_CORRECT_MIN_Z = 0.01
 
 
-def k_correct_bins(prepared, instruments=None, *, model=None, iterations=3, tolerance=0.005):
+def k_correct_bins(prepared, instruments=None, *, model=None, dust=True, iterations=3,
+                   tolerance=0.005):
     """
     K-correct the HST photometry of a prepared observation to the rest frame.
 
@@ -146,6 +147,13 @@ def k_correct_bins(prepared, instruments=None, *, model=None, iterations=3, tole
         curve.
     model : `~cubesfh.network.SFHModel` or list of them, optional
         Default: the bundled family.
+    dust : bool, optional
+        Attenuate each SED by the optical depth that best matches the bin's
+        HST colours (:func:`~cubesfh.photometry.fit_attenuation`; bins with
+        fewer than two bands get none), stored as ``prepared.k_correction_tau``.
+    iterations, tolerance : int, float, optional
+        Repeat prediction and correction at most ``iterations`` times, until
+        no factor changes by more than ``tolerance``.
 
     Returns
     -------
@@ -153,7 +161,7 @@ def k_correct_bins(prepared, instruments=None, *, model=None, iterations=3, tole
         ``(n_bins, 5)`` in `~cubesfh.conventions.HST_BANDS` order; NaN for
         bands without data and bins without a usable spectrum.
     """
-    from .photometry import k_correction
+    from .photometry import fit_attenuation, k_correction
     from .templates import load_filter
 
     instruments = dict(instruments or {})
@@ -171,19 +179,23 @@ def k_correct_bins(prepared, instruments=None, *, model=None, iterations=3, tole
             inst = "WFC3/UVIS"
         insts[band] = inst
     factors = np.full((n, len(HST_BANDS)), np.nan)
+    tau = np.zeros(n)
     for it in range(iterations + 1):
         # it = 0: SFH from the spectrum alone; then from spectrum + corrected photometry
-        prepared.photometry_normalized = np.where(np.isfinite(factors), phot * factors, phot)
+        current = np.where(np.isfinite(factors), phot * factors, phot)
+        prepared.photometry_normalized = current
         pred = predict_bins(prepared, model=model, photometry=it > 0)
         mf, zh = pred["mass_fraction"], pred["metallicity"]
         ok = np.all(np.isfinite(mf), axis=1) & (np.nansum(mf, axis=1) > 0) & np.isfinite(z)
+        if dust and ok.any():
+            tau[ok] = fit_attenuation(mf[ok], zh[ok], current[ok])
         new = np.full_like(factors, np.nan)
         for j, band in enumerate(HST_BANDS):
             has = ok & np.isfinite(phot[:, j])
             if has.any():
                 new[has, j] = k_correction(mf[has], zh[has], z[has], band=band,
                                            instrument=insts[band],
-                                           rest_instrument="WFC3/UVIS")
+                                           rest_instrument="WFC3/UVIS", tau_v=tau[has])
         change = np.nanmax(np.abs(new / factors - 1)) if it else np.inf
         factors = new
         log.debug("K-correction iteration %d: largest change %.4f", it, change)
@@ -191,6 +203,7 @@ def k_correct_bins(prepared, instruments=None, *, model=None, iterations=3, tole
             break
     prepared.photometry_normalized = np.where(np.isfinite(factors), phot * factors, phot)
     prepared.k_correction = factors
+    prepared.k_correction_tau = tau
     done = np.isfinite(factors)
     if done.any():
         log.info("K-corrections (median per band): %s", ", ".join(

@@ -67,6 +67,8 @@ class PreparedObservation:
         #: ``(n_bins, 5)`` K-correction factors applied to
         #: ``photometry_normalized`` (`~cubesfh.pipeline.k_correct_bins`), or `None`.
         self.k_correction = None
+        #: ``(n_bins,)`` optical depth of the SEDs of the K-correction, or `None`.
+        self.k_correction_tau = None
         self.flags = flags
         self.meta = meta
 

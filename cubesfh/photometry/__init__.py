@@ -11,17 +11,20 @@ ones the network was trained on.
 """
 
 from ._binphot import BinPhotometry, bin_photometry
-from ._kcorr import k_correction
+from ._kcorr import attenuation, fit_attenuation, history_sed, k_correction
 from ._psf import DEFAULT_WINDOW, gaussian_psf, make_matching_kernel, match_psf
 from ._reproject import cutout_to_grid, grid_overlap, reproject_to_cube
 
 __all__ = [
     "DEFAULT_WINDOW",
     "BinPhotometry",
+    "attenuation",
     "bin_photometry",
     "cutout_to_grid",
+    "fit_attenuation",
     "gaussian_psf",
     "grid_overlap",
+    "history_sed",
     "k_correction",
     "make_matching_kernel",
     "match_psf",

@@ -6,11 +6,11 @@ import numpy as np
 
 from ..utils import CubeSFHError
 
-__all__ = ["k_correction"]
+__all__ = ["attenuation", "fit_attenuation", "history_sed", "k_correction"]
 
 
 def k_correction(mass_fraction, zh, redshift, *, band="F814W", instrument="WFC3/UVIS",
-                 rest_instrument=None, living=True, templates=None):
+                 rest_instrument=None, living=True, tau_v=None, templates=None):
     """
     Factor from observed-frame to rest-frame band photometry of a redshifted SED.
 
@@ -45,6 +45,9 @@ def k_correction(mass_fraction, zh, redshift, *, band="F814W", instrument="WFC3/
         WFC3/UVIS bandpass the network was trained on.
     living : bool, optional
         ``mass_fraction`` is living mass (default) rather than mass formed.
+    tau_v : float or array-like, optional
+        Attenuate the SED by :func:`attenuation` with this optical depth at
+        5500 A (one per SFH, e.g. from :func:`fit_attenuation`).
     templates : `~cubesfh.templates.TemplateLibrary`, optional
         Default: the bundled library.
 
@@ -53,11 +56,68 @@ def k_correction(mass_fraction, zh, redshift, *, band="F814W", instrument="WFC3/
     k : float or `~numpy.ndarray`
         One factor per SFH.
     """
-    from ..templates import TemplateLibrary, load_filter
+    from ..templates import load_filter
 
-    lib = TemplateLibrary.load() if templates is None else templates
     filt = load_filter(band, instrument)
     rest_filt = filt if rest_instrument is None else load_filter(band, rest_instrument)
+    wave, sed = history_sed(mass_fraction, zh, living=living, templates=templates)
+    if tau_v is not None:
+        sed = sed * attenuation(wave, tau_v, n=sed.shape[0])
+    lw = wave.to_value(u.AA)
+    rest = rest_filt.mean_flux_density(wave, sed)
+    zz = np.broadcast_to(np.asarray(redshift, dtype=float), (sed.shape[0],))
+    shifted = np.stack([np.interp(lw / (1 + zi), lw, s) for zi, s in zip(zz, sed)])
+    obs = filt.mean_flux_density(wave, shifted)
+    k = rest / obs
+    return k if np.ndim(mass_fraction) > 1 else float(k[0])
+
+
+def attenuation(wavelength, tau_v, *, n=None):
+    """
+    Transmission ``exp(-tau_V (lambda / 5500 A)^-0.7)`` (Charlot & Fall 2000 ISM law).
+
+    Parameters
+    ----------
+    wavelength : `~astropy.units.Quantity`
+    tau_v : float or array-like
+        Optical depth at 5500 A, one per SED.
+    n : int, optional
+        Number of SEDs to broadcast a scalar ``tau_v`` to.
+
+    Returns
+    -------
+    t : `~numpy.ndarray`
+        Shape ``(n, n_wavelength)``.
+    """
+    from ..synthesis.model import dust_transmission
+
+    tau = np.asarray(tau_v, dtype=float)
+    if n is not None:
+        tau = np.broadcast_to(tau, (n,))
+    return np.atleast_2d(dust_transmission(wavelength, tau))
+
+
+def history_sed(mass_fraction, zh, *, living=True, templates=None):
+    """
+    Dust-free SED (1200-11000 A) of star formation histories on the template library.
+
+    Parameters
+    ----------
+    mass_fraction, zh : array-like
+        Shape ``(16,)`` or ``(n, 16)``; see :func:`k_correction`.
+    living : bool, optional
+        ``mass_fraction`` is living mass (default) rather than mass formed.
+    templates : `~cubesfh.templates.TemplateLibrary`, optional
+
+    Returns
+    -------
+    wavelength : `~astropy.units.Quantity`
+    sed : `~numpy.ndarray`
+        Shape ``(n, n_wavelength)``, f_lambda per unit of ``mass_fraction``.
+    """
+    from ..templates import TemplateLibrary
+
+    lib = TemplateLibrary.load() if templates is None else templates
     seds = lib.binned(sed=True)  # (n_Z, 16, n_sed), per solar mass formed
     if living:  # per solar mass still alive
         seds = seds / lib.binned_living_fraction()[:, :, None]
@@ -74,16 +134,71 @@ def k_correction(mass_fraction, zh, redshift, *, band="F814W", instrument="WFC3/
         raise CubeSFHError(msg)
     mean_z = np.nansum(mf * z, axis=1, keepdims=True) / mf.sum(axis=1, keepdims=True)
     z = np.clip(np.where(np.isfinite(z), z, mean_z), grid[0], grid[-1])
-    lw = lib.sed_wavelength.to_value(u.AA)
-    sed = np.zeros((mf.shape[0], lw.size))
+    sed = np.zeros((mf.shape[0], lib.sed_wavelength.size))
     for j in range(mf.shape[1]):
         k = np.clip(np.searchsorted(grid, z[:, j]) - 1, 0, grid.size - 2)
         t = (z[:, j] - grid[k]) / (grid[k + 1] - grid[k])
         tpl = (1 - t)[:, None] * seds[k, j] + t[:, None] * seds[k + 1, j]
         sed += mf[:, j, None] * tpl
-    rest = rest_filt.mean_flux_density(lib.sed_wavelength, sed)
-    zz = np.broadcast_to(np.asarray(redshift, dtype=float), (mf.shape[0],))
-    shifted = np.stack([np.interp(lw / (1 + zi), lw, s) for zi, s in zip(zz, sed)])
-    obs = filt.mean_flux_density(lib.sed_wavelength, shifted)
-    k = rest / obs
-    return k if np.ndim(mass_fraction) > 1 else float(k[0])
+    return lib.sed_wavelength, sed
+
+
+def fit_attenuation(mass_fraction, zh, photometry, *, bands=None, norm_window=None,
+                    tau_grid=None, templates=None):
+    """
+    Optical depth that brings a history's SED to the observed HST colours.
+
+    The network returns no attenuation, but a K-correction depends on the
+    slope of the SED, which dust changes. For each SED this finds the
+    ``tau_V`` of :func:`attenuation` on a grid that best matches, in log and
+    up to a free constant, the rest-frame photometry normalised by the
+    5300-5500 A mean (the network's ``photometry_normalized``).
+
+    Parameters
+    ----------
+    mass_fraction, zh : array-like
+        Shape ``(n, 16)``.
+    photometry : `~numpy.ndarray`
+        ``(n, n_bands)`` rest-frame f_lambda divided by the spectrum's
+        5300-5500 A mean; NaN for missing bands. Rows with fewer than two
+        bands get ``tau_V = 0``.
+    bands : sequence of str, optional
+        Default: the five bands of `~cubesfh.conventions.HST_BANDS`.
+    norm_window : `~astropy.units.Quantity`, optional
+        Default 5300-5500 A.
+    tau_grid : array-like, optional
+        Default 0 to 3 in steps of 0.05.
+    templates : `~cubesfh.templates.TemplateLibrary`, optional
+
+    Returns
+    -------
+    tau_v : `~numpy.ndarray`
+        Shape ``(n,)``.
+    """
+    from ..conventions import HST_BANDS, NORM_WINDOW
+    from ..templates import load_filter
+
+    bands = HST_BANDS if bands is None else tuple(bands)
+    window = u.Quantity(NORM_WINDOW if norm_window is None else norm_window, u.AA).value
+    grid = np.arange(0.0, 3.0001, 0.05) if tau_grid is None else np.asarray(tau_grid, float)
+    wave, sed = history_sed(mass_fraction, zh, templates=templates)
+    phot = np.atleast_2d(np.asarray(photometry, dtype=float))
+    lw = wave.to_value(u.AA)
+    in_win = (lw >= window[0]) & (lw <= window[1])
+    weights = np.stack([load_filter(b).weights(wave) for b in bands], axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        logp = np.log(phot)
+    ok = np.isfinite(logp)
+    tau = np.zeros(sed.shape[0])
+    best = np.full(sed.shape[0], np.inf)
+    for t in grid:
+        red = sed * attenuation(wave, t, n=1)
+        model = (red @ weights) / red[:, in_win].mean(axis=1, keepdims=True)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            r = np.where(ok, logp - np.log(model), 0.0)
+        nb = ok.sum(axis=1)
+        shift = r.sum(axis=1) / np.maximum(nb, 1)
+        cost = np.where(ok, (r - shift[:, None]) ** 2, 0.0).sum(axis=1)
+        better = (cost < best - 1e-12) & (nb >= 2)
+        tau[better], best[better] = t, cost[better]
+    return tau
