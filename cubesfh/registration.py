@@ -1098,8 +1098,9 @@ class RegistrationReport:
             ``RDAFnnn``, ``RDDFnnn`` (offset, arcsec), ``COVFnnn`` (covered
             fraction) and, for covered bands, ``FRATFnnn`` (MUSE/HST flux
             ratio), ``FSLPFnnn`` and ``FOFFFnnn`` (slope and offset of the
-            linear fit MUSE = slope x HST + offset); ``FRATTOL`` (tolerance) and ``FRATMETH`` (treatment of
-            the missing part of a band). Undefined values are omitted.
+            linear fit MUSE = slope x HST + offset); ``FRATTOL`` (tolerance)
+            and ``FRATMETH`` (treatment of the missing part of a band).
+            Undefined values are omitted.
         """
         def num(x, digits=4):
             return None if x is None or not np.isfinite(x) else round(float(x), digits)

@@ -331,3 +331,30 @@ def test_memory_mapped_file_is_cut(tmp_path, cube_grid):
                 * MUSE_SCALE**2 * u.arcsec**2).to_value(CUBE_UNIT)
     np.testing.assert_allclose(phot.flux.value, expected, rtol=1e-6)
     assert phot.pivot_wavelength[0] == 5308.0 * u.AA
+
+
+def test_fit_attenuation_recovers_tau():
+    from cubesfh.conventions import HST_BANDS
+    from cubesfh.photometry import attenuation, fit_attenuation, history_sed, k_correction
+    from cubesfh.templates import load_filter
+
+    mf = np.zeros((3, 16))
+    mf[:, -4:] = 1.0
+    mf[1, 2] = 0.01  # a young population
+    zh = np.zeros((3, 16))
+    wave, sed = history_sed(mf, zh)
+    true_tau = np.array([0.0, 0.8, 1.55])
+    red = sed * attenuation(wave, true_tau)
+    lw = wave.to_value(u.AA)
+    norm = red[:, (lw >= 5300) & (lw <= 5500)].mean(axis=1, keepdims=True)
+    phot = np.stack([load_filter(b).mean_flux_density(wave, red) for b in HST_BANDS],
+                    axis=1) / norm
+    phot = phot * 1.3  # a calibration offset common to all bands does not matter
+    np.testing.assert_allclose(fit_attenuation(mf, zh, phot), true_tau, atol=1e-9)
+    one_band = phot.copy()
+    one_band[:, 1:] = np.nan
+    np.testing.assert_array_equal(fit_attenuation(mf, zh, one_band), 0.0)
+    # tau = 0 changes nothing; dust makes the SED redder: F438W K-correction grows
+    k0 = k_correction(mf, zh, 0.08, band="F438W")
+    np.testing.assert_allclose(k_correction(mf, zh, 0.08, band="F438W", tau_v=0.0), k0)
+    assert np.all(k_correction(mf, zh, 0.08, band="F438W", tau_v=1.0) > k0)
