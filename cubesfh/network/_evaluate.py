@@ -305,6 +305,9 @@ def metrics_to_rst(metrics):
     parts = [f"Held-out test set: {metrics['n_test']} spectra (bias / scatter in dex, "
              "prediction minus truth).", "",
              table([row("CNN, all five bands", metrics["cnn"])], header), ""]
+    if "cnn150_on_s300" in metrics:
+        parts += ["The paper's 150 km/s network on the same (300 km/s) test spectra:", "",
+                  table([row("150 km/s CNN", metrics["cnn150_on_s300"])], header), ""]
     if "comparison" in metrics:
         c = metrics["comparison"]
         parts += [f"CNN versus pPXF on the same {c['n']} test spectra "
