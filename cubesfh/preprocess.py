@@ -43,7 +43,8 @@ class PreparedObservation:
     kinematics : `~astropy.table.QTable`
         Per-bin stellar kinematics.
     spectra : `~cubesfh.restframe.PreparedSpectra`
-        Rest-frame, 150 km/s, 4800-7000 A, normalised spectra.
+        Rest-frame, 4800-7000 A, normalised spectra at 150 km/s (or the
+        ``sigma_target`` of each bin).
     photometry : `~cubesfh.photometry.BinPhotometry` or `None`
         Per-bin HST flux densities (observed frame, cube flux unit per spaxel).
     photometry_normalized : `~numpy.ndarray`
@@ -141,7 +142,8 @@ class PreparedObservation:
             h["CRPIX1"], h["CRVAL1"], h["CDELT1"] = 1.0, wave[0], wave[1] - wave[0]
             h["CTYPE2"] = "BIN"
             h["BUNIT"] = ""
-            h["COMMENT"] = "rest frame, sigma = 150 km/s, normalised by the 5300-5500 A mean"
+            h["COMMENT"] = ("rest frame, at the dispersion sigma_target of BINS, normalised by "
+                            "the 5300-5500 A mean")
         hdus = [prim, bid, spec]
         if self.spectra.variance is not None:
             var = fits.ImageHDU(self.spectra.variance.astype(np.float32), header=spec.header,
