@@ -22,6 +22,8 @@ what `cubesfh.pipeline.run_pipeline` runs, timing each stage with
   dispersion), rest frame (`~cubesfh.restframe.prepare_spectra`), bin
   photometry (`~cubesfh.photometry.bin_photometry`), and the rest (flags,
   normalised photometry);
+* **K-correction** (only with ``--systemic-velocity`` beyond z = 0.01):
+  `cubesfh.pipeline.k_correct_bins`;
 * **CNN inference**: `cubesfh.pipeline.predict_bins`;
 * **maps assembly**: provenance (`cubesfh.pipeline.provenance`, which hashes
   the input files) and `cubesfh.maps.StellarPopulationMaps.from_results`;
@@ -133,13 +135,15 @@ def maps_class():
 
 
 def run(args):
-    from cubesfh.pipeline import predict_bins, provenance
+    from cubesfh.conventions import SNR_WINDOW
+    from cubesfh.pipeline import K_CORRECT_MIN_Z, k_correct_bins, predict_bins, provenance
     from cubesfh.preprocess import prepare_observation
 
     info = machine_info()
     watch = Stopwatch()
     caught = {}
-    redshift = SYSTEMIC_VELOCITY_KMS * u.km / u.s
+    redshift = args.systemic_velocity * u.km / u.s
+    z_sys = args.systemic_velocity / 299792.458
     notes = {}
     with watch("model_load"):
         model = load_model(args.model)
@@ -154,7 +158,8 @@ def run(args):
     with work_directory(args.workdir, keep=args.keep) as workdir:
         per_bin = max(args.spaxels_per_bin, 1.0)
         obs, gen_seconds = generate_observation(
-            workdir, int(round(args.n_bins_target * per_bin)), snr=args.snr, seed=args.seed)
+            workdir, int(round(args.n_bins_target * per_bin)), snr=args.snr, seed=args.seed,
+            systemic_velocity=args.systemic_velocity)
         kin_maps = (write_kinematics_maps(obs.truth_path, workdir / "true_kinematics_maps.fits")
                     if args.kinematics_maps else None)
         # the target S/N is chosen before the timed run (this reads the S/N window once)
@@ -177,13 +182,19 @@ def run(args):
         with collect_warnings(caught), timed_calls(watch), watch("preprocess"):
             prepared = prepare_observation(
                 cube, hst, target_snr=target, min_snr=args.min_snr, kinematics=kin_maps,
-                redshift=redshift, max_memory=args.max_memory, progress_bar=False)
+                redshift=redshift, snr_window=SNR_WINDOW * (1 + z_sys),
+                max_memory=args.max_memory, progress_bar=False)
         n_bins = prepared.n_bins
         usable = int(np.count_nonzero(np.isfinite(prepared.spectra.flux).any(axis=1)))
         print(f"preprocessing: {n_bins} bins in {watch.seconds['preprocess']:.1f} s",
               flush=True)
         print(prepared.summary(), flush=True)
 
+        if z_sys > K_CORRECT_MIN_Z:  # what run_pipeline does for a distant galaxy
+            with collect_warnings(caught), watch("kcorr"):
+                k_correct_bins(prepared, model=model)
+        else:
+            notes["kcorr"] = f"not needed at z = {z_sys:.4f} (< {K_CORRECT_MIN_Z})"
         with collect_warnings(caught), watch("cnn"):
             cnn = predict_bins(prepared, model=model)
         n_predicted = int(np.count_nonzero(np.isfinite(cnn["logage_lw"])))
@@ -229,6 +240,7 @@ def run(args):
         ("restframe", "rest frame"),
         ("photometry", "bin photometry"),
         ("preprocess_other", "other preprocessing (flags, normalisation)"),
+        ("kcorr", "K-correction (distant galaxies)"),
         ("cnn", "CNN inference"),
         ("maps", "maps assembly (provenance + from_results)"),
         ("write", "FITS write"),
@@ -315,6 +327,9 @@ def main(argv=None):
     parser.add_argument("--output", default=None, metavar="PATH",
                         help="where to write the maps (default: in the work folder)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--systemic-velocity", type=float, default=SYSTEMIC_VELOCITY_KMS,
+                        metavar="KM/S", help="of the mock galaxy (default 700; e.g. 25000 "
+                                             "to time the K-correction)")
     parser.add_argument("--workdir", default=None,
                         help="folder for the generated files (default: a temporary folder, "
                              "removed at the end)")

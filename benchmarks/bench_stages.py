@@ -220,13 +220,15 @@ def side_for(n_spaxels):
     return max(2, math.ceil(math.sqrt(n_spaxels)))
 
 
-def generate_observation(directory, n_spaxels, *, snr, seed=0):
+def generate_observation(directory, n_spaxels, *, snr, seed=0,
+                         systemic_velocity=SYSTEMIC_VELOCITY_KMS):
     """
     Write a mock observation of at least ``n_spaxels`` spaxels.
 
     `cubesfh.synthesis.mock_observation`: a MUSE cube whose brightest spaxel
     has S/N ``snr`` per Angstrom, five WFC3/UVIS images and the truth maps,
-    for a galaxy (bulge, disc, spiral arms) scaled to fill the square field.
+    for a galaxy (bulge, disc, spiral arms) scaled to fill the square field,
+    at ``systemic_velocity`` km/s.
 
     Returns
     -------
@@ -239,7 +241,7 @@ def generate_observation(directory, n_spaxels, *, snr, seed=0):
     side = side_for(n_spaxels)
     start = time.perf_counter()
     obs = mock_observation(directory, shape=(side, side), seed=seed, snr=snr,
-                           systemic_velocity=SYSTEMIC_VELOCITY_KMS * u.km / u.s,
+                           systemic_velocity=systemic_velocity * u.km / u.s,
                            overwrite=True, progress_bar=False)
     return obs, time.perf_counter() - start
 

@@ -344,7 +344,9 @@ def run_pipeline(cube, hst=None, *, target_snr=35.0, min_snr=1.0, regions=None, 
     if prepared.photometry is not None and (k_correct is True or (
             k_correct == "auto" and z_med > K_CORRECT_MIN_Z)):
         images = hst.values() if isinstance(hst, dict) else hst
+        t0 = time.perf_counter()
         k_correct_bins(prepared, {im.band: im.instrument for im in images}, model=models)
+        timings["k_correction"] = time.perf_counter() - t0
         kcorr_done = True
     t0 = time.perf_counter()
     cnn = predict_bins(prepared, model=models)
