@@ -12,10 +12,11 @@ pytest.importorskip("torch")
 from cubesfh import Cube, HSTImage
 from cubesfh.cli import main as cli_main
 from cubesfh.conventions import HST_BANDS
+from cubesfh.flags import BinFlag
 from cubesfh.maps import StellarPopulationMaps
 from cubesfh.pipeline import run_pipeline
 from cubesfh.synthesis import mock_observation
-from cubesfh.utils import CubeSFHError
+from cubesfh.utils import CubeSFHError, CubeSFHWarning
 
 
 @pytest.fixture(scope="module")
@@ -234,3 +235,39 @@ def test_redshift_outside_cube_range_is_a_clear_error(mock):
                      progress_bar=False)
     with pytest.raises(CubeSFHError, match=r"z = -0\.02000 .* observed at 4688-"):
         run_pipeline(cube, None, target_snr=35, redshift=-0.02, progress_bar=False)
+
+
+def test_model_family_routes_bins_by_dispersion(mock, tmp_path):
+    """Bins are broadened to 150 or 300 km/s by their dispersion and go to that network."""
+    from cubesfh.network import bundled_models
+    from cubesfh.pipeline import predict_bins
+    from cubesfh.preprocess import prepare_observation
+
+    obs, kin = mock
+    # the mock's dispersion is 35-130 km/s: scale it by 3 (105-390 km/s) in the maps
+    with fits.open(kin) as h:
+        h["SIGMA_STARS"].data = h["SIGMA_STARS"].data * 3.0
+        h.writeto(tmp_path / "maps_x3.fits")
+    models = bundled_models()
+    assert [m.sigma_target.value for m in models] == [150.0, 300.0]
+    cube = Cube.read(obs.cube_path)
+    with pytest.warns(CubeSFHWarning, match="SIGMA_TOO_HIGH"):
+        prepared = prepare_observation(cube, None, target_snr=35,
+                                       kinematics=tmp_path / "maps_x3.fits",
+                                       sigma_target=[150, 300] * u.km / u.s,
+                                       progress_bar=False)
+    sigma = prepared.kinematics["sigma"].to_value(u.km / u.s)
+    target = prepared.spectra.sigma_target.to_value(u.km / u.s)
+    np.testing.assert_array_equal(target, np.where(sigma < 150, 150.0, 300.0))
+    assert (sigma < 150).any() and ((sigma >= 150) & (sigma < 300)).any() and (sigma >= 300).any()
+    too_high = (prepared.flags & BinFlag.SIGMA_TOO_HIGH) > 0
+    np.testing.assert_array_equal(too_high, sigma >= 300)
+    out = predict_bins(prepared, model=models)
+    for j, m in enumerate(models):
+        sel = out["model_index"] == j
+        np.testing.assert_array_equal(sel, target == m.sigma_target.value)
+        direct = m.predict(prepared.spectra.flux[sel], None)
+        np.testing.assert_allclose(out["zh_mw"][sel], direct["zh_mw"], rtol=1e-6)
+    # a single 150 km/s model cannot take bins prepared at 300 km/s
+    with pytest.raises(CubeSFHError, match="prepared at sigma = \\[300.0\\] km/s"):
+        predict_bins(prepared, model=models[0])
