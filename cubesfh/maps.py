@@ -858,6 +858,19 @@ class StellarPopulationMaps:
                  f"{self.meta.get('versions', {}).get('cubesfh', '?')}"]
         for name in self.meta.get("inputs", {}):
             lines.append(f"  input: {name}")
+        if "sigma_target" in t.colnames:
+            st = np.asarray(getattr(t["sigma_target"], "value", t["sigma_target"]), float)
+            models = self.meta.get("models") or {}
+            for value in np.unique(st[np.isfinite(st)]):
+                key = f"{value:g} km/s"
+                lines.append(f"  {int(np.count_nonzero(st == value))} bins at sigma = {key}"
+                             + (f" (network {models[key]})" if key in models else ""))
+        kcols = [c for c in t.colnames if c.startswith("kcorr_F")]
+        if kcols:
+            parts = [f"{c[6:]} {np.nanmedian(np.asarray(t[c], float)):.3f}" for c in kcols
+                     if np.isfinite(np.asarray(t[c], float)).any()]
+            if parts:
+                lines.append("  K-correction (median): " + ", ".join(parts))
         lines.append("  median (16th-84th percentile) over bins:")
         for _, col, _ in _MEAN_IMAGES:
             rows = [("CNN", t["cnn_" + col].value)]
