@@ -44,6 +44,9 @@ def _add_prepare_options(p):
                    help="read V_STARS/SIGMA_STARS from a PHANGS DAP MAPS file instead of fitting")
     p.add_argument("--redshift", type=float,
                    help="systemic redshift (starting guess of the kinematic fits)")
+    p.add_argument("--ebv", type=float, default=0.0, metavar="E(B-V)",
+                   help="Milky Way foreground E(B-V) of the sight line, removed from the "
+                        "spectra and photometry (default 0)")
     p.add_argument("--snr-window", type=float, nargs=2, metavar=("LO", "HI"),
                    help="observed window (Angstrom) for the binning S/N (default 5300 5500; "
                         "for a distant galaxy 5300*(1+z) 5500*(1+z))")
@@ -93,7 +96,7 @@ def _prepare(cube_path, hst_paths, args, output):
     prepared = prepare_observation(cube, hst or None, target_snr=args.target_snr,
                                    min_snr=args.min_snr, regions=args.mask,
                                    kinematics=args.kinematics, redshift=args.redshift,
-                                   snr_window=_snr_window(args),
+                                   snr_window=_snr_window(args), ebv_galactic=args.ebv,
                                    sigma_target=np.asarray(args.sigma_target) * u.km / u.s,
                                    max_memory=args.max_memory * u.GB,
                                    progress_bar=not args.no_progress)
@@ -138,6 +141,7 @@ def _run(cube_path, hst_paths, args, output):
                         n_workers=args.workers, cache_dir=args.cache_dir,
                         register=args.register, max_offset=args.max_offset * u.arcsec,
                         k_correct=k_correct, snr_window=_snr_window(args),
+                        ebv_galactic=getattr(args, "ebv", 0.0),
                         max_memory=args.max_memory * u.GB, progress_bar=not args.no_progress)
     maps.write(output, overwrite=True)
     if "registration" in maps.meta:

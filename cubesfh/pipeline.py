@@ -274,7 +274,8 @@ def run_baseline(prepared, *, scheduler=None, n_workers=None, cache_dir=None, pr
 def run_pipeline(cube, hst=None, *, target_snr=35.0, min_snr=1.0, regions=None, mask=None,
                  kinematics=None, redshift=None, ppxf=False, model=None, scheduler=None,
                  n_workers=None, cache_dir=None, register=True, max_offset=None,
-                 k_correct="auto", snr_window=None, max_memory=None, progress_bar=True):
+                 k_correct="auto", snr_window=None, ebv_galactic=0.0, r_v=3.1, max_memory=None,
+                 progress_bar=True):
     """
     Bin a cube, run the CNN (and optionally pPXF) and return the maps.
 
@@ -285,6 +286,9 @@ def run_pipeline(cube, hst=None, *, target_snr=35.0, min_snr=1.0, regions=None, 
         Any subset of F275W, F336W, F438W, F555W, F814W; `None` for spectrum only.
     target_snr, min_snr, regions, mask, kinematics, redshift, snr_window, max_memory
         See :func:`~cubesfh.preprocess.prepare_observation`.
+    ebv_galactic, r_v : float, optional
+        Milky Way foreground E(B-V) and R_V, removed from the spectra and the
+        photometry (:mod:`cubesfh.extinction`; default none).
     ppxf : bool, optional
         Also run the pPXF baseline on the same bins.
     model : `~cubesfh.network.SFHModel` or list of them, optional
@@ -334,6 +338,7 @@ def run_pipeline(cube, hst=None, *, target_snr=35.0, min_snr=1.0, regions=None, 
                                    regions=regions, mask=mask, kinematics=kinematics,
                                    redshift=redshift, snr_window=snr_window,
                                    sigma_target=u.Quantity([m.sigma_target for m in models]),
+                                   ebv_galactic=ebv_galactic, r_v=r_v,
                                    max_memory=max_memory, progress_bar=progress_bar)
     timings["preprocess"] = time.perf_counter() - t0
     if k_correct not in ("auto", True, False):
@@ -361,6 +366,7 @@ def run_pipeline(cube, hst=None, *, target_snr=35.0, min_snr=1.0, regions=None, 
         "target_snr": target_snr, "min_snr": min_snr, "regions": str(regions or ""),
         "kinematics": str(kinematics or "ppxf"), "redshift": str(redshift),
         "ppxf": bool(ppxf), "k_correct": str(k_correct), "k_corrected": kcorr_done,
+        "ebv_galactic": float(ebv_galactic), "r_v": float(r_v),
         "median_redshift": z_med})
     prov["timings"] = timings
     if report is not None:

@@ -241,7 +241,8 @@ def choose_sigma_target(sigma, sigma_target=None):
 
 def prepare_observation(cube, hst=None, *, target_snr=35.0, min_snr=1.0, regions=None,
                         mask=None, kinematics=None, redshift=None, snr_window=None,
-                        sigma_target=None, max_memory=None, progress_bar=True):
+                        sigma_target=None, ebv_galactic=0.0, r_v=3.1, max_memory=None,
+                        progress_bar=True):
     """
     Bin a cube, measure its kinematics and build the network inputs of every bin.
 
@@ -274,6 +275,13 @@ def prepare_observation(cube, hst=None, *, target_snr=35.0, min_snr=1.0, regions
         dispersions of a model family, see :ref:`network-sigma`) give each
         bin the smallest one above its dispersion; bins above the largest
         are broadened to none and flagged ``SIGMA_TOO_HIGH``.
+    ebv_galactic : float, optional
+        Milky Way foreground E(B-V) of the sight line (from the dust maps; 0 by
+        default). The binned spectra (and variances) and the HST photometry
+        are corrected with the Cardelli et al. (1989) curve in the observed
+        frame before anything else (see :mod:`cubesfh.extinction`).
+    r_v : float, optional
+        R_V of the foreground curve (3.1).
     max_memory : `~astropy.units.Quantity` or int, optional
         Memory allowed for reading the cube at once (see `~cubesfh.Cube.iter_chunks`).
     progress_bar : bool, optional
@@ -295,6 +303,15 @@ def prepare_observation(cube, hst=None, *, target_snr=35.0, min_snr=1.0, regions
                        window=SNR_WINDOW if snr_window is None else snr_window,
                        max_memory=max_memory, progress_bar=progress_bar)
     log.info("Voronoi binning: %d bins", bins.n_bins)
+    if ebv_galactic:
+        from .extinction import galactic_transmission
+
+        trans = galactic_transmission(bins.wavelength, ebv_galactic, r_v=r_v)
+        bins.spectra = bins.spectra / trans
+        if bins.variance is not None:
+            bins.variance = bins.variance / trans**2
+        log.info("Milky Way extinction removed: E(B-V) = %.3f, R_V = %.2f (x%.3f to x%.3f)",
+                 ebv_galactic, r_v, 1 / trans.max(), 1 / trans.min())
     if kinematics is None:
         kin = fit_kinematics(bins, redshift=redshift, progress_bar=progress_bar)
     else:
@@ -328,6 +345,19 @@ def prepare_observation(cube, hst=None, *, target_snr=35.0, min_snr=1.0, regions
         for j, band in enumerate(bands):
             phot_norm[:, HST_BANDS.index(band)] = (photometry.flux[:, j].value * one_plus_z
                                                    / norm)
+        if ebv_galactic:
+            from .extinction import band_transmission
+
+            images = hst.values() if isinstance(hst, dict) else hst
+            inst = {im.band: getattr(im, "instrument", "WFC3/UVIS") for im in images}
+            for j, band in enumerate(HST_BANDS):
+                if band in bands:
+                    try:
+                        t_band = band_transmission(band, ebv_galactic, r_v=r_v,
+                                                   instrument=inst.get(band, "WFC3/UVIS"))
+                    except CubeSFHError:
+                        t_band = band_transmission(band, ebv_galactic, r_v=r_v)
+                    phot_norm[:, j] /= t_band
         flags[np.asarray(photometry.flags, dtype=bool)] |= BinFlag.PHOTOMETRY_NONPOSITIVE
     else:
         flags |= BinFlag.NO_PHOTOMETRY
@@ -344,6 +374,7 @@ def prepare_observation(cube, hst=None, *, target_snr=35.0, min_snr=1.0, regions
         "bands": tuple(bands),
         "n_bins": int(bins.n_bins),
         "sigma_targets": tuple(float(v) for v in np.unique(targets.to_value(u.km / u.s))),
+        "ebv_galactic": float(ebv_galactic), "r_v": float(r_v),
     }
     from . import __version__
 

@@ -358,3 +358,27 @@ def test_fit_attenuation_recovers_tau():
     k0 = k_correction(mf, zh, 0.08, band="F438W")
     np.testing.assert_allclose(k_correction(mf, zh, 0.08, band="F438W", tau_v=0.0), k0)
     assert np.all(k_correction(mf, zh, 0.08, band="F438W", tau_v=1.0) > k0)
+
+
+def test_ccm89_known_values():
+    from cubesfh.extinction import band_transmission, ccm89, galactic_transmission
+    from cubesfh.utils import CubeSFHError
+
+    # V (x = 1.82 / micron) is 1 by construction; B is 1 + 1/R_V by the definition of
+    # E(B-V) (CCM89 gives 1.322 at 4400 A for R_V = 3.1); I and K as tabulated by CCM89
+    assert ccm89(1 / 1.82 * u.micron) == pytest.approx(1.0, abs=1e-12)
+    assert ccm89(4400 * u.AA) == pytest.approx(1 + 1 / 3.1, abs=0.002)
+    assert ccm89(9000 * u.AA) == pytest.approx(0.479, abs=0.005)  # x = 1.11, near IR join
+    assert ccm89(2.2 * u.micron) == pytest.approx(0.574 * (1 / 2.2) ** 1.61
+                                                   - 0.527 * (1 / 2.2) ** 1.61 / 3.1)
+    # 2175 A bump: the UV maximum
+    uv = ccm89(np.linspace(1800, 2600, 81) * u.AA)
+    assert 2150 <= np.linspace(1800, 2600, 81)[np.argmax(uv)] <= 2200
+    np.testing.assert_allclose(galactic_transmission([5494.5] * u.AA, 0.1),
+                               10 ** (-0.4 * 0.31), rtol=1e-5)
+    assert band_transmission("F555W", 0.0) == 1.0
+    assert 0.0 < band_transmission("F275W", 0.2) < band_transmission("F814W", 0.2) < 1.0
+    with pytest.raises(CubeSFHError, match="E\\(B-V\\) >= 0"):
+        galactic_transmission([5000] * u.AA, -0.1)
+    with pytest.raises(CubeSFHError, match="1000 A to 3.33 micron"):
+        ccm89([500] * u.AA)

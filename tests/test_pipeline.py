@@ -271,3 +271,49 @@ def test_model_family_routes_bins_by_dispersion(mock, tmp_path):
     # a single 150 km/s model cannot take bins prepared at 300 km/s
     with pytest.raises(CubeSFHError, match="prepared at sigma = \\[300.0\\] km/s"):
         predict_bins(prepared, model=models[0])
+
+
+def test_galactic_extinction_removed(mock, tmp_path):
+    """A cube and image reddened by E(B-V) = 0.3 and corrected give the original inputs."""
+    from cubesfh.extinction import band_transmission, galactic_transmission
+    from cubesfh.preprocess import prepare_observation
+
+    obs, kin = mock
+    ebv = 0.3
+    with fits.open(obs.cube_path) as h:
+        cube0 = Cube.read(obs.cube_path)
+        trans = galactic_transmission(cube0.wavelength, ebv)
+        h["DATA"].data = (h["DATA"].data * trans[:, None, None]).astype(np.float32)
+        h["STAT"].data = (h["STAT"].data * trans[:, None, None] ** 2).astype(np.float32)
+        h.writeto(tmp_path / "reddened_cube.fits")
+    with fits.open(obs.hst_paths["F555W"]) as h:
+        h["SCI"].data = h["SCI"].data * band_transmission("F555W", ebv)
+        h.writeto(tmp_path / "reddened_f555w.fits")
+    plain = prepare_observation(cube0, {"F555W": HSTImage.read(obs.hst_paths["F555W"])},
+                                target_snr=35, kinematics=kin, progress_bar=False)
+    red = Cube.read(tmp_path / "reddened_cube.fits")
+    red_img = {"F555W": HSTImage.read(tmp_path / "reddened_f555w.fits")}
+    fixed = prepare_observation(red, red_img, target_snr=35, kinematics=kin, ebv_galactic=ebv,
+                                progress_bar=False)
+    raw = prepare_observation(red, red_img, target_snr=35, kinematics=kin, progress_bar=False)
+    np.testing.assert_array_equal(fixed.bins.bin_map, plain.bins.bin_map)  # S/N unchanged
+    ok = np.isfinite(plain.spectra.flux)
+    # float32 storage of the reddened cube: agreement to ~1e-6
+    np.testing.assert_allclose(fixed.spectra.flux[ok], plain.spectra.flux[ok], rtol=2e-5)
+    j = HST_BANDS.index("F555W")
+    np.testing.assert_allclose(fixed.photometry_normalized[:, j],
+                               plain.photometry_normalized[:, j], rtol=2e-3)
+    # without the correction the spectra are redder: 6800-7000 A over 4800-5000 A higher
+    lam = plain.spectra.wavelength.to_value(u.AA)
+    blue, redw = lam < 5000, lam > 6800
+    ratio = (np.nanmean(raw.spectra.flux[:, redw], axis=1)
+             / np.nanmean(raw.spectra.flux[:, blue], axis=1))
+    ratio0 = (np.nanmean(plain.spectra.flux[:, redw], axis=1)
+              / np.nanmean(plain.spectra.flux[:, blue], axis=1))
+    # known answer: the transmission ratio at the windows' observed centres (z = 0.0023)
+    onepz = 1 + 700 / 299_792.458
+    expected = (galactic_transmission(6900 * onepz * u.AA, ebv)
+                / galactic_transmission(4900 * onepz * u.AA, ebv))
+    assert expected > 1.2
+    np.testing.assert_allclose(ratio / ratio0, expected, rtol=0.01)
+    assert fixed.meta["ebv_galactic"] == 0.3
