@@ -143,10 +143,10 @@ def read_mpdaf_a478(cube_path=None, hst_path=None, *, cache_dir=None, psf_fwhm=N
     Read the Abell 478 cube and F814W image (fetching them if needed).
 
     The cube's PSF FWHM comes from :data:`A478_PSF_KEYWORD` (0.845"); the
-    WFPC2 image is built directly from its ``SCI`` extension, because its
-    ``FILTER1``/``FILTER2`` keywords hold WFPC2 filter-wheel numbers that
-    `cubesfh.HSTImage.read` takes for filter names. The image is in DN/s
-    (``COUNTS/S``) with the matching ``PHOTFLAM``.
+    WFPC2 image is built from its ``SCI`` extension with the WFPC2 F814W PSF
+    FWHM (0.18"; `cubesfh.HSTImage.read` would give it the WFC3/UVIS default
+    of 0.083"). The image is in DN/s (``COUNTS/S``) with the matching
+    ``PHOTFLAM``.
 
     Parameters
     ----------

@@ -210,10 +210,10 @@ def test_cnn_consistent_with_ppxf(spectrum_only, key):
 
 
 @pytest.mark.remote_data
-@pytest.mark.xfail(reason="both methods find ~10-20 % of the light in populations younger "
-                   "than 0.1 Gyr (light-weighted log age ~9.1-9.2, in agreement with each "
-                   "other) in this cool-core BCG with strong LINER-like emission; see "
-                   "docs/realdata.rst", strict=False)
+@pytest.mark.xfail(reason="CNN and pPXF both put 22-41 % of the V-band light (0.5-0.8 % of "
+                   "the mass) in populations younger than 0.1 Gyr (light-weighted log ages "
+                   "8.8-9.2) in this cool-core BCG with strong LINER-like emission and a "
+                   "suspect red continuum; see docs/realdata.rst", strict=False)
 def test_light_weighted_age_old(spectrum_only):
     t = spectrum_only.table
     assert np.all(np.asarray(t["cnn_logage_lw"]) >= 9.7)
@@ -261,11 +261,16 @@ def test_pipeline_with_f814w(a478, spectrum_only):
     assert np.hypot(cards["REGDRA"], cards["REGDDEC"]) > 0.5
     # MUSE = slope x HST + offset: an additive offset (sky) more than a scale
     assert 0.8 < cards["FSLPF814"] < 1.0 and cards["FOFFF814"] < -5
-    # K: observed WFPC2 F814W at z = 0.086 -> rest-frame WFC3/UVIS F814W, one band
-    # (no attenuation fitted), within a few per cent of 1 for an old population
+    # K: observed WFPC2 F814W at z = 0.086 -> rest-frame WFC3/UVIS F814W, one band (no
+    # attenuation fitted). Every template SED falls from 7400 to 8000 A, so K < 1;
+    # and K is that of the history the network returned (converged to 0.5 per cent)
     k = np.asarray(t["kcorr_F814W"])
-    assert np.all((k > 0.9) & (k < 1.1))
+    assert np.all((k > 0.8) & (k < 1.0))
     np.testing.assert_array_equal(t["kcorr_tau_v"], 0.0)
+    z = (1 + REDSHIFT) * (1 + t["velocity"].to_value(u.km / u.s) / 299792.458) - 1
+    k_final = k_correction(np.asarray(t["cnn_mass_fraction"]), np.asarray(t["cnn_zh"]), z,
+                           instrument="WFPC2", rest_instrument="WFC3/UVIS")
+    np.testing.assert_allclose(k, k_final, rtol=0.02)
     assert np.all(np.isfinite(np.asarray(t["phot_F814W"])))
     assert np.all(np.isfinite(np.asarray(t["cnn_logage_mw"])))
     assert np.allclose(t["sigma"], t0["sigma"])
