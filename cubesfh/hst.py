@@ -30,6 +30,7 @@ from astropy.wcs import WCS, FITSFixedWarning
 from astropy.wcs.utils import proj_plane_pixel_area
 
 from .conventions import HST_BANDS
+from .utils import positive_angle
 from .utils.exceptions import CubeSFHError, CubeSFHWarning
 
 __all__ = [
@@ -142,18 +143,6 @@ def _parse_bunit(bunit):
             if _unit_kind(unit) is not None:
                 return unit
     return None
-
-
-def _as_angle(value, name):
-    try:
-        q = u.Quantity(value, u.arcsec)
-    except u.UnitsError:
-        msg = f"{name} must be an angle (e.g. 0.08 * u.arcsec); got {value!r}."
-        raise CubeSFHError(msg) from None
-    if not q.isscalar or not np.isfinite(q.value) or q.value <= 0:
-        msg = f"{name} must be a single positive angle; got {value!r}."
-        raise CubeSFHError(msg)
-    return q
 
 
 def _lookup(key, *headers):
@@ -383,8 +372,8 @@ class HSTImage:
             None if instrument is None else str(instrument).upper(), band,
             allow_other_instrument)
 
-        self.psf_fwhm = (_as_angle(psf_fwhm, "psf_fwhm") if psf_fwhm is not None
-                         else DEFAULT_PSF_FWHM[band])
+        self.psf_fwhm = (DEFAULT_PSF_FWHM[band] if psf_fwhm is None
+                         else positive_angle(psf_fwhm, "psf_fwhm", example="0.08 * u.arcsec"))
 
         if error is not None:
             error = np.asarray(error)

@@ -48,7 +48,7 @@ from .hst import SB_UNIT
 from .photometry import cutout_to_grid, grid_overlap, match_psf, reproject_to_cube
 from .photometry._binphot import _ordered_images
 from .templates import load_filter
-from .utils import CubeSFHError, CubeSFHWarning, progress
+from .utils import CubeSFHError, CubeSFHWarning, positive_angle, progress
 
 __all__ = [
     "DEFAULT_MAX_OFFSET",
@@ -703,18 +703,6 @@ def _fit_shift(reference, hst, pad, *, search, min_overlap=0.5):
             "n": int(data.size), "on_edge": on_edge, "coarse": (sx0, sy0)}
 
 
-def _check_angle(value, name):
-    try:
-        q = u.Quantity(value, u.arcsec)
-    except u.UnitsError:
-        msg = f"{name} must be an angle, e.g. 2 * u.arcsec; got {value!r}."
-        raise CubeSFHError(msg) from None
-    if not q.isscalar or not q.value > 0:
-        msg = f"{name} must be a positive angle; got {value!r}."
-        raise CubeSFHError(msg)
-    return q
-
-
 def _closest_covered_band(band, coverage, min_coverage):
     """The covered band closest in pivot wavelength to ``band``."""
     covered = [b for b in HST_BANDS if coverage.get(b, 0.0) >= min_coverage]
@@ -879,9 +867,10 @@ def measure_offset(cube, image, *, band=None, max_offset=DEFAULT_MAX_OFFSET,
     (significant when a band the cube does not cover is compared with
     F555W).
     """
-    max_offset = _check_angle(max_offset, "max_offset")
-    target = _check_angle(cube.psf_fwhm if target_psf_fwhm is None else target_psf_fwhm,
-                          "target_psf_fwhm")
+    max_offset = positive_angle(max_offset, "max_offset", example="2 * u.arcsec",
+                                allow_inf=True)
+    target = positive_angle(cube.psf_fwhm if target_psf_fwhm is None else target_psf_fwhm,
+                            "target_psf_fwhm", example="0.8 * u.arcsec", allow_inf=True)
     instrument = _instrument_of(image)
     if band is None:
         coverage = _coverages(cube, HST_BANDS, instrument)
@@ -1342,9 +1331,10 @@ def register(cube, images, *, correct=True, max_offset=DEFAULT_MAX_OFFSET,
         (low correlation; it is then not applied).
     """
     images = dict(_ordered_images(images))
-    max_offset = _check_angle(max_offset, "max_offset")
-    target = _check_angle(cube.psf_fwhm if target_psf_fwhm is None else target_psf_fwhm,
-                          "target_psf_fwhm")
+    max_offset = positive_angle(max_offset, "max_offset", example="2 * u.arcsec",
+                                allow_inf=True)
+    target = positive_angle(cube.psf_fwhm if target_psf_fwhm is None else target_psf_fwhm,
+                            "target_psf_fwhm", example="0.8 * u.arcsec", allow_inf=True)
     if not tolerance > 0:
         msg = f"tolerance must be positive (e.g. 0.05 for 5 %); got {tolerance!r}."
         raise CubeSFHError(msg)

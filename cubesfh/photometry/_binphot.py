@@ -11,7 +11,7 @@ from astropy.table import QTable
 
 from ..conventions import HST_BANDS
 from ..hst import FLAM, SB_UNIT
-from ..utils import progress
+from ..utils import positive_angle, progress
 from ..utils.exceptions import CubeSFHError, CubeSFHWarning
 from ._psf import _HALF_SIZE_FWHM, DEFAULT_WINDOW, match_psf
 from ._reproject import _check_wcs, _pixel_area, grid_overlap, reproject_to_cube
@@ -128,18 +128,8 @@ def _per_band(value, bands, name):
         values = [value[b] for b in bands]
     else:
         values = [value] * len(bands)
-    out = []
-    for v in values:
-        try:
-            q = u.Quantity(v, u.arcsec)
-        except u.UnitsError:
-            msg = f"{name} must be an angle (e.g. 0.7 * u.arcsec); got {v!r}."
-            raise CubeSFHError(msg) from None
-        if not q.isscalar or not q.value > 0:
-            msg = f"{name} must be a positive angle; got {v!r}."
-            raise CubeSFHError(msg)
-        out.append(q)
-    return u.Quantity(out)
+    return u.Quantity([positive_angle(v, name, example="0.7 * u.arcsec", allow_inf=True)
+                       for v in values])
 
 
 def bin_photometry(images, bin_map, cube_wcs=None, *, spaxel_area=None, target_psf_fwhm=None,

@@ -3,6 +3,8 @@
 
 from ._io import atomic_write, sha256_file
 from ._progress import progress
+from ._validate import positive_angle
 from .exceptions import CubeSFHError, CubeSFHWarning
 
-__all__ = ["CubeSFHError", "CubeSFHWarning", "atomic_write", "progress", "sha256_file"]
+__all__ = ["CubeSFHError", "CubeSFHWarning", "atomic_write", "positive_angle", "progress",
+           "sha256_file"]
