@@ -131,10 +131,12 @@ def k_correct_bins(prepared, instruments=None, *, model=None, dust=True, iterati
     image of a galaxy at redshift z samples the band at rest-frame
     wavelengths ``lambda / (1 + z)``. For every usable bin this takes the
     star formation history and metallicities predicted from the *spectrum
-    alone* (the same network, photometry ignored), builds its dust-free SED on
-    the template library and multiplies the bin's network photometry by
-    :func:`~cubesfh.photometry.k_correction` (observed band of the image's
-    camera -> rest-frame WFC3/UVIS band), in place.
+    alone* (the same network, photometry ignored), builds its SED on the
+    template library (attenuated, with ``dust``, to match the bin's colours)
+    and multiplies the bin's network photometry by its K-correction
+    (:func:`~cubesfh.photometry.k_correction`: observed band of the image's
+    camera -> rest-frame WFC3/UVIS band), in place; then it predicts again
+    with the corrected photometry and repeats.
 
     Parameters
     ----------
@@ -161,23 +163,23 @@ def k_correct_bins(prepared, instruments=None, *, model=None, dust=True, iterati
         ``(n_bins, 5)`` in `~cubesfh.conventions.HST_BANDS` order; NaN for
         bands without data and bins without a usable spectrum.
     """
-    from .photometry import fit_attenuation, k_correction
+    from .photometry import attenuation, history_sed, sed_attenuation, sed_k_factors
     from .templates import load_filter
 
     instruments = dict(instruments or {})
     n = prepared.n_bins
     phot = prepared.photometry_normalized.copy()
     z = np.asarray(prepared.spectra.redshift, float)
-    insts = {}
+    filters = []
     for band in HST_BANDS:
         inst = instruments.get(band, "WFC3/UVIS")
         try:
-            load_filter(band, inst)
+            filters.append(load_filter(band, inst))
         except CubeSFHError:
             log.warning("no throughput curve for %s %s: K-correcting with WFC3/UVIS %s",
                         inst, band, band)
-            inst = "WFC3/UVIS"
-        insts[band] = inst
+            filters.append(load_filter(band))
+    rest_filters = [load_filter(band) for band in HST_BANDS]
     factors = np.full((n, len(HST_BANDS)), np.nan)
     tau = np.zeros(n)
     for it in range(iterations + 1):
@@ -187,15 +189,14 @@ def k_correct_bins(prepared, instruments=None, *, model=None, dust=True, iterati
         pred = predict_bins(prepared, model=model, photometry=it > 0)
         mf, zh = pred["mass_fraction"], pred["metallicity"]
         ok = np.all(np.isfinite(mf), axis=1) & (np.nansum(mf, axis=1) > 0) & np.isfinite(z)
-        if dust and ok.any():
-            tau[ok] = fit_attenuation(mf[ok], zh[ok], current[ok])
         new = np.full_like(factors, np.nan)
-        for j, band in enumerate(HST_BANDS):
-            has = ok & np.isfinite(phot[:, j])
-            if has.any():
-                new[has, j] = k_correction(mf[has], zh[has], z[has], band=band,
-                                           instrument=insts[band],
-                                           rest_instrument="WFC3/UVIS", tau_v=tau[has])
+        if ok.any():
+            wave, sed = history_sed(mf[ok], zh[ok])  # once per iteration, for every band
+            if dust:
+                tau[ok] = sed_attenuation(wave, sed, current[ok])
+            sed = sed * attenuation(wave, tau[ok])
+            k = sed_k_factors(wave, sed, z[ok], filters, rest_filters)
+            new[ok] = np.where(np.isfinite(phot[ok]), k, np.nan)
         change = np.nanmax(np.abs(new / factors - 1)) if it else np.inf
         factors = new
         log.debug("K-correction iteration %d: largest change %.4f", it, change)

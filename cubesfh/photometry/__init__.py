@@ -11,7 +11,14 @@ ones the network was trained on.
 """
 
 from ._binphot import BinPhotometry, bin_photometry
-from ._kcorr import attenuation, fit_attenuation, history_sed, k_correction
+from ._kcorr import (
+    attenuation,
+    fit_attenuation,
+    history_sed,
+    k_correction,
+    sed_attenuation,
+    sed_k_factors,
+)
 from ._psf import DEFAULT_WINDOW, gaussian_psf, make_matching_kernel, match_psf
 from ._reproject import cutout_to_grid, grid_overlap, reproject_to_cube
 
@@ -29,4 +36,6 @@ __all__ = [
     "make_matching_kernel",
     "match_psf",
     "reproject_to_cube",
+    "sed_attenuation",
+    "sed_k_factors",
 ]

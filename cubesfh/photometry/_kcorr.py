@@ -6,7 +6,8 @@ import numpy as np
 
 from ..utils import CubeSFHError
 
-__all__ = ["attenuation", "fit_attenuation", "history_sed", "k_correction"]
+__all__ = ["attenuation", "fit_attenuation", "history_sed", "k_correction", "sed_attenuation",
+           "sed_k_factors"]
 
 
 def k_correction(mass_fraction, zh, redshift, *, band="F814W", instrument="WFC3/UVIS",
@@ -63,13 +64,34 @@ def k_correction(mass_fraction, zh, redshift, *, band="F814W", instrument="WFC3/
     wave, sed = history_sed(mass_fraction, zh, living=living, templates=templates)
     if tau_v is not None:
         sed = sed * attenuation(wave, tau_v, n=sed.shape[0])
+    k = sed_k_factors(wave, sed, redshift, [filt], [rest_filt])[:, 0]
+    return k if np.ndim(mass_fraction) > 1 else float(k[0])
+
+
+def sed_k_factors(wave, sed, redshift, filters, rest_filters):
+    """
+    K-corrections of SEDs in several bands: the SEDs are redshifted once.
+
+    Parameters
+    ----------
+    wave : `~astropy.units.Quantity`
+    sed : `~numpy.ndarray`
+        ``(n, n_wavelength)`` rest-frame f_lambda (e.g. from :func:`history_sed`).
+    redshift : float or array-like
+        One redshift, or one per SED.
+    filters, rest_filters : sequence of `~cubesfh.templates.FilterCurve`
+        Observed band of each image and the rest-frame band it is corrected to.
+
+    Returns
+    -------
+    k : `~numpy.ndarray`
+        ``(n, n_filters)``, see :func:`k_correction`.
+    """
     lw = wave.to_value(u.AA)
-    rest = rest_filt.mean_flux_density(wave, sed)
     zz = np.broadcast_to(np.asarray(redshift, dtype=float), (sed.shape[0],))
     shifted = np.stack([np.interp(lw / (1 + zi), lw, s) for zi, s in zip(zz, sed)])
-    obs = filt.mean_flux_density(wave, shifted)
-    k = rest / obs
-    return k if np.ndim(mass_fraction) > 1 else float(k[0])
+    return np.stack([rest.mean_flux_density(wave, sed) / filt.mean_flux_density(wave, shifted)
+                     for filt, rest in zip(filters, rest_filters)], axis=1)
 
 
 def attenuation(wavelength, tau_v, *, n=None):
@@ -175,13 +197,34 @@ def fit_attenuation(mass_fraction, zh, photometry, *, bands=None, norm_window=No
     tau_v : `~numpy.ndarray`
         Shape ``(n,)``.
     """
+    wave, sed = history_sed(mass_fraction, zh, templates=templates)
+    return sed_attenuation(wave, sed, photometry, bands=bands, norm_window=norm_window,
+                           tau_grid=tau_grid)
+
+
+def sed_attenuation(wave, sed, photometry, *, bands=None, norm_window=None, tau_grid=None):
+    """
+    :func:`fit_attenuation` for SEDs already built (e.g. by :func:`history_sed`).
+
+    Parameters
+    ----------
+    wave : `~astropy.units.Quantity`
+    sed : `~numpy.ndarray`
+        ``(n, n_wavelength)`` dust-free rest-frame f_lambda.
+    photometry, bands, norm_window, tau_grid
+        See :func:`fit_attenuation`.
+
+    Returns
+    -------
+    tau_v : `~numpy.ndarray`
+        Shape ``(n,)``.
+    """
     from ..conventions import HST_BANDS, NORM_WINDOW
     from ..templates import load_filter
 
     bands = HST_BANDS if bands is None else tuple(bands)
     window = u.Quantity(NORM_WINDOW if norm_window is None else norm_window, u.AA).value
     grid = np.arange(0.0, 3.0001, 0.05) if tau_grid is None else np.asarray(tau_grid, float)
-    wave, sed = history_sed(mass_fraction, zh, templates=templates)
     phot = np.atleast_2d(np.asarray(photometry, dtype=float))
     lw = wave.to_value(u.AA)
     in_win = (lw >= window[0]) & (lw <= window[1])
