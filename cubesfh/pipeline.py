@@ -349,9 +349,11 @@ def run_pipeline(cube, hst=None, *, target_snr=35.0, min_snr=1.0, regions=None, 
     kcorr_done = False
     if prepared.photometry is not None and (k_correct is True or (
             k_correct == "auto" and z_med > K_CORRECT_MIN_Z)):
-        images = hst.values() if isinstance(hst, dict) else hst
+        from .photometry._binphot import _ordered_images
+
         t0 = time.perf_counter()
-        k_correct_bins(prepared, {im.band: im.instrument for im in images}, model=models)
+        k_correct_bins(prepared, {b: im.instrument for b, im in _ordered_images(hst)},
+                       model=models)
         timings["k_correction"] = time.perf_counter() - t0
         kcorr_done = True
     t0 = time.perf_counter()

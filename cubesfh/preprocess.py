@@ -156,6 +156,17 @@ class PreparedObservation:
         return Path(path)
 
 
+def _band_transmission(band, image, ebv, r_v):
+    """Foreground transmission in an image's band (WFC3/UVIS curve for other cameras)."""
+    from .extinction import band_transmission
+
+    try:
+        return band_transmission(band, ebv, r_v=r_v,
+                                 instrument=getattr(image, "instrument", "WFC3/UVIS"))
+    except CubeSFHError:
+        return band_transmission(band, ebv, r_v=r_v)
+
+
 def check_redshift_coverage(wavelength, redshift, *, margin=1000.0):
     """
     Check that a cube observed at ``redshift`` holds the rest-frame 4800-7000 A.
@@ -337,27 +348,19 @@ def prepare_observation(cube, hst=None, *, target_snr=35.0, min_snr=1.0, regions
     bands = ()
     if hst:
         from .photometry import bin_photometry
+        from .photometry._binphot import _ordered_images
 
         photometry = bin_photometry(hst, bins, cube, progress_bar=progress_bar)
         bands = photometry.bands
         one_plus_z = 1.0 + (kin["velocity_los"] / const.c).to_value(u.dimensionless_unscaled)
         norm = spectra.norm.to_value(photometry.flux.unit)
+        images = dict(_ordered_images(hst))
         for j, band in enumerate(bands):
+            # Milky Way foreground removed with the band-averaged transmission
+            trans = (_band_transmission(band, images[band], ebv_galactic, r_v)
+                     if ebv_galactic else 1.0)
             phot_norm[:, HST_BANDS.index(band)] = (photometry.flux[:, j].value * one_plus_z
-                                                   / norm)
-        if ebv_galactic:
-            from .extinction import band_transmission
-
-            images = hst.values() if isinstance(hst, dict) else hst
-            inst = {im.band: getattr(im, "instrument", "WFC3/UVIS") for im in images}
-            for j, band in enumerate(HST_BANDS):
-                if band in bands:
-                    try:
-                        t_band = band_transmission(band, ebv_galactic, r_v=r_v,
-                                                   instrument=inst.get(band, "WFC3/UVIS"))
-                    except CubeSFHError:
-                        t_band = band_transmission(band, ebv_galactic, r_v=r_v)
-                    phot_norm[:, j] /= t_band
+                                                   / norm / trans)
         flags[np.asarray(photometry.flags, dtype=bool)] |= BinFlag.PHOTOMETRY_NONPOSITIVE
     else:
         flags |= BinFlag.NO_PHOTOMETRY
