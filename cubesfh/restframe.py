@@ -573,21 +573,20 @@ def prepare_spectra(wavelength, flux, variance, velocity, sigma, *, lsf=muse_lsf
         valid &= np.isfinite(var2)
     out = np.full((n_spec, n_out), np.nan)
     vout = None if var2 is None else np.full((n_spec, n_out), np.nan)
-    # redshift correction of the LSF (km/s^2 per spectrum and output pixel)
-    if match_lsf and lsf is not None and good.size:
+    # redshift correction of the LSF: sigma_LSF(rest)^2 - sigma_LSF(observed)^2 (km/s),
+    # where positive, added to the kernel of each spectrum block by block
+    match = match_lsf and lsf is not None
+    if match:
         from .lsf import fwhm_to_velocity_sigma
 
-        rest_lsf = fwhm_to_velocity_sigma(u.Quantity(lsf(out_lam * u.AA), u.AA),
-                                          out_lam * u.AA).to_value(u.km / u.s)
-        obs_w = out_lam[None, :] * onepz[good][:, None]
-        obs_lsf = fwhm_to_velocity_sigma(u.Quantity(lsf(obs_w * u.AA), u.AA),
-                                         obs_w * u.AA).to_value(u.km / u.s)
-        extra2 = np.zeros((n_spec, n_out))
-        extra2[good] = np.clip(rest_lsf[None, :] ** 2 - obs_lsf**2, 0.0, None)
-    else:
-        extra2 = np.zeros((n_spec, 1))
+        def lsf_kms(wave):
+            return fwhm_to_velocity_sigma(u.Quantity(lsf(wave * u.AA), u.AA),
+                                          wave * u.AA).to_value(u.km / u.s)
+
+        rest_lsf2 = lsf_kms(out_lam) ** 2
     if good.size:
-        s_max = (np.sqrt(np.max(sig_broad[good]) ** 2 + np.max(extra2)) / _C_KMS
+        extra_max = np.max(rest_lsf2) if match else 0.0  # bounds the correction
+        s_max = (np.sqrt(np.max(sig_broad[good]) ** 2 + extra_max) / _C_KMS
                  * edges_out[-1] * np.max(onepz[good]))
         width = int((np.max(np.diff(edges_out)) * np.max(onepz[good]) + 2 * _TRUNCATE * s_max)
                     / np.min(np.diff(edges_in))) + 3
@@ -600,7 +599,9 @@ def prepare_spectra(wavelength, flux, variance, velocity, sigma, *, lsf=muse_lsf
             zf = onepz[sel][:, None]
             lo = edges_out[:-1] * zf
             hi = edges_out[1:] * zf
-            s = out_lam * zf * (np.sqrt(sig_broad[sel][:, None] ** 2 + extra2[sel]) / _C_KMS)
+            extra2 = (np.clip(rest_lsf2 - lsf_kms(out_lam * zf) ** 2, 0.0, None) if match
+                      else 0.0)
+            s = out_lam * zf * (np.sqrt(sig_broad[sel][:, None] ** 2 + extra2) / _C_KMS)
             f0 = np.where(valid[sel], flux2[sel], 0.0)
             v0 = None if var2 is None else np.where(valid[sel], var2[sel], 0.0)
             f, var, cov = _transform(edges_in, f0, v0, valid[sel], lo, hi, s)
