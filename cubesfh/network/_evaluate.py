@@ -171,7 +171,7 @@ def evaluate(training_set, model=None, *, seed=None, n_ppxf=300, snr_grid=(5, 10
         sub = np.arange(k)
         variance = np.clip(spec0[sub], 0, None) / (truth["snr"][sub, None] ** 2 * 1.25)
         t0 = time.perf_counter()
-        templates = BaselineTemplates(ForwardModel(sigma_target=model.sigma_target))
+        templates = BaselineTemplates(fm)  # templates at the model's dispersion
         res = fit_populations(spec[sub], variance, phot[sub], templates=templates,
                               progress_bar=progress_bar)
         t_ppxf = (time.perf_counter() - t0) / k
