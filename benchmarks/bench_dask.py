@@ -52,6 +52,7 @@ from astropy import units as u
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_stages import (
     SYSTEMIC_VELOCITY_KMS,
+    add_mock_arguments,
     collect_warnings,
     command_line,
     describe_machine,
@@ -303,14 +304,7 @@ def main(argv=None):
     parser.add_argument("--chunk-size", type=int, default=None,
                         help="bins per dask task; calls map_bins directly (default: "
                              f"run_baseline, {DEFAULT_CHUNK_SIZE} bins per task)")
-    parser.add_argument("--snr", type=float, default=150.0,
-                        help="S/N per A of the brightest spaxel of the mock cube (default 150)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--workdir", default=None,
-                        help="folder for the generated files (default: a temporary folder, "
-                             "removed at the end)")
-    parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
-    parser.add_argument("--json", default=None, metavar="PATH", help="also write the records")
+    add_mock_arguments(parser)
     args = parser.parse_args(argv)
     if args.n_bins < 1:
         parser.error("--n-bins must be at least 1")

@@ -57,6 +57,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_stages import (
     SYSTEMIC_VELOCITY_KMS,
     Stopwatch,
+    add_binning_arguments,
+    add_mock_arguments,
     collect_warnings,
     command_line,
     describe_machine,
@@ -303,18 +305,8 @@ def run(args):
 def main(argv=None):
     parser = argparse.ArgumentParser(
         description="Time the CNN path of cubesfh from a cube to the maps, stage by stage.")
-    parser.add_argument("--n-bins-target", type=int, default=5000,
-                        help="about this many bins (default 5000)")
-    parser.add_argument("--spaxels-per-bin", type=float, default=4.0,
-                        help="the cube has about this many spaxels per bin; 1: every spaxel "
-                             "is a bin (default 4)")
-    parser.add_argument("--target-snr", type=float, default=None,
-                        help="Voronoi target S/N per A (default: solved for from "
-                             "--n-bins-target)")
-    parser.add_argument("--min-snr", type=float, default=1.0,
-                        help="spaxels below this S/N are left out (default 1)")
-    parser.add_argument("--snr", type=float, default=150.0,
-                        help="S/N per A of the brightest spaxel of the mock cube (default 150)")
+    add_binning_arguments(parser, n_bins_default=5000)
+    add_mock_arguments(parser)
     parser.add_argument("--kinematics-maps", action="store_true",
                         help="read the kinematics from a MAPS file of the mock's true "
                              "velocity and dispersion instead of fitting them with pPXF")
@@ -326,15 +318,9 @@ def main(argv=None):
                              "Cube default)")
     parser.add_argument("--output", default=None, metavar="PATH",
                         help="where to write the maps (default: in the work folder)")
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--systemic-velocity", type=float, default=SYSTEMIC_VELOCITY_KMS,
                         metavar="KM/S", help="of the mock galaxy (default 700; e.g. 25000 "
                                              "to time the K-correction)")
-    parser.add_argument("--workdir", default=None,
-                        help="folder for the generated files (default: a temporary folder, "
-                             "removed at the end)")
-    parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
-    parser.add_argument("--json", default=None, metavar="PATH", help="also write the records")
     args = parser.parse_args(argv)
     if args.n_bins_target < 1:
         parser.error("--n-bins-target must be at least 1")

@@ -460,11 +460,22 @@ def run(args):
     return payload
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(
-        description="Time each preprocessing stage of cubesfh per 1000 Voronoi bins.")
-    parser.add_argument("--n-bins-target", type=int, default=1000,
-                        help="about this many bins (default 1000)")
+def add_mock_arguments(parser):
+    """The options of the mock observation and of the output, shared by the benchmarks."""
+    parser.add_argument("--snr", type=float, default=150.0,
+                        help="S/N per A of the brightest spaxel of the mock cube (default 150)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workdir", default=None,
+                        help="folder for the generated files (default: a temporary folder, "
+                             "removed at the end)")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
+    parser.add_argument("--json", default=None, metavar="PATH", help="also write the records")
+
+
+def add_binning_arguments(parser, *, n_bins_default):
+    """The options that set the size of the mock and the Voronoi binning."""
+    parser.add_argument("--n-bins-target", type=int, default=n_bins_default,
+                        help=f"about this many bins (default {n_bins_default})")
     parser.add_argument("--spaxels-per-bin", type=float, default=4.0,
                         help="the cube has about this many spaxels per bin; 1: every spaxel "
                              "is a bin, no vorbin (default 4)")
@@ -473,17 +484,16 @@ def main(argv=None):
                              "--n-bins-target)")
     parser.add_argument("--min-snr", type=float, default=1.0,
                         help="spaxels below this S/N are left out (default 1)")
-    parser.add_argument("--snr", type=float, default=150.0,
-                        help="S/N per A of the brightest spaxel of the mock cube (default 150)")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        description="Time each preprocessing stage of cubesfh per 1000 Voronoi bins.")
+    add_binning_arguments(parser, n_bins_default=1000)
+    add_mock_arguments(parser)
     parser.add_argument("--kinematics-subset", type=int, default=None, metavar="K",
                         help="fit the kinematics of K evenly spaced bins only and scale the "
                              "time by n_bins / K (default: all bins)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--workdir", default=None,
-                        help="folder for the generated files (default: a temporary folder, "
-                             "removed at the end)")
-    parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
-    parser.add_argument("--json", default=None, metavar="PATH", help="also write the records")
     args = parser.parse_args(argv)
     if args.n_bins_target < 1:
         parser.error("--n-bins-target must be at least 1")
