@@ -41,6 +41,54 @@ def cards_of(report):
     return {c[0]: c[1] for c in report.to_header_cards()}
 
 
+def radial_flux_ratio(cube, image, edges=(0, 4, 8, 12, 16, 30)):
+    """MUSE/HST F814W ratio in annuli (spaxels) around the HST peak, image registered,
+    and the median MUSE F814W flux density per spaxel (cube unit)."""
+    from cubesfh.registration import _hst_on_grid, _synthetic_images
+
+    muse = _synthetic_images(cube, ["F814W"], instrument="WFPC2", missing="linear",
+                             max_memory=None, progress_bar=False)["F814W"][0]
+    hst = _hst_on_grid(image, cube.celestial_wcs, cube.spatial_shape,
+                       target_fwhm=cube.psf_fwhm, unit=cube.unit)
+    ok = np.isfinite(muse) & np.isfinite(hst)
+    cy, cx = np.unravel_index(np.argmax(np.where(ok, hst, -np.inf)), hst.shape)
+    yy, xx = np.indices(hst.shape)
+    r = np.hypot(yy - cy, xx - cx)
+    out = {"median MUSE spaxel": round(float(np.median(muse[ok])), 2)}
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        sel = ok & (r >= lo) & (r < hi)
+        out[f"{lo}-{hi} spaxels"] = round(float(muse[sel].sum() / hst[sel].sum()), 3)
+    return out
+
+
+def continuum_ratios(cube, redshift):
+    """Mean flux density of the summed cube in rest-frame windows, relative to 5300-5500 A,
+    and the same for the oldest solar and 2.5x solar templates of the library."""
+    from cubesfh.templates import TemplateLibrary
+
+    windows = {"4850-5000": (4850, 5000), "6000-6200": (6000, 6200), "7366-7827": (7366, 7827)}
+    w = cube.wavelength.to_value(u.AA)
+    total = np.nansum(np.asarray(cube.data, dtype=float).reshape(w.size, -1), axis=1)
+
+    def cube_mean(lo, hi):
+        return np.nanmean(total[(w >= lo * (1 + redshift)) & (w <= hi * (1 + redshift))])
+
+    lib = TemplateLibrary.load()
+    sw = lib.sed_wavelength.to_value(u.AA)
+    seds = lib.binned(sed=True)
+    out = {"cube": {k: round(float(cube_mean(*v) / cube_mean(5300, 5500)), 3)
+                    for k, v in windows.items()}}
+    for zi in (3, 4):  # Z = 0.02, 0.05
+        sed = seds[zi, -1]
+
+        def sed_mean(lo, hi, sed=sed):
+            return sed[(sw >= lo) & (sw <= hi)].mean()
+
+        out[f"oldest template Z={lib.metallicity[zi]:g}"] = {
+            k: round(float(sed_mean(*v) / sed_mean(5300, 5500)), 3) for k, v in windows.items()}
+    return out
+
+
 def run(model=None, target_snr=20.0):
     """Run the validation; return (cube, hst, centroids, results dict, spectrum-only maps)."""
     common = {"target_snr": target_snr, "redshift": REDSHIFT_GUESS, "model": model,
@@ -74,6 +122,9 @@ def run(model=None, target_snr=20.0):
         "redshift_fit": round(z_fit, 5), "flags": [int(f) for f in t["flag"]],
         "register_dra_arcsec": cards.get("REGDRA"), "register_ddec_arcsec": cards.get("REGDDEC"),
         "register_err_arcsec": cards.get("REGERR"), "flux_ratio_muse_hst": cards.get("FRATF814"),
+        "flux_fit_slope": cards.get("FSLPF814"), "flux_fit_offset": cards.get("FOFFF814"),
+        "flux_ratio_by_radius": radial_flux_ratio(cube, images["F814W"]),
+        "continuum_ratios_rest": continuum_ratios(cube, z_fit),
         "centroid_dra_arcsec": round(float(cen["dra"].to_value(u.arcsec)), 3),
         "centroid_ddec_arcsec": round(float(cen["ddec"].to_value(u.arcsec)), 3),
         "k_correction_f814w": list(np.round(np.asarray(phot.table["kcorr_F814W"]), 4)),
