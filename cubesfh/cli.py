@@ -150,7 +150,7 @@ def _run(cube_path, hst_paths, args, output):
     print(f"wrote {output} in {time.perf_counter() - t0:.1f} s")
     if args.plot:
         png = Path(output).with_suffix(".png")
-        maps.plot(png)
+        maps.plot(png, overwrite=True)  # replaced like the FITS file above
         print(f"wrote {png}")
     return maps
 

@@ -128,12 +128,14 @@ def test_spectrum_only_and_missing_bands(mock):
 def test_command_line_run(mock, tmp_path, capsys):
     obs, kin = mock
     out = tmp_path / "cli_maps.fits"
-    code = cli_main(["run", str(obs.cube_path), "--hst", f"F555W={obs.hst_paths['F555W']}",
-                     f"F814W={obs.hst_paths['F814W']}", "--kinematics", str(kin),
-                     "--output", str(out), "--no-progress", "--max-offset", "1.5", "--plot"])
-    assert code == 0
+    argv = ["run", str(obs.cube_path), "--hst", f"F555W={obs.hst_paths['F555W']}",
+            f"F814W={obs.hst_paths['F814W']}", "--kinematics", str(kin),
+            "--output", str(out), "--no-progress", "--max-offset", "1.5", "--plot"]
+    assert cli_main(argv) == 0
     text = capsys.readouterr().out
     assert "wrote" in text and out.with_suffix(".png").exists()
+    # a second run into the same files replaces both (as the demo does when rerun)
+    assert cli_main(argv) == 0
     back = StellarPopulationMaps.read(out)
     assert back.meta["bands_used"] == ["F555W", "F814W"]
 
