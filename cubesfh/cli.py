@@ -217,8 +217,8 @@ def _cmd_make_training_set(args):
     path = make_training_set(args.output, n=args.n, seed=args.seed, mix=mix,
                              chunk_size=args.chunk_size, store_noiseless=not args.no_noiseless,
                              sigma_target=args.sigma_target * u.km / u.s,
-                             chemistry=args.chemistry,
-                             overwrite=args.overwrite, progress_bar=not args.no_progress)
+                             chemistry=args.chemistry, prior=args.prior,
+                             libraries=args.libraries, overwrite=args.overwrite, progress_bar=not args.no_progress)
     print(f"wrote {path} ({args.n} samples, seed {args.seed}) in {time.perf_counter() - t0:.1f} s")
     return 0
 
@@ -382,9 +382,15 @@ def build_parser():
                    help="do not store the noise-free spectra and photometry")
     p.add_argument("--sigma-target", type=float, default=150.0, metavar="KM/S",
                    help="common velocity dispersion of the spectra (default 150)")
-    p.add_argument("--chemistry", choices=("paper", "wide"), default="paper",
-                   help="chemical-evolution prior: the paper's (default) or extended to "
-                        "super-solar metallicities")
+    p.add_argument("--prior", choices=("broad", "paper"), default="broad",
+                   help="simulator: 'broad' (default; mixtures, wide dust and chemistry, gas "
+                        "lines, calibration errors, several SSP libraries) or the paper's")
+    p.add_argument("--chemistry", choices=("paper", "wide", "broad"), default=None,
+                   help="chemical-evolution prior (default: 'broad' with --prior broad, "
+                        "'paper' with --prior paper)")
+    p.add_argument("--libraries", nargs="+", default=None, metavar="NAME",
+                   help="SSP libraries of the broad simulator (default: all training "
+                        "libraries: bc03 m11_miles mastar ...)")
     p.add_argument("--overwrite", action="store_true", help="start again from scratch")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=_cmd_make_training_set)

@@ -9,6 +9,7 @@ Importing this package does not import torch; :class:`SFHModel` and
 from ._data import downsample_spectra, photometry_features
 from ._predict import BUNDLED_MODELS, DEFAULT_MODEL, SFHModel, bundled_models, export_model
 from ._train import split_indices, train
+from ._uncertainty import fit_uncertainty, noise_level
 
 __all__ = [
     "BUNDLED_MODELS",
@@ -17,6 +18,8 @@ __all__ = [
     "bundled_models",
     "downsample_spectra",
     "export_model",
+    "fit_uncertainty",
+    "noise_level",
     "photometry_features",
     "split_indices",
     "train",

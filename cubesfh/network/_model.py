@@ -29,6 +29,16 @@ Architecture (choices where the paper is silent are written down here):
   training-set mean).
 
 All hidden dense layers use PReLU; weights are Glorot-uniform initialised.
+
+* **Uncertainty and out-of-distribution heads** (``uncertainty=True``, the
+  bundled models since 0.3; see :ref:`network-uncertainty`). Two small heads
+  read the 40-dimensional latent vector *detached* from the rest of the
+  network, so that training them cannot change the point estimates:
+  ``sigma_head`` (40 -> 64 -> 64 -> 20) gives the log of the expected
+  absolute error of the four mean quantities and of the 16 mass fractions,
+  and ``recon_head`` (40 -> 256 -> 880) reconstructs the standardised
+  noise-free spectrum. The latent mean and precision matrix of the training
+  set are stored as buffers for a Mahalanobis distance.
 """
 
 import torch
@@ -37,6 +47,8 @@ from torch import nn
 from ..conventions import HST_BANDS, N_AGE_BINS
 
 N_BANDS = len(HST_BANDS)
+#: Outputs of the uncertainty head: four mean quantities + 16 mass fractions.
+N_SIGMA_OUTPUTS = 4 + N_AGE_BINS
 
 __all__ = ["SFHNet", "light_coefficients", "light_fractions", "log_cosh_loss"]
 
@@ -76,10 +88,16 @@ class SFHNet(nn.Module):
         Kernel sizes of the three convolution stages.
     heads : int
         Attention heads.
+    zh_offset : float
+        Mean [Z/H] of the training labels (added to the metallicity outputs).
+    uncertainty : bool
+        Add the uncertainty and reconstruction heads and the latent
+        statistics (see the module notes).
     """
 
     def __init__(self, n_pix=880, n_bands=N_BANDS, channels=(16, 32, 64),
-                 kernels=(8, 5, 5), strides=(2, 1, 1), heads=4, zh_offset=0.0):
+                 kernels=(8, 5, 5), strides=(2, 1, 1), heads=4, zh_offset=0.0,
+                 uncertainty=False):
         super().__init__()
         self.n_pix = n_pix
         self.n_bands = n_bands
@@ -103,6 +121,15 @@ class SFHNet(nn.Module):
         self.decoder = nn.Sequential(
             nn.Linear(40, 128), nn.PReLU(), nn.Linear(128, 128), nn.PReLU(),
             nn.Linear(128, 2 * N_AGE_BINS))
+        self.uncertainty = bool(uncertainty)
+        if self.uncertainty:
+            self.sigma_head = nn.Sequential(
+                nn.Linear(40, 64), nn.PReLU(), nn.Linear(64, 64), nn.PReLU(),
+                nn.Linear(64, N_SIGMA_OUTPUTS))
+            self.recon_head = nn.Sequential(nn.Linear(40, 256), nn.PReLU(),
+                                            nn.Linear(256, n_pix))
+            self.register_buffer("latent_mean", torch.zeros(40))
+            self.register_buffer("latent_precision", torch.eye(40))
         self.apply(_init_glorot)
         self.register_buffer("zh_offset", torch.tensor(float(zh_offset)))
 
@@ -124,17 +151,43 @@ class SFHNet(nn.Module):
         zh : `torch.Tensor`
             ``(batch, 16)`` [Z/H] per age bin.
         """
+        return self.decode(self.encode(spectrum, photometry, mask))
+
+    def encode(self, spectrum, photometry, mask):
+        """The 40-dimensional latent vector (same inputs as `forward`)."""
         h = self.conv(spectrum.unsqueeze(1)).transpose(1, 2)  # (b, pos, c)
         h = h + self.pos
         a, _ = self.attention(h, h, h, need_weights=False)
         h = self.attn_norm(h + a)
         s = self.spec_dense(h)
         p = self.phot_dense(torch.cat([photometry * mask, mask], dim=1))
-        z = self.latent(torch.cat([s, p], dim=1))
+        return self.latent(torch.cat([s, p], dim=1))
+
+    def decode(self, z):
+        """Mass fractions and [Z/H] per age bin from latent vectors."""
         out = self.decoder(z)
         fractions = torch.softmax(out[:, :N_AGE_BINS], dim=1)
         zh = out[:, N_AGE_BINS:] + self.zh_offset
         return fractions, zh
+
+    def heads(self, z):
+        """
+        Uncertainty and out-of-distribution outputs of latent vectors.
+
+        Returns
+        -------
+        log_sigma : `torch.Tensor`
+            ``(batch, 20)``: log of the error scale of LW log age, MW log age,
+            LW [Z/H], MW [Z/H] and of the 16 mass fractions.
+        recon : `torch.Tensor`
+            ``(batch, n_pix)`` reconstructed standardised spectrum.
+        mahalanobis2 : `torch.Tensor`
+            ``(batch,)`` squared Mahalanobis distance to the training latents.
+        """
+        z = z.detach()
+        d = z - self.latent_mean
+        m2 = ((d @ self.latent_precision) * d).sum(dim=1)
+        return self.sigma_head(z), self.recon_head(z), m2
 
 
 def light_fractions(fractions, zh, light_coef):

@@ -32,6 +32,10 @@ def export_model(run_dir, stem=DEFAULT_MODEL, *, metrics=None, extra=None):
     """
     Package the best weights of a training run with their metadata.
 
+    When the run has calibrated uncertainty heads
+    (:func:`~cubesfh.network.fit_uncertainty`: ``best_unc.pt`` and
+    ``uncertainty.json``) they are packaged instead of ``best.pt``.
+
     Writes ``<stem>.pt`` (the ``state_dict``, loadable with
     ``torch.load(..., weights_only=True)``) and ``<stem>.json`` (architecture,
     input normalisation, training provenance and history, metrics, and the
@@ -57,7 +61,9 @@ def export_model(run_dir, stem=DEFAULT_MODEL, *, metrics=None, extra=None):
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
     weights = stem.with_suffix(".pt")
-    shutil.copyfile(run / "best.pt", weights)
+    unc = run / "uncertainty.json"
+    with_unc = unc.exists() and (run / "best_unc.pt").exists()
+    shutil.copyfile(run / ("best_unc.pt" if with_unc else "best.pt"), weights)
     lib = TemplateLibrary.load()
     training = json.loads((run / "train_meta.json").read_text())
     sigma = float(training.get("training_set_attrs", {}).get("sigma_target_kms", 150.0))
@@ -65,7 +71,7 @@ def export_model(run_dir, stem=DEFAULT_MODEL, *, metrics=None, extra=None):
         "format": 1,
         "architecture": {"class": "SFHNet", "n_pix": 880, "n_bands": len(HST_BANDS),
                          "channels": [16, 32, 64], "kernels": [8, 5, 5], "strides": [2, 1, 1],
-                         "heads": 4},
+                         "heads": 4, "uncertainty": with_unc},
         "inputs": {"wavelength_start": float(OUTPUT_WAVELENGTH[0].value),
                    "wavelength_step": 1.25, "n_pixels": int(OUTPUT_WAVELENGTH.size),
                    "downsample": 2, "bands": list(HST_BANDS),
@@ -80,6 +86,8 @@ def export_model(run_dir, stem=DEFAULT_MODEL, *, metrics=None, extra=None):
         "metrics": metrics or {},
         "weights_sha256": sha256_file(weights),
     }
+    if with_unc:
+        meta["uncertainty"] = json.loads(unc.read_text())
     if extra:
         meta.update(extra)
     meta["meta_sha256"] = _meta_digest(meta)
@@ -158,7 +166,8 @@ class SFHModel:
             return _load_default()
         return _load(stem, device or "cpu")
 
-    def predict(self, spectra, photometry=None, *, band_mask=None, batch_size=4096):
+    def predict(self, spectra, photometry=None, *, band_mask=None, batch_size=4096,
+                uncertainty=True):
         """
         Predict the SFH and metallicity history of each spectrum.
 
@@ -175,18 +184,24 @@ class SFHModel:
             ``(n, 5)`` or ``(5,)`` bool: bands to use (default: all finite,
             positive ones).
         batch_size : int, optional
+        uncertainty : bool, optional
+            Also return the calibrated uncertainties and the
+            out-of-distribution score (models with uncertainty heads only;
+            see :ref:`network-uncertainty`).
 
         Returns
         -------
         result : dict of `~numpy.ndarray`
             ``mass_fraction`` (n, 16), ``metallicity`` (n, 16, [Z/H]),
             ``light_fraction`` (n, 16), ``logage_lw``, ``logage_mw``,
-            ``zh_lw``, ``zh_mw`` (n,).
+            ``zh_lw``, ``zh_mw`` (n,). With uncertainties, for each of the four
+            mean quantities ``<name>_p16`` / ``<name>_p84`` (the calibrated
+            68 % interval), ``<name>_p02`` / ``<name>_p98`` (95 %) and
+            ``<name>_err`` (half-width of the 68 % interval);
+            ``mass_fraction_p16`` / ``_p84`` / ``_p02`` / ``_p98`` (n, 16);
+            ``ood_score`` (n,; > 1 is outside the training distribution),
+            its two parts ``ood_latent`` and ``ood_recon``, and ``ood`` (bool).
         """
-        import torch
-
-        from ..populations import mean_quantities
-
         spectra = np.atleast_2d(np.asarray(spectra, dtype=np.float32))
         n = spectra.shape[0]
         if spectra.shape[1] != self.meta["inputs"]["n_pixels"]:
@@ -203,21 +218,94 @@ class SFHModel:
             raise CubeSFHError(msg)
         mask = None if band_mask is None else np.broadcast_to(band_mask, photometry.shape)
         spec = downsample_spectra(np.where(np.isfinite(spectra), spectra, 1.0))
-        logf, ok = photometry_features(photometry, mask)
-        x = (spec - self._spec_mean) / self._spec_std
-        p = np.where(ok > 0, (logf - self._phot_mean) / self._phot_std, 0.0).astype(np.float32)
+        out = self._run_downsampled(spec, photometry, mask, batch_size=batch_size,
+                                    heads=self.has_uncertainty and uncertainty)
+        if self.has_uncertainty and uncertainty:
+            self._apply_calibration(out)
+        for k in ("latent", "sigma_raw", "ood_latent_raw", "ood_recon_raw"):
+            out.pop(k, None)
+        return out
+
+    @property
+    def has_uncertainty(self):
+        """Whether the model has calibrated uncertainty and out-of-distribution heads."""
+        return "uncertainty" in self.meta and getattr(self._net, "uncertainty", False)
+
+    def _run_downsampled(self, spec, photometry, mask, *, batch_size=4096, latent=False,
+                         heads=False, progress_bar=False):
+        """Network outputs for 880-pixel spectra (prediction and calibration)."""
+        import torch
+
+        from ..populations import mean_quantities
+        from ..utils import progress
+        from ._uncertainty import _features, noise_level
+
+        x, p, ok = _features(self, spec, photometry, mask)
+        n = x.shape[0]
         frac = np.empty((n, N_AGE_BINS))
         zh = np.empty((n, N_AGE_BINS))
+        want_z = latent or heads
+        z_all = np.empty((n, 40), np.float32) if want_z else None
+        if heads:
+            sig = np.empty((n, 4 + N_AGE_BINS))
+            m2 = np.empty(n)
+            rec = np.empty(n)
+        steps = range(0, n, batch_size)
         with torch.inference_mode():
-            for s in range(0, n, batch_size):
-                f, z = self._net(torch.from_numpy(x[s:s + batch_size]).to(self.device),
-                                 torch.from_numpy(p[s:s + batch_size]).to(self.device),
-                                 torch.from_numpy(ok[s:s + batch_size]).to(self.device))
-                frac[s:s + batch_size] = f.cpu().numpy()
-                zh[s:s + batch_size] = z.cpu().numpy()
+            for s in progress(steps, enabled=progress_bar, desc="network", unit="batch"):
+                sl = slice(s, s + batch_size)
+                xb = torch.from_numpy(x[sl]).to(self.device)
+                z = self._net.encode(xb, torch.from_numpy(p[sl]).to(self.device),
+                                     torch.from_numpy(ok[sl]).to(self.device))
+                f, zz = self._net.decode(z)
+                frac[sl] = f.cpu().numpy()
+                zh[sl] = zz.cpu().numpy()
+                if want_z:
+                    z_all[sl] = z.cpu().numpy()
+                if heads:
+                    ls, r, d2 = self._net.heads(z)
+                    sig[sl] = np.exp(np.maximum(ls.cpu().numpy(), np.log(1e-4)))
+                    m2[sl] = d2.cpu().numpy()
+                    resid = (xb - r).cpu().numpy() * self._spec_std
+                    rec[sl] = (np.sqrt(np.mean(resid**2, axis=1))
+                               / noise_level(np.asarray(spec[sl], float)))
         out = {"mass_fraction": frac, "metallicity": zh}
         out.update(mean_quantities(frac, zh))
+        if want_z:
+            out["latent"] = z_all
+        if heads:
+            out["sigma_raw"] = sig
+            out["ood_latent_raw"] = m2
+            out["ood_recon_raw"] = rec
         return out
+
+    def _apply_calibration(self, out):
+        """Calibrated percentiles and the OOD score from the raw head outputs (in place)."""
+        from ._uncertainty import SUMMARY_KEYS
+
+        cal = self.meta["uncertainty"]
+        k = np.asarray(cal["conformal_k"], float)  # (2, 20): 68 % and 95 % multipliers
+        sig = out["sigma_raw"]
+        for j, key in enumerate(SUMMARY_KEYS):
+            q = out[key]
+            out[f"{key}_err"] = k[0, j] * sig[:, j]
+            out[f"{key}_p16"] = q - k[0, j] * sig[:, j]
+            out[f"{key}_p84"] = q + k[0, j] * sig[:, j]
+            out[f"{key}_p02"] = q - k[1, j] * sig[:, j]
+            out[f"{key}_p98"] = q + k[1, j] * sig[:, j]
+        f = out["mass_fraction"]
+        ks = k[:, 4:]
+        fs = sig[:, 4:]
+        out["mass_fraction_p16"] = np.clip(f - ks[0] * fs, 0.0, 1.0)
+        out["mass_fraction_p84"] = np.clip(f + ks[0] * fs, 0.0, 1.0)
+        out["mass_fraction_p02"] = np.clip(f - ks[1] * fs, 0.0, 1.0)
+        out["mass_fraction_p98"] = np.clip(f + ks[1] * fs, 0.0, 1.0)
+        lat = out["ood_latent_raw"] / cal["ood_threshold_latent"]
+        rec = out["ood_recon_raw"] / cal["ood_threshold_recon"]
+        out["ood_latent"] = lat
+        out["ood_recon"] = rec
+        out["ood_score"] = np.maximum(lat, rec)
+        out["ood"] = out["ood_score"] > 1.0
 
 
 def _load(stem, device):
@@ -249,7 +337,8 @@ def _load(stem, device):
     arch.pop("class", None)
     net = SFHNet(n_pix=arch["n_pix"], n_bands=arch["n_bands"], channels=tuple(arch["channels"]),
                  kernels=tuple(arch["kernels"]), strides=tuple(arch["strides"]),
-                 heads=arch["heads"], zh_offset=meta["normalization"]["zh_offset"])
+                 heads=arch["heads"], zh_offset=meta["normalization"]["zh_offset"],
+                 uncertainty=bool(arch.get("uncertainty", False)))
     try:
         state = torch.load(weights, map_location=device, weights_only=True)
         net.load_state_dict(state)

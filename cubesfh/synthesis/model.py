@@ -78,8 +78,9 @@ def dust_transmission(wavelength, tau, *, slope=DUST_SLOPE, pivot=DUST_PIVOT):
         Wavelengths (A if plain numbers), shape ``(n_pix,)``.
     tau : float or `~numpy.ndarray`
         Optical depth at ``pivot``, shape ``(n,)`` for ``n`` spectra.
-    slope : float, optional
-        Exponent (Charlot & Fall 2000: -0.7).
+    slope : float or `~numpy.ndarray`, optional
+        Exponent (Charlot & Fall 2000: -0.7); one value, or one per spectrum
+        (shape ``(n,)``).
     pivot : float, optional
         Pivot wavelength (A).
 
@@ -90,7 +91,8 @@ def dust_transmission(wavelength, tau, *, slope=DUST_SLOPE, pivot=DUST_PIVOT):
     """
     w = u.Quantity(wavelength, u.AA).value
     tau = np.asarray(tau, float)
-    return np.exp(-tau[..., None] * (w / pivot) ** slope)
+    slope = np.asarray(slope, float)
+    return np.exp(-tau[..., None] * (w / pivot) ** slope[..., None])
 
 
 def metallicity_history(mass, z_final, *, z_start=Z_START):
@@ -170,6 +172,7 @@ class ForwardModel:
         sig_lsf = lsf(w * u.AA).to_value(u.AA) * FWHM_TO_SIGMA
         sig_tmp = lib.fwhm.to_value(u.AA) * FWHM_TO_SIGMA
         sig_v = self.sigma_target.value * w / C_KMS
+        self._lsf_sigma = sig_lsf
         self._kernel_sigma = np.sqrt(np.clip(sig_lsf**2 - sig_tmp**2, 0, None) + sig_v**2)
         flat = lib.flux.reshape(nz * na, -1).astype(float)
         smooth = gaussian_smooth(w, flat, self._kernel_sigma[None, :])
@@ -189,8 +192,13 @@ class ForwardModel:
         sig_line = np.interp(lw[in_opt], w, self._kernel_sigma)
         de = rebin_edges = _edges(wout)
         prof = _gaussian_pixel_integrals(rebin_edges, lw[in_opt], sig_line) / np.diff(de)[None]
+        self._nebular_continuum = neb_opt
         neb_opt = neb_opt + np.einsum("zyl,lp->zyp", lines[..., in_opt], prof)
         self.nebular = neb_opt  # (nz, n_young, n_pix)
+        # per-line luminosities for lines of any width (see `synthesize`)
+        self._line_lum = lines[..., in_opt]  # (nz, n_young, n_lines)
+        self._line_wave = lw[in_opt]
+        self._line_profiles = {}
 
         # SEDs for the photometry: stellar, and nebular continuum + lines in 10 A pixels
         self.sed_wavelength = lib.sed_wavelength
@@ -198,6 +206,7 @@ class ForwardModel:
         in_sed = (lw > sed_edges[0]) & (lw < sed_edges[-1])
         idx = np.searchsorted(sed_edges, lw[in_sed]) - 1
         neb_sed = lib.nebular_sed[:, :ny].astype(float).copy()
+        self._sed_nebular_continuum = neb_sed.copy()
         for k, j in zip(np.flatnonzero(in_sed), idx):
             neb_sed[:, :, j] += lines[:, :, k] / (sed_edges[j + 1] - sed_edges[j])
         self.sed_stellar = lib.sed_flux.astype(float)
@@ -206,6 +215,10 @@ class ForwardModel:
         for f in filters:
             f.check_coverage(lib.sed_wavelength)
         self.band_weights = np.stack([f.weights(lib.sed_wavelength) for f in filters], axis=1)
+        # band response to a unit line flux, per line of the library (n_lines_sed, n_bands)
+        self._sed_line_index = np.flatnonzero(in_sed)
+        self._sed_line_wave = lw[in_sed]
+        self._sed_line_band = self.band_weights[idx] / np.diff(sed_edges)[idx, None]
 
         # V-band light per unit mass of each template (dust-free stars)
         vsel = (w >= V_WINDOW[0]) & (w <= V_WINDOW[1])
@@ -229,7 +242,8 @@ class ForwardModel:
         wz = _log_z_weights(np.asarray(z, float), self.library.metallicity)  # (n, na, nz)
         return np.einsum("na,naz->nza", np.asarray(mass, float), wz)
 
-    def synthesize(self, mass, z, tau_ism, tau_bc, *, nebular=True):
+    def synthesize(self, mass, z, tau_ism, tau_bc, *, nebular=True, ism_slope=DUST_SLOPE,
+                   line_sigma=None, line_scale=None):
         """
         Noise-free, un-normalised spectra and HST fluxes.
 
@@ -243,6 +257,18 @@ class ForwardModel:
             Optical depths at 5500 A, ``(n,)``.
         nebular : bool, optional
             Include the nebular continuum and lines.
+        ism_slope : float or `~numpy.ndarray`, optional
+            Exponent of the ISM attenuation curve (one value or one per
+            spectrum; Charlot & Fall 2000: -0.7). The birth clouds keep -0.7.
+        line_sigma : `~numpy.ndarray`, optional
+            Velocity dispersion (km/s, ``(n,)``) of the nebular lines on top of
+            the MUSE line-spread function, in the frame of the network inputs,
+            i.e. sqrt(sigma_gas^2 + sigma_target^2 - sigma_star^2) for a gas
+            dispersion sigma_gas in a galaxy of stellar dispersion sigma_star.
+            Default: the lines have the width of the stellar features (the
+            paper's model).
+        line_scale : `~numpy.ndarray`, optional
+            Multiplier of the nebular line luminosities, ``(n,)`` (default 1).
 
         Returns
         -------
@@ -258,23 +284,93 @@ class ForwardModel:
         c_old[:, :, :ny] = 0.0
         c_young = coef[:, :, :ny]
         nz, na = coef.shape[1:]
+        cy = c_young.reshape(n, -1)
         wout = self.wavelength.value
         sed_w = self.sed_wavelength.to_value(u.AA)
-        t_ism = dust_transmission(wout, tau_ism)
+        t_ism = dust_transmission(wout, tau_ism, slope=ism_slope)
         t_bc = dust_transmission(wout, tau_bc)
-        young_opt = c_young.reshape(n, -1) @ self.stellar[:, :ny].reshape(nz * ny, -1)
-        if nebular:
-            young_opt += c_young.reshape(n, -1) @ self.nebular.reshape(nz * ny, -1)
+        custom = line_sigma is not None or line_scale is not None
+        young_opt = cy @ self.stellar[:, :ny].reshape(nz * ny, -1)
+        if nebular and not custom:
+            young_opt += cy @ self.nebular.reshape(nz * ny, -1)
+        elif nebular:
+            scale = np.ones(n) if line_scale is None else np.asarray(line_scale, float)
+            young_opt += cy @ self._nebular_continuum.reshape(nz * ny, -1)
+            lum = (cy @ self._line_lum.reshape(nz * ny, -1)) * scale[:, None]
+            if line_sigma is None:
+                young_opt += lum @ self._line_profile_at(None)
+            else:
+                young_opt += self.line_spectra(lum, self._line_wave, line_sigma)
         spec = c_old.reshape(n, -1) @ self.stellar.reshape(nz * na, -1)
         spec = t_ism * (spec + t_bc * young_opt)
-        ts_ism = dust_transmission(sed_w, tau_ism)
+        ts_ism = dust_transmission(sed_w, tau_ism, slope=ism_slope)
         ts_bc = dust_transmission(sed_w, tau_bc)
-        young_sed = c_young.reshape(n, -1) @ self.sed_stellar[:, :ny].reshape(nz * ny, -1)
-        if nebular:
-            young_sed += c_young.reshape(n, -1) @ self.sed_nebular.reshape(nz * ny, -1)
+        young_sed = cy @ self.sed_stellar[:, :ny].reshape(nz * ny, -1)
+        if nebular and not custom:
+            young_sed += cy @ self.sed_nebular.reshape(nz * ny, -1)
+        elif nebular:
+            young_sed += cy @ self._sed_nebular_continuum.reshape(nz * ny, -1)
         sed = c_old.reshape(n, -1) @ self.sed_stellar.reshape(nz * na, -1)
         sed = ts_ism * (sed + ts_bc * young_sed)
-        return spec, sed @ self.band_weights
+        phot = sed @ self.band_weights
+        if nebular and custom:
+            k = self._sed_line_index
+            lum = (cy @ self.library.nebular_lines[:, :ny][..., k].reshape(nz * ny, -1))
+            lum *= scale[:, None]
+            lw = self._sed_line_wave
+            trans = (dust_transmission(lw, tau_ism, slope=ism_slope)
+                     * dust_transmission(lw, tau_bc))
+            phot = phot + (lum * trans) @ self._sed_line_band
+        return spec, phot
+
+    def _line_profile_at(self, sigma_kms):
+        """Unit-flux profiles (n_lines, n_pix) of the library lines, stellar-kernel width."""
+        if None not in self._line_profiles:
+            e = _edges(self.wavelength.value)
+            sig = np.interp(self._line_wave, self.library.wavelength.to_value(u.AA),
+                            self._kernel_sigma)
+            self._line_profiles[None] = (_gaussian_pixel_integrals(e, self._line_wave, sig)
+                                         / np.diff(e)[None])
+        return self._line_profiles[None]
+
+    def line_spectra(self, flux, wavelength, sigma_kms):
+        """
+        Gaussian emission lines on the output grid, each spectrum with its own width.
+
+        Parameters
+        ----------
+        flux : `~numpy.ndarray`
+            Line fluxes ``(n, n_lines)`` (any flux unit; the result is per A).
+        wavelength : `~numpy.ndarray`
+            Rest wavelengths of the lines (A), ``(n_lines,)``.
+        sigma_kms : `~numpy.ndarray`
+            Velocity dispersion on top of the MUSE LSF, ``(n,)`` km/s.
+
+        Returns
+        -------
+        spectra : `~numpy.ndarray`
+            ``(n, n_pix)``.
+
+        Notes
+        -----
+        The profiles are computed exactly on a geometric grid of dispersions
+        (10-600 km/s, 5 % steps) and each spectrum takes the nearest one: a
+        2.5 % error on the width at most.
+        """
+        flux = np.atleast_2d(np.asarray(flux, float))
+        wavelength = np.asarray(wavelength, float)
+        sig = np.clip(np.asarray(sigma_kms, float), 10.0, 600.0)
+        grid = 10.0 * 1.05 ** np.round(np.log(sig / 10.0) / np.log(1.05))
+        wout = self.wavelength.value
+        e = _edges(wout)
+        lsf = np.interp(wavelength, self.library.wavelength.to_value(u.AA), self._lsf_sigma)
+        out = np.zeros((flux.shape[0], wout.size))
+        for g in np.unique(grid):
+            sel = grid == g
+            s = np.sqrt(lsf**2 + (g * wavelength / C_KMS) ** 2)
+            prof = _gaussian_pixel_integrals(e, wavelength, s) / np.diff(e)[None]
+            out[sel] = flux[sel] @ prof
+        return out
 
     def synthesize_native(self, mass, z, tau_ism, tau_bc, *, nebular=True,
                           gas_sigma=30 * u.km / u.s):
@@ -316,6 +412,26 @@ class ForwardModel:
             young += c_young.reshape(n, -1) @ neb.reshape(nz * ny, -1)
         old = c_old.reshape(n, -1) @ flux.reshape(nz * na, -1)
         return dust_transmission(w, tau_ism) * (old + dust_transmission(w, tau_bc) * young)
+
+    def line_photometry(self, flux, wavelength):
+        """
+        HST fluxes (mean f_lambda per band) of emission lines.
+
+        Parameters
+        ----------
+        flux : `~numpy.ndarray`
+            Line fluxes ``(n, n_lines)``.
+        wavelength : `~numpy.ndarray`
+            Rest wavelengths of the lines (A).
+
+        Returns
+        -------
+        photometry : `~numpy.ndarray`
+            ``(n, n_bands)``, in the unit of ``flux`` per A.
+        """
+        e = _edges(self.sed_wavelength.to_value(u.AA))
+        idx = np.clip(np.searchsorted(e, np.asarray(wavelength, float)) - 1, 0, e.size - 2)
+        return np.asarray(flux, float) @ (self.band_weights[idx] / np.diff(e)[idx, None])
 
     def normalize(self, spectra, photometry):
         """Divide spectra and photometry by the mean spectrum in 5300-5500 A."""
@@ -359,7 +475,10 @@ class ForwardModel:
         Parameters
         ----------
         mass, z : `~numpy.ndarray`
-            Mass formed and metallicity per sub-interval, ``(n, n_age)``.
+            Mass formed and metallicity per sub-interval, ``(n, n_age)``, or
+            ``(n, n_components, n_age)`` for spectra that add up several
+            populations (each with its own chemistry); the labels describe
+            their sum.
 
         Returns
         -------
@@ -374,21 +493,25 @@ class ForwardModel:
         """
         mass = np.asarray(mass, float)
         z = np.asarray(z, float)
+        if mass.ndim == 2:  # one component per spectrum
+            mass, z = mass[:, None], z[:, None]
         lib = self.library
-        wz = _log_z_weights(z, lib.metallicity)
-        living = mass * np.einsum("naz,za->na", wz, lib.living_fraction)
-        light = mass * np.einsum("naz,za->na", wz, self.v_light)
+        wz = _log_z_weights(z, lib.metallicity)  # (n, n_comp, na, nz)
+        living_c = mass * np.einsum("ncaz,za->nca", wz, lib.living_fraction)
+        light = (mass * np.einsum("ncaz,za->nca", wz, self.v_light)).sum(axis=1)
+        living = living_c.sum(axis=1)
         b = self._bin_matrix
         mf = living @ b.T
         mf /= mf.sum(axis=1, keepdims=True)
-        formed = mass @ b.T
+        formed = mass.sum(axis=1) @ b.T
         formed /= formed.sum(axis=1, keepdims=True)
         lf = light @ b.T
         lf /= lf.sum(axis=1, keepdims=True)
         zh = np.log10(z / Z_SUN)
         dur = np.diff(lib.age_edges.to_value(u.yr))
-        wgt = living + 1e-12 * dur[None, :] * living.sum(axis=1, keepdims=True) / dur.sum()
-        zbin = (wgt * zh) @ b.T / (wgt @ b.T)
+        # a tiny constant weight gives empty bins the eq. 2 value of each component
+        wgt = living_c + 1e-12 * dur * living_c.sum(axis=2, keepdims=True) / dur.sum()
+        zbin = (wgt * zh).sum(axis=1) @ b.T / (wgt.sum(axis=1) @ b.T)
         la = self.log_age_centers
         return {
             "mass_fraction": mf,

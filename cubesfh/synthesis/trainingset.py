@@ -23,7 +23,7 @@ from ..conventions import (
     SIGMA_TARGET,
 )
 from ..utils import CubeSFHError, progress
-from .model import Z_START, ForwardModel, metallicity_history
+from .model import C_KMS, Z_START, ForwardModel, dust_transmission, metallicity_history
 from .sfh import (
     FAMILY_BURST,
     FAMILY_GP,
@@ -34,7 +34,7 @@ from .sfh import (
     skewnormal_sfh,
 )
 
-__all__ = ["CHEMISTRY_PRIORS", "DEFAULT_MIX", "SNR_VALUES", "TRAINING_SET_FORMAT",
+__all__ = ["CHEMISTRY_PRIORS", "DEFAULT_MIX", "PRIORS", "SNR_VALUES", "TRAINING_SET_FORMAT",
            "make_training_set", "simulate_samples"]
 
 log = logging.getLogger(__name__)
@@ -59,11 +59,102 @@ _LABEL_COLUMNS = ("logage_lw", "logage_mw", "zh_lw", "zh_mw")
 #: between about -0.35 and 0). ``'wide'``: Z_start uniform in 0.004-0.030 and
 #: Z_final uniform between Z_start and 0.050 (mass-weighted [Z/H] up to about
 #: +0.35), for the metal-rich centres of massive galaxies.
-CHEMISTRY_PRIORS = ("paper", "wide")
+CHEMISTRY_PRIORS = ("paper", "wide", "broad")
+
+#: Simulator priors. ``'paper'``: the forward model of Galceran et al. (2026),
+#: one population per spectrum. ``'broad'``: the simulator of the bundled
+#: networks since 0.3, which covers real galaxies (mixtures of populations,
+#: A_V up to 2 mag, any attenuation slope, metal-poor to super-solar, gas
+#: kinematics and line strengths independent of the stars, extra diffuse /
+#: LINER-like emission, flux-calibration tilts, several SSP libraries); every
+#: choice is written in :ref:`synthesis-broad`.
+PRIORS = ("paper", "broad")
+
+#: Broad prior: probabilities of 1, 2 and 3 components per spectrum.
+N_COMPONENT_PROBABILITIES = (0.6, 0.28, 0.12)
+#: Broad prior: log10 range of the mass formed by a secondary component,
+#: relative to the first one.
+SECONDARY_MASS_RANGE = (-2.5, 0.0)
+#: Broad prior: probability that a component has the paper's ISM dust,
+#: N(0.3, 0.08); otherwise tau_ISM is uniform in ``TAU_ISM_RANGE``.
+PAPER_DUST_PROBABILITY = 0.4
+TAU_ISM_RANGE = (0.0, 2.0)
+#: Broad prior: range of the ISM attenuation exponent (Charlot & Fall: -0.7;
+#: Calzetti-like curves are steeper in the optical).
+ISM_SLOPE_RANGE = (-1.3, -0.5)
+#: Broad prior: gas velocity dispersion (km/s) and stellar dispersion range
+#: as a fraction of the target (the width the pipeline adds to the gas lines
+#: is sqrt(sigma_target^2 - sigma_star^2)).
+GAS_SIGMA_RANGE = (20.0, 100.0)
+#: Broad prior: log10 range of the multiplier of the Cloudy line luminosities.
+LINE_SCALE_RANGE = (-0.3, 0.3)
+#: Broad prior: probability of a diffuse-gas / LINER-like line component and
+#: log10 range of its EW(H-alpha) in A.
+DIG_PROBABILITY = 0.5
+DIG_EW_RANGE = (-0.5, 1.3)
+#: Broad prior: 1-sigma flux-calibration tilt, fractional change of the
+#: spectrum over 4800-7000 A (the photometry is not tilted).
+TILT_SIGMA = 0.03
+#: Broad prior: probability and range (km/s) of an extra Gaussian broadening
+#: (a mismatched line-spread function or stellar dispersion).
+LSF_JITTER_PROBABILITY = 0.5
+LSF_JITTER_RANGE = (0.0, 50.0)
+
+# H-beta, [OIII] 4959, 5007, [OI] 6300, 6364, [NII] 6548, H-alpha, [NII] 6584,
+# [SII] 6717, 6731 (air, A)
+_DIG_LINES = np.array([4861.33, 4958.91, 5006.84, 6300.30, 6363.78, 6548.05, 6562.80,
+                       6583.45, 6716.44, 6730.82])
+
+
+def _draw_mass(rng, families, edges, params=None):
+    """Mass formed per sub-interval (total 1) for a family code per history."""
+    n = families.size
+    mass = np.zeros((n, edges.size - 1))
+    gp = families == FAMILY_GP
+    if gp.any():
+        p = draw_gp_parameters(rng, int(gp.sum()))
+        mass[gp] = gp_sfh(p, edges)
+        if params is not None:
+            for k in ("t25", "t50", "t75", "ssfr"):
+                params[k][gp] = p[k]
+    sk = ~gp
+    if sk.any():
+        p = draw_skewnormal_parameters(rng, int(sk.sum()),
+                                       with_burst=families[sk] == FAMILY_BURST)
+        mass[sk] = skewnormal_sfh(p, edges)
+        if params is not None:
+            for k in ("peak", "width", "skewness", "burst_age", "burst_width",
+                      "burst_fraction"):
+                params[k][sk] = p[k]
+    return mass
+
+
+def _draw_chemistry(rng, n, chemistry):
+    if chemistry == "paper":
+        z_start = np.full(n, Z_START)
+        z_final = rng.uniform(0.010, 0.030, n)
+    elif chemistry == "wide":
+        z_start = rng.uniform(0.004, 0.030, n)
+        z_final = z_start + rng.uniform(0.0, 1.0, n) * (0.050 - z_start)
+    elif chemistry == "broad":
+        z_start = 10 ** rng.uniform(np.log10(0.001), np.log10(0.030), n)
+        z_final = z_start + rng.uniform(0.0, 1.0, n) * (0.050 - z_start)
+    else:
+        msg = f"chemistry={chemistry!r}: choose one of {CHEMISTRY_PRIORS}."
+        raise CubeSFHError(msg)
+    return z_start, z_final
+
+
+def _draw_broad_dust(rng, n):
+    paper = rng.uniform(size=n) < PAPER_DUST_PROBABILITY
+    tau = np.where(paper, np.clip(rng.normal(0.3, 0.08, n), 0.0, None),
+                   rng.uniform(*TAU_ISM_RANGE, n))
+    tau_bc = 10 ** rng.uniform(np.log10(0.5), np.log10(4.0), n)
+    return tau, tau_bc
 
 
 def simulate_samples(rng, families, model, *, snr=None, snr_values=SNR_VALUES,
-                     phot_error=0.02, noise=True, chemistry="paper"):
+                     phot_error=0.02, noise=True, chemistry="paper", prior="paper"):
     """
     Draw SFH, chemistry, dust and noise parameters and simulate the observables.
 
@@ -80,8 +171,12 @@ def simulate_samples(rng, families, model, *, snr=None, snr_values=SNR_VALUES,
         Relative error of the HST fluxes.
     noise : bool, optional
         Add noise (the noise-free versions are always returned as well).
-    chemistry : {'paper', 'wide'}, optional
+    chemistry : {'paper', 'wide', 'broad'}, optional
         Prior of the chemical evolution, see `CHEMISTRY_PRIORS`.
+    prior : {'paper', 'broad'}, optional
+        Simulator (`PRIORS`). With ``'broad'``, ``model`` may be a sequence of
+        forward models (one per SSP library, drawn with equal probability per
+        spectrum).
 
     Returns
     -------
@@ -93,32 +188,17 @@ def simulate_samples(rng, families, model, *, snr=None, snr_values=SNR_VALUES,
         SFH parameters, NaN where they do not apply).
     """
     families = np.asarray(families)
+    if prior == "broad":
+        return _simulate_broad(rng, families, model, snr=snr, snr_values=snr_values,
+                               phot_error=phot_error, noise=noise, chemistry=chemistry)
+    if prior != "paper":
+        msg = f"prior={prior!r}: choose one of {PRIORS}."
+        raise CubeSFHError(msg)
     n = families.size
     edges = model.library.age_edges.to_value(u.yr)
-    mass = np.zeros((n, model.library.n_age))
     params = {k: np.full(n, np.nan) for k in _PARAM_COLUMNS}
-    gp = families == FAMILY_GP
-    if gp.any():
-        p = draw_gp_parameters(rng, int(gp.sum()))
-        mass[gp] = gp_sfh(p, edges)
-        for k in ("t25", "t50", "t75", "ssfr"):
-            params[k][gp] = p[k]
-    sk = ~gp
-    if sk.any():
-        p = draw_skewnormal_parameters(rng, int(sk.sum()),
-                                       with_burst=families[sk] == FAMILY_BURST)
-        mass[sk] = skewnormal_sfh(p, edges)
-        for k in ("peak", "width", "skewness", "burst_age", "burst_width", "burst_fraction"):
-            params[k][sk] = p[k]
-    if chemistry == "paper":
-        z_start = np.full(n, Z_START)
-        z_final = rng.uniform(0.010, 0.030, n)
-    elif chemistry == "wide":
-        z_start = rng.uniform(0.004, 0.030, n)
-        z_final = z_start + rng.uniform(0.0, 1.0, n) * (0.050 - z_start)
-    else:
-        msg = f"chemistry={chemistry!r}: choose one of {CHEMISTRY_PRIORS}."
-        raise CubeSFHError(msg)
+    mass = _draw_mass(rng, families, edges, params)
+    z_start, z_final = _draw_chemistry(rng, n, chemistry)
     tau_ism = np.clip(rng.normal(0.3, 0.08, n), 0.0, None)
     tau_bc = 10 ** rng.uniform(np.log10(0.5), np.log10(4.0), n)
     if snr is None:
@@ -139,6 +219,130 @@ def simulate_samples(rng, families, model, *, snr=None, snr_values=SNR_VALUES,
     return out
 
 
+_BROAD_COLUMNS = ("n_components", "library", "ism_slope", "line_sigma", "line_scale",
+                  "dig_ew", "tilt", "lsf_jitter", "secondary_light")
+
+
+def _simulate_broad(rng, families, models, *, snr, snr_values, phot_error, noise, chemistry):
+    """The ``'broad'`` simulator (see `PRIORS`); same outputs as `simulate_samples`."""
+    from scipy.ndimage import gaussian_filter1d
+
+    models = list(models) if isinstance(models, (list, tuple)) else [models]
+    chemistry = "broad" if chemistry == "paper" else chemistry
+    n = families.size
+    nc = 3
+    ref = models[0]
+    edges = ref.library.age_edges.to_value(u.yr)
+    na = edges.size - 1
+    params = {k: np.full(n, np.nan) for k in _PARAM_COLUMNS}
+    n_comp = 1 + np.searchsorted(np.cumsum(N_COMPONENT_PROBABILITIES), rng.uniform(size=n),
+                                 side="right")
+    n_comp = np.minimum(n_comp, nc)
+    mix = np.asarray(DEFAULT_MIX, float) / sum(DEFAULT_MIX)
+    mass = np.zeros((n, nc, na))
+    z = np.zeros((n, nc, na))
+    tau_ism = np.zeros((n, nc))
+    tau_bc = np.zeros((n, nc))
+    z_start = np.zeros((n, nc))
+    z_final = np.zeros((n, nc))
+    for c in range(nc):
+        fam = families if c == 0 else rng.choice(3, size=n, p=mix)
+        m = _draw_mass(rng, fam, edges, params if c == 0 else None)
+        w = np.ones(n) if c == 0 else 10 ** rng.uniform(*SECONDARY_MASS_RANGE, n)
+        w = np.where(n_comp > c, w, 0.0)
+        mass[:, c] = m * w[:, None]
+        z_start[:, c], z_final[:, c] = _draw_chemistry(rng, n, chemistry)
+        z[:, c] = metallicity_history(m, z_final[:, c], z_start=z_start[:, c])
+        tau_ism[:, c], tau_bc[:, c] = _draw_broad_dust(rng, n)
+    mass /= mass.sum(axis=(1, 2), keepdims=True)
+    library = rng.integers(0, len(models), n)
+    ism_slope = rng.uniform(*ISM_SLOPE_RANGE, n)
+    sig_t = ref.sigma_target.to_value(u.km / u.s)
+    sig_star = rng.uniform(0.2, 1.0, n) * sig_t
+    line_sigma = np.sqrt(rng.uniform(*GAS_SIGMA_RANGE, n) ** 2 + sig_t**2 - sig_star**2)
+    line_scale = 10 ** rng.uniform(*LINE_SCALE_RANGE, n)
+    dig = rng.uniform(size=n) < DIG_PROBABILITY
+    dig_ew = np.where(dig, 10 ** rng.uniform(*DIG_EW_RANGE, n), 0.0)
+    ratios = 10 ** np.stack([rng.uniform(-0.6, 0.3, n),    # [NII]6584 / H-alpha
+                             rng.uniform(-0.5, 0.7, n),    # [OIII]5007 / H-beta
+                             rng.uniform(-0.7, 0.0, n),    # [SII]6717+6731 / H-alpha
+                             rng.uniform(-1.5, -0.5, n)])  # [OI]6300 / H-alpha
+    tilt = rng.normal(0.0, TILT_SIGMA, n)
+    jitter = np.where(rng.uniform(size=n) < LSF_JITTER_PROBABILITY,
+                      rng.uniform(*LSF_JITTER_RANGE, n), 0.0)
+
+    npix = ref.wavelength.size
+    spec0 = np.zeros((n, npix))
+    phot0 = np.zeros((n, len(ref.bands)))
+    lab = {}
+    sec_light = np.zeros(n)
+    for j, model in enumerate(models):
+        sel = np.flatnonzero(library == j)
+        if sel.size == 0:
+            continue
+        zg = model.library.metallicity
+        z[sel] = np.clip(z[sel], zg.min(), zg.max())
+        comp_v = []
+        for c in range(nc):
+            ok = sel[n_comp[sel] > c]
+            if ok.size == 0:
+                comp_v.append(np.zeros(0))
+                continue
+            sp, ph = model.synthesize(mass[ok, c] * TOTAL_MASS, z[ok, c], tau_ism[ok, c],
+                                      tau_bc[ok, c], ism_slope=ism_slope[ok],
+                                      line_sigma=line_sigma[ok], line_scale=line_scale[ok])
+            spec0[ok] += sp
+            phot0[ok] += ph
+            if c > 0:
+                sec_light[ok] += sp[:, model._norm_pixels].mean(axis=1)
+        out_j = model.labels(mass[sel], z[sel])
+        for k, v in out_j.items():
+            lab.setdefault(k, np.zeros((n, *v.shape[1:])))[sel] = v
+    sec_light /= spec0[:, ref._norm_pixels].mean(axis=1)
+
+    # diffuse-gas / LINER-like lines, attenuated by the first component's ISM
+    w = ref.wavelength.value
+    if dig.any():
+        k = np.flatnonzero(dig)
+        ha = (w > 6500) & (w < 6620)
+        cont = np.median(spec0[np.ix_(k, ha)], axis=1)
+        f_ha = dig_ew[k] * cont
+        tr = dust_transmission(_DIG_LINES, tau_ism[k, 0], slope=ism_slope[k])
+        tr = tr / tr[:, [6]]
+        f_hb = f_ha / 2.86
+        r = ratios[:, k]
+        s2 = f_ha * r[2]
+        flux = np.stack([f_hb, f_hb * r[1] / 2.98, f_hb * r[1], f_ha * r[3], f_ha * r[3] / 3.0,
+                         f_ha * r[0] / 3.0, f_ha, f_ha * r[0], 0.55 * s2, 0.45 * s2], axis=1)
+        flux *= tr
+        spec0[k] += ref.line_spectra(flux, _DIG_LINES, line_sigma[k])
+        phot0[k] += ref.line_photometry(flux, _DIG_LINES)
+    # flux-calibration tilt of the spectrum (not of the photometry)
+    spec0 *= 1.0 + tilt[:, None] * (w - 5900.0) / 2200.0
+    # line-spread-function mismatch
+    for i in np.flatnonzero(jitter > 0):
+        spec0[i] = gaussian_filter1d(spec0[i], jitter[i] * 5900.0 / C_KMS / 1.25,
+                                     mode="nearest")
+    if snr is None:
+        snr = rng.choice(np.asarray(snr_values, float), n)
+    snr = np.broadcast_to(np.asarray(snr, float), (n,)).copy()
+    spec0, phot0, norm = ref.normalize(spec0, phot0)
+    if noise:
+        spec, phot, _ = ref.add_noise(rng, spec0, phot0, snr, phot_error=phot_error)
+    else:
+        spec, phot = spec0, phot0
+    out = {"spectra": spec, "photometry": phot, "spectra_noiseless": spec0,
+           "photometry_noiseless": phot0, "norm": norm, "family": families.astype(np.int8),
+           "snr": snr, "tau_ism": tau_ism[:, 0], "tau_bc": tau_bc[:, 0],
+           "z_start": z_start[:, 0], "z_final": z_final[:, 0], **params,
+           "n_components": n_comp.astype(float), "library": library.astype(float),
+           "ism_slope": ism_slope, "line_sigma": line_sigma, "line_scale": line_scale,
+           "dig_ew": dig_ew, "tilt": tilt, "lsf_jitter": jitter,
+           "secondary_light": sec_light}
+    out.update(lab)
+    return out
+
+
 def _family_plan(n, mix, seed):
     """Family of every row: counts from ``mix`` scaled to ``n``, order shuffled by ``seed``."""
     mix = np.asarray(mix, float)
@@ -151,8 +355,8 @@ def _family_plan(n, mix, seed):
 
 def make_training_set(output, *, n=N_DEFAULT, seed=0, mix=DEFAULT_MIX,
                       chunk_size=5000, snr_values=SNR_VALUES, phot_error=0.02,
-                      store_noiseless=True, sigma_target=SIGMA_TARGET, chemistry="paper",
-                      overwrite=False, progress_bar=True):
+                      store_noiseless=True, sigma_target=SIGMA_TARGET, chemistry=None,
+                      prior="broad", libraries=None, overwrite=False, progress_bar=True):
     """
     Generate the synthetic training set and write it to an HDF5 file.
 
@@ -182,9 +386,20 @@ def make_training_set(output, *, n=N_DEFAULT, seed=0, mix=DEFAULT_MIX,
         as in the paper). A network trained on a set at a larger value
         analyses galaxies whose dispersion exceeds 150 km/s (see
         :ref:`network-sigma`).
-    chemistry : {'paper', 'wide'}, optional
+    chemistry : {'paper', 'wide', 'broad'}, optional
         Prior of the chemical evolution (`CHEMISTRY_PRIORS`); ``'wide'``
-        extends the paper's to super-solar metallicities.
+        extends the paper's to super-solar metallicities, ``'broad'`` from
+        [Z/H] = -1.3 to +0.4. Default: ``'paper'`` with the paper's simulator,
+        ``'broad'`` with the broad one.
+    prior : {'paper', 'broad'}, optional
+        Simulator (`PRIORS`): the paper's forward model, or the broad one of
+        the bundled networks (mixtures, wide dust, gas lines, calibration
+        errors, several SSP libraries).
+    libraries : sequence of str, optional
+        SSP libraries (names of :data:`cubesfh.templates.TRAINING_LIBRARIES`)
+        drawn with equal probability per spectrum; only with
+        ``prior='broad'`` (default: all of them). The first one defines the
+        line profiles of the diffuse gas (all share the same output grid).
     overwrite : bool, optional
         Start again from scratch.
     progress_bar : bool, optional
@@ -206,10 +421,31 @@ def make_training_set(output, *, n=N_DEFAULT, seed=0, mix=DEFAULT_MIX,
     if not sigma_target.value > 0:
         msg = f"sigma_target={sigma_target}: it must be a positive velocity dispersion."
         raise CubeSFHError(msg)
+    if prior not in PRIORS:
+        msg = f"prior={prior!r}: choose one of {PRIORS}."
+        raise CubeSFHError(msg)
+    if chemistry is None:
+        chemistry = "broad" if prior == "broad" else "paper"
     if chemistry not in CHEMISTRY_PRIORS:
         msg = f"chemistry={chemistry!r}: choose one of {CHEMISTRY_PRIORS}."
         raise CubeSFHError(msg)
-    model = ForwardModel(sigma_target=sigma_target)
+    if libraries is None:
+        from ..templates import TRAINING_LIBRARIES
+
+        libraries = tuple(TRAINING_LIBRARIES) if prior != "paper" else ("bc03",)
+    libraries = tuple(libraries)
+    if prior == "paper" and libraries != ("bc03",):
+        msg = (f"libraries={libraries!r}: the paper's simulator uses the BC03 library only; "
+               "pass prior='broad' (--prior broad) to train over several libraries.")
+        raise CubeSFHError(msg)
+    if prior == "paper":
+        models = [ForwardModel(sigma_target=sigma_target)]
+    else:
+        from ..templates import load_library
+
+        models = [ForwardModel(load_library(name), sigma_target=sigma_target)
+                  for name in libraries]
+    model = models[0]
     lib = model.library
     n_chunks = int(np.ceil(n / chunk_size))
     settings = {"seed": int(seed), "n": n, "chunk_size": int(chunk_size),
@@ -218,6 +454,11 @@ def make_training_set(output, *, n=N_DEFAULT, seed=0, mix=DEFAULT_MIX,
                 "template_sha": str(lib.meta.get("STELSHA", "")),
                 "store_noiseless": bool(store_noiseless),
                 "sigma_target_kms": float(sigma_target.value), "chemistry": chemistry}
+    if prior != "paper":
+        settings["prior"] = prior
+        settings["libraries"] = np.array(libraries, dtype="S16")
+        settings["library_shas"] = np.array([str(m.library.meta.get("STELSHA", ""))
+                                             for m in models], dtype="S32")
     if output.exists() and overwrite:
         output.unlink()
     mode = "a" if output.exists() else "w"
@@ -259,8 +500,9 @@ def make_training_set(output, *, n=N_DEFAULT, seed=0, mix=DEFAULT_MIX,
             for k, shp in shapes.items():
                 f.create_dataset(k, shape=(n, *shp), dtype="f4",
                                  chunks=(min(256, n), *shp))
+            extra = _BROAD_COLUMNS if prior != "paper" else ()
             for k in (*_LABEL_COLUMNS, "snr", "tau_ism", "tau_bc", "z_start", "z_final", "norm",
-                      *_PARAM_COLUMNS):
+                      *_PARAM_COLUMNS, *extra):
                 f.create_dataset(k, shape=(n,), dtype="f8")
             f.create_dataset("family", shape=(n,), dtype="i1")
             f.create_dataset("chunk_done", data=np.zeros(n_chunks, dtype=bool))
@@ -279,9 +521,9 @@ def make_training_set(output, *, n=N_DEFAULT, seed=0, mix=DEFAULT_MIX,
         for c in progress(todo, enabled=progress_bar, desc="training set", unit="chunk"):
             lo, hi = c * chunk_size, min(n, (c + 1) * chunk_size)
             rng = np.random.default_rng([int(seed), int(c)])
-            out = simulate_samples(rng, plan[lo:hi], model, snr_values=snr_values,
-                                   chemistry=chemistry,
-                                   phot_error=phot_error)
+            out = simulate_samples(rng, plan[lo:hi], models if prior != "paper" else model,
+                                   snr_values=snr_values, chemistry=chemistry,
+                                   phot_error=phot_error, prior=prior)
             for k in names:
                 f[k][lo:hi] = out[k]
             f["chunk_done"][c] = True

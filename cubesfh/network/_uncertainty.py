@@ -1,0 +1,277 @@
+# Licensed under a 3-clause BSD style license - see LICENSE
+"""
+Per-spectrum uncertainties and the out-of-distribution score (post-hoc heads).
+
+Design (the reasons are in :ref:`network-uncertainty`):
+
+1. The point network (:func:`~cubesfh.network.train`) is trained first and
+   frozen.
+2. On the training split, with noise and band masks drawn as in training, the
+   frozen network gives its latent vectors and the residuals (truth minus
+   prediction) of LW/MW log age, LW/MW [Z/H] and of the 16 mass fractions,
+   computed exactly as :meth:`~cubesfh.network.SFHModel.predict` computes them.
+3. ``sigma_head`` learns the scale of those residuals from the latent vector
+   (Gaussian negative log-likelihood, a heteroscedastic error model), and
+   ``recon_head`` learns to reconstruct the noise-free spectrum from it
+   (mean squared error). Neither changes the point estimates.
+4. Split-conformal calibration on the validation split: for every output
+   the 68.27 % and 95.45 % quantiles of |residual| / sigma become the
+   multipliers of sigma that give the 16-84 % and 2.3-97.7 % intervals, so
+   that the intervals cover the truth at the nominal rates on data drawn like
+   the training set (the guarantee of split conformal prediction).
+5. Out-of-distribution score: the squared Mahalanobis distance of the latent
+   vector to the training latents and the reconstruction residual (rms of
+   data minus reconstruction over a noise estimate from the spectrum itself),
+   each divided by its 99.5th percentile on the validation split;
+   ``ood_score`` is the larger of the two, > 1 is flagged.
+"""
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..conventions import HST_BANDS, N_AGE_BINS
+from ..utils import CubeSFHError, progress
+from ._data import photometry_features
+
+__all__ = ["COVERAGE_LEVELS", "OOD_QUANTILE", "SUMMARY_KEYS", "fit_uncertainty", "noise_level"]
+
+log = logging.getLogger(__name__)
+
+#: Mean quantities with uncertainties, in the order of the uncertainty head.
+SUMMARY_KEYS = ("logage_lw", "logage_mw", "zh_lw", "zh_mw")
+#: Central probabilities of the two calibrated intervals.
+COVERAGE_LEVELS = (0.6827, 0.9545)
+#: Validation quantile that sets each out-of-distribution threshold.
+OOD_QUANTILE = 0.995
+_SIGMA_FLOOR = 1e-4
+
+
+def noise_level(spectra):
+    """
+    Noise per pixel estimated from the spectra themselves (DER_SNR, Stoehr et al. 2008).
+
+    ``1.482602 / sqrt(6) * median |2 f_i - f_(i-2) - f_(i+2)|``: insensitive
+    to features broader than a few pixels. Used only as the unit of the
+    reconstruction residual, identically in calibration and prediction.
+
+    Parameters
+    ----------
+    spectra : `~numpy.ndarray`
+        ``(n, n_pix)``.
+
+    Returns
+    -------
+    noise : `~numpy.ndarray`
+        ``(n,)``.
+    """
+    f = np.asarray(spectra, float)
+    d = np.abs(2.0 * f[:, 2:-2] - f[:, :-4] - f[:, 4:])
+    return 1.482602 / np.sqrt(6.0) * np.median(d, axis=1) + 1e-6
+
+
+def residual_targets(truth, pred):
+    """Truth minus prediction of the 20 outputs of the uncertainty head, ``(n, 20)``."""
+    cols = [np.asarray(truth[k], float) - np.asarray(pred[k], float) for k in SUMMARY_KEYS]
+    return np.column_stack(cols + [np.asarray(truth["mass_fraction"], float)
+                                   - np.asarray(pred["mass_fraction"], float)])
+
+
+def calibrate(residual, sigma, levels=COVERAGE_LEVELS):
+    """
+    Split-conformal multipliers: quantiles of |residual| / sigma per output.
+
+    Returns
+    -------
+    k : `~numpy.ndarray`
+        ``(len(levels), n_outputs)``.
+    """
+    u = np.abs(residual) / sigma
+    n = u.shape[0]
+    # finite-sample conformal quantile, ceil((n + 1) p) / n
+    return np.stack([np.quantile(u, min(1.0, np.ceil((n + 1) * p) / n), axis=0)
+                     for p in levels])
+
+
+def fit_uncertainty(run_dir, training_set, *, seed=0, epochs=12, noise_draws=2,
+                    batch_size=1024, lr=1e-3, band_dropout=0.4, threads=None,
+                    max_samples=None, progress_bar=True):
+    """
+    Train the uncertainty and reconstruction heads of a trained network and calibrate them.
+
+    Reads ``best.pt`` and ``normalization.json`` of a :func:`~cubesfh.network.train`
+    run and writes ``best_unc.pt`` (the full network with heads and latent
+    statistics) and ``uncertainty.json`` (conformal multipliers, OOD
+    thresholds, validation coverage). Re-running replaces them (a few
+    minutes on one CPU core).
+
+    Parameters
+    ----------
+    run_dir : str or `~pathlib.Path`
+        Output folder of the training run.
+    training_set : str or `~pathlib.Path`
+        The HDF5 training set of the run (same seed: same split).
+    seed : int, optional
+        Seed of the run (split) and of the noise draws.
+    epochs : int, optional
+        Passes over the cached latent vectors.
+    noise_draws : int, optional
+        Noise realisations of each training spectrum.
+    batch_size, lr : int, float, optional
+    band_dropout : float, optional
+        Fraction of samples with randomly removed HST bands (as in training).
+    threads : int, optional
+        torch CPU threads.
+    max_samples : int, optional
+        Use only this many training samples (tests).
+    progress_bar : bool, optional
+
+    Returns
+    -------
+    info : dict
+        The content of ``uncertainty.json``.
+    """
+    import torch
+
+    from ._model import SFHNet
+    from ._predict import SFHModel
+    from ._train import _band_mask, load_split
+
+    run = Path(run_dir)
+    if threads:
+        torch.set_num_threads(int(threads))
+    if not (run / "best.pt").exists():
+        msg = f"{run} has no best.pt; train the network first ('cubesfh train')."
+        raise CubeSFHError(msg)
+    t_start = time.perf_counter()
+    norm = json.loads((run / "normalization.json").read_text())
+    net = SFHNet(zh_offset=norm["zh_offset"], uncertainty=True)
+    state = torch.load(run / "best.pt", map_location="cpu", weights_only=True)
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    if unexpected or any(not k.startswith(("sigma_head", "recon_head", "latent_"))
+                         for k in missing):
+        msg = f"{run / 'best.pt'} is not an SFHNet state dict (missing {missing})."
+        raise CubeSFHError(msg)
+    net.eval()
+    model = SFHModel(net, {"normalization": norm, "inputs": {"n_pixels": 1761}})
+
+    tr = load_split(training_set, seed, which="train")
+    va = load_split(training_set, seed, which="validation")
+    if max_samples is not None:
+        for d, m in ((tr, max_samples), (va, max(64, max_samples // 2))):
+            for k in ("spectra", "photometry", "mass_fraction", "metallicity", "snr", "index"):
+                d[k] = d[k][:m]
+    from ..populations import mean_quantities
+
+    truth_tr = {"mass_fraction": tr["mass_fraction"],
+                **mean_quantities(tr["mass_fraction"], tr["metallicity"])}
+    truth_va = {"mass_fraction": va["mass_fraction"],
+                **mean_quantities(va["mass_fraction"], va["metallicity"])}
+
+    # cached latents and residuals of the frozen network on noisy training inputs
+    zs, rs, idx, scores_r = [], [], [], []
+    clean_std = (tr["spectra"] - model._spec_mean) / model._spec_std
+    for draw in range(noise_draws):
+        rng = np.random.default_rng([seed, 5000 + draw])
+        spec = tr["spectra"]
+        snr = rng.choice(tr["snr_values"], size=len(spec))
+        sig = np.sqrt(np.clip(spec, 0, None) / (snr[:, None] ** 2 * 2.5))
+        noisy = (spec + rng.standard_normal(spec.shape).astype(np.float32) * sig)
+        phot = tr["photometry"] * (1 + tr["phot_error"]
+                                   * rng.standard_normal((len(spec), len(HST_BANDS))))
+        mask = _band_mask(rng, len(spec), band_dropout)
+        out = model._run_downsampled(noisy.astype(np.float32), phot.astype(np.float32),
+                                     mask, latent=True, progress_bar=progress_bar)
+        zs.append(out["latent"])
+        rs.append(residual_targets(truth_tr, out))
+        idx.append(np.arange(len(spec)))
+        del noisy
+    z_all = np.concatenate(zs).astype(np.float32)
+    r_all = np.concatenate(rs).astype(np.float32)
+    i_all = np.concatenate(idx)
+    mean = z_all[: len(tr["spectra"])].mean(axis=0)
+    cov = np.cov(z_all[: len(tr["spectra"])], rowvar=False)
+    prec = np.linalg.inv(cov + 1e-6 * np.eye(cov.shape[0]) * np.trace(cov) / cov.shape[0])
+    with torch.no_grad():
+        net.latent_mean.copy_(torch.from_numpy(mean.astype(np.float32)))
+        net.latent_precision.copy_(torch.from_numpy(prec.astype(np.float32)))
+
+    # train the two heads on the cached latents
+    params = list(net.sigma_head.parameters()) + list(net.recon_head.parameters())
+    opt = torch.optim.Adam(params, lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs))
+    zt = torch.from_numpy(z_all)
+    rt = torch.from_numpy(r_all)
+    ct = torch.from_numpy(clean_std.astype(np.float32))
+    history = []
+    net.sigma_head.train()
+    net.recon_head.train()
+    for epoch in range(epochs):
+        rng = np.random.default_rng([seed, 6000 + epoch])
+        order = torch.from_numpy(rng.permutation(len(z_all)))
+        tot_nll = tot_rec = 0.0
+        steps = range(0, len(z_all), batch_size)
+        for s in progress(steps, enabled=progress_bar, desc=f"heads {epoch}", unit="batch"):
+            b = order[s:s + batch_size]
+            log_sig, recon, _ = net.heads(zt[b])
+            log_sig = torch.clamp(log_sig, min=np.log(_SIGMA_FLOOR))
+            u = rt[b] / torch.exp(log_sig)
+            # Gaussian negative log-likelihood of the residuals
+            nll = (0.5 * u**2 + log_sig).mean()
+            rec = ((recon - ct[torch.from_numpy(i_all[b.numpy()])]) ** 2).mean()
+            loss = nll + rec
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            tot_nll += nll.item() * len(b)
+            tot_rec += rec.item() * len(b)
+        sched.step()
+        history.append({"epoch": epoch, "nll": tot_nll / len(z_all),
+                        "recon_mse": tot_rec / len(z_all)})
+        log.info("heads epoch %d: nll %.4f recon %.4f", epoch, tot_nll / len(z_all),
+                 tot_rec / len(z_all))
+    net.eval()
+
+    # split-conformal calibration and OOD thresholds on the validation split
+    rng = np.random.default_rng([seed, 99])
+    v_mask = _band_mask(rng, len(va["spectra"]), band_dropout)
+    out = model._run_downsampled(va["spectra"], va["photometry"], v_mask, latent=True,
+                                 heads=True, progress_bar=progress_bar)
+    res_va = residual_targets(truth_va, out)
+    k = calibrate(res_va, out["sigma_raw"])
+    thr_m = float(np.quantile(out["ood_latent_raw"], OOD_QUANTILE))
+    thr_r = float(np.quantile(out["ood_recon_raw"], OOD_QUANTILE))
+    names = list(SUMMARY_KEYS) + [f"mass_fraction_{i}" for i in range(N_AGE_BINS)]
+    info = {
+        "method": "post-hoc heteroscedastic heads on the frozen latent, split-conformal "
+                  "calibration on the validation split, latent Mahalanobis + reconstruction "
+                  "OOD score",
+        "outputs": names,
+        "levels": list(COVERAGE_LEVELS),
+        "conformal_k": k.tolist(),
+        "ood_quantile": OOD_QUANTILE,
+        "ood_threshold_latent": thr_m,
+        "ood_threshold_recon": thr_r,
+        "n_calibration": int(len(res_va)),
+        "n_heads_train": int(len(z_all)),
+        "noise_draws": int(noise_draws),
+        "epochs": int(epochs),
+        "history": history,
+        "seconds": time.perf_counter() - t_start,
+    }
+    torch.save(net.state_dict(), run / "best_unc.pt")
+    (run / "uncertainty.json").write_text(json.dumps(info, indent=1))
+    log.info("uncertainty heads: %.0f s; conformal k68 %s", info["seconds"],
+             np.round(k[0, :4], 3))
+    return info
+
+
+def _features(model, spectra, photometry, mask):
+    """Standardised network inputs of 880-pixel spectra (shared with predict)."""
+    logf, ok = photometry_features(photometry, mask)
+    x = (np.asarray(spectra, np.float32) - model._spec_mean) / model._spec_std
+    p = np.where(ok > 0, (logf - model._phot_mean) / model._phot_std, 0.0).astype(np.float32)
+    return x, p, ok
