@@ -240,6 +240,21 @@ def _cmd_train(args):
     return 0
 
 
+def _cmd_calibrate(args):
+    from .network import export_model, fit_uncertainty
+
+    info = fit_uncertainty(args.run_dir, args.training_set, seed=args.seed, epochs=args.epochs,
+                           threads=args.threads, max_samples=args.max_samples,
+                           progress_bar=not args.no_progress)
+    k = np.asarray(info["conformal_k"])
+    print(f"uncertainty heads fitted in {info['seconds']:.0f} s; 68 % multipliers "
+          f"(LW age, MW age, LW [Z/H], MW [Z/H]) {np.round(k[0, :4], 3).tolist()}")
+    if args.export:
+        w = export_model(args.run_dir, Path(args.export).with_suffix(""))
+        print(f"exported {w} and {Path(w).with_suffix('.json')}")
+    return 0
+
+
 def _cmd_evaluate(args):
     import json
 
@@ -416,6 +431,23 @@ def build_parser():
                    help="write the best weights and metadata there when done")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("calibrate",
+                       help="fit and calibrate the uncertainty and out-of-distribution heads "
+                            "of a trained network",
+                       description="Train the uncertainty and reconstruction heads on the "
+                                   "frozen network of a training run and calibrate them on "
+                                   "its validation split (split-conformal); writes "
+                                   "best_unc.pt and uncertainty.json in the run folder.")
+    p.add_argument("run_dir", help="output folder of 'cubesfh train'")
+    p.add_argument("training_set", help="the run's HDF5 training set")
+    p.add_argument("--seed", type=int, default=0, help="seed of the run (default 0)")
+    p.add_argument("--epochs", type=int, default=12, help="passes over the cached latents")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--max-samples", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--export", metavar="STEM", help="package the calibrated model as STEM.pt")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.set_defaults(func=_cmd_calibrate)
 
     p = sub.add_parser("evaluate",
                        help="accuracy and speed of the CNN (and pPXF) on the test split",
