@@ -218,7 +218,8 @@ def _cmd_make_training_set(args):
                              chunk_size=args.chunk_size, store_noiseless=not args.no_noiseless,
                              sigma_target=args.sigma_target * u.km / u.s,
                              chemistry=args.chemistry, prior=args.prior,
-                             libraries=args.libraries, overwrite=args.overwrite, progress_bar=not args.no_progress)
+                             libraries=args.libraries, overwrite=args.overwrite,
+                             progress_bar=not args.no_progress)
     print(f"wrote {path} ({args.n} samples, seed {args.seed}) in {time.perf_counter() - t0:.1f} s")
     return 0
 

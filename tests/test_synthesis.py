@@ -250,8 +250,9 @@ def test_training_set_at_300_kms(tmp_path):
     # same seed, other dispersion: same histories, spectra broadened to 300 km/s
     a = tmp_path / "a.h5"
     b = tmp_path / "b.h5"
-    make_training_set(a, n=20, seed=2, chunk_size=20, progress_bar=False)
-    make_training_set(b, n=20, seed=2, chunk_size=20, progress_bar=False,
+    # the paper's simulator: with the broad one the gas lines have their own width
+    make_training_set(a, n=20, seed=2, chunk_size=20, progress_bar=False, prior="paper")
+    make_training_set(b, n=20, seed=2, chunk_size=20, progress_bar=False, prior="paper",
                       sigma_target=300 * u.km / u.s)
     with h5py.File(a, "r") as fa, h5py.File(b, "r") as fb:
         assert fa.attrs["sigma_target_kms"] == 150.0 and fb.attrs["sigma_target_kms"] == 300.0

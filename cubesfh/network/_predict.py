@@ -10,7 +10,7 @@ import numpy as np
 
 from ..conventions import HST_BANDS, N_AGE_BINS, OUTPUT_WAVELENGTH
 from ..utils import CubeSFHError, sha256_file
-from ._data import downsample_spectra, photometry_features
+from ._data import downsample_spectra
 
 __all__ = ["BUNDLED_MODELS", "DEFAULT_MODEL", "SFHModel", "bundled_models", "export_model"]
 

@@ -172,7 +172,7 @@ def fit_uncertainty(run_dir, training_set, *, seed=0, epochs=12, noise_draws=2,
                 **mean_quantities(va["mass_fraction"], va["metallicity"])}
 
     # cached latents and residuals of the frozen network on noisy training inputs
-    zs, rs, idx, scores_r = [], [], [], []
+    zs, rs, idx = [], [], []
     clean_std = (tr["spectra"] - model._spec_mean) / model._spec_std
     for draw in range(noise_draws):
         rng = np.random.default_rng([seed, 5000 + draw])

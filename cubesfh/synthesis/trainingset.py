@@ -35,7 +35,7 @@ from .sfh import (
 )
 
 __all__ = ["CHEMISTRY_PRIORS", "DEFAULT_MIX", "PRIORS", "SNR_VALUES", "TRAINING_SET_FORMAT",
-           "make_training_set", "simulate_samples"]
+           "make_training_set", "simulate_samples", "training_library"]
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +104,58 @@ LSF_JITTER_RANGE = (0.0, 50.0)
 # [SII] 6717, 6731 (air, A)
 _DIG_LINES = np.array([4861.33, 4958.91, 5006.84, 6300.30, 6363.78, 6548.05, 6562.80,
                        6583.45, 6716.44, 6730.82])
+
+
+def training_library(name):
+    """
+    A training library, with the young sub-intervals it lacks taken from BC03.
+
+    The M11 and MaStar grids start at 3-100 Myr (``YNGFILL``; their builder
+    fills younger sub-intervals with the youngest native spectrum, which
+    would teach the network that a 7 Myr population looks like a 100 Myr
+    one). For training, the sub-intervals younger than ``YNGFILL`` are the
+    BC03 spectra of the nearest metallicity, scaled to the library's V-band
+    light per unit mass at the first native sub-interval (which carries the
+    library's IMF normalisation). BC03 itself is returned unchanged.
+
+    Parameters
+    ----------
+    name : str
+        A key of :data:`cubesfh.templates.TRAINING_LIBRARIES`.
+
+    Returns
+    -------
+    library : `~cubesfh.templates.TemplateLibrary`
+    """
+    from ..templates import TemplateLibrary, load_library
+
+    lib = load_library(name)
+    young = float(lib.meta.get("YNGFILL", 0.0))
+    if name == "bc03" or young <= 0:
+        return lib
+    ref = load_library("bc03")
+    repl = lib.ages.to_value(u.yr) < young * (1 - 1e-6)
+    if not repl.any():
+        return lib
+    first = int(np.flatnonzero(~repl)[0])
+    w = lib.wavelength.to_value(u.AA)
+    v = (w > 5450) & (w < 5550)
+    flux = np.array(lib.flux, copy=True)
+    sed = np.array(lib.sed_flux, copy=True)
+    for iz, zv in enumerate(lib.metallicity):
+        jz = int(np.argmin(np.abs(np.log10(ref.metallicity / zv))))
+        scale = flux[iz, first, v].mean() / ref.flux[jz, first, v].mean()
+        flux[iz, repl] = ref.flux[jz, repl] * scale
+        sed[iz, repl] = ref.sed_flux[jz, repl] * scale
+    meta = lib.meta.copy()
+    meta["YNGSRC"] = ("BC03 scaled", "sub-intervals < YNGFILL taken from BC03 for training")
+    return TemplateLibrary(wavelength=lib.wavelength, flux=flux,
+                           sed_wavelength=lib.sed_wavelength, sed_flux=sed, fwhm=lib.fwhm,
+                           age_edges=lib.age_edges, ages=lib.ages, age_bin=lib.age_bin,
+                           metallicity=lib.metallicity, living_fraction=lib.living_fraction,
+                           nebular_sed=lib.nebular_sed, nebular_lines=lib.nebular_lines,
+                           line_wavelength=lib.line_wavelength, line_names=lib.line_names,
+                           meta=meta, filename=lib.filename)
 
 
 def _draw_mass(rng, families, edges, params=None):
@@ -441,9 +493,7 @@ def make_training_set(output, *, n=N_DEFAULT, seed=0, mix=DEFAULT_MIX,
     if prior == "paper":
         models = [ForwardModel(sigma_target=sigma_target)]
     else:
-        from ..templates import load_library
-
-        models = [ForwardModel(load_library(name), sigma_target=sigma_target)
+        models = [ForwardModel(training_library(name), sigma_target=sigma_target)
                   for name in libraries]
     model = models[0]
     lib = model.library

@@ -13,9 +13,20 @@ from astropy.utils.exceptions import AstropyUserWarning
 from ..conventions import AGE_BIN_CENTERS, N_AGE_BINS, Z_SUN
 from ..utils.exceptions import CubeSFHError
 
-__all__ = ["DEFAULT_LIBRARY_PATH", "TemplateLibrary"]
+__all__ = ["DEFAULT_LIBRARY_PATH", "TRAINING_LIBRARIES", "TemplateLibrary", "load_library"]
 
-DEFAULT_LIBRARY_PATH = Path(__file__).parent / "data" / "ssp_bc03_miles_chabrier.fits"
+_DATA_DIR = Path(__file__).parent / "data"
+DEFAULT_LIBRARY_PATH = _DATA_DIR / "ssp_bc03_miles_chabrier.fits"
+
+#: Template libraries shipped for training, name -> file in ``cubesfh/templates/data``;
+#: the default BC03 library comes first. The extra ones are built by
+#: :mod:`cubesfh.templates.build_external`. The held-out evaluation library is not
+#: here: see :func:`cubesfh.templates.load_heldout_library`.
+TRAINING_LIBRARIES = {
+    "bc03": DEFAULT_LIBRARY_PATH.name,
+    "m11_miles": "ssp_m11_miles.fits",
+    "mastar": "ssp_mastar.fits",
+}
 
 #: Unit of the template fluxes: luminosity density per solar mass formed.
 FLUX_UNIT = u.solLum / u.AA / u.solMass
@@ -241,9 +252,47 @@ def _read(path):
         raise CubeSFHError(msg) from exc
 
 
-@functools.lru_cache(maxsize=1)
-def _load_default():
-    lib = _read(DEFAULT_LIBRARY_PATH)
+def load_library(name="bc03"):
+    """
+    One of the shipped training template libraries, read once and cached.
+
+    Parameters
+    ----------
+    name : str, optional
+        A key of :data:`TRAINING_LIBRARIES` (``"bc03"``, ``"m11_miles"``,
+        ``"mastar"``).
+
+    Returns
+    -------
+    library : `TemplateLibrary`
+        Treat its arrays as read-only (they are shared by all callers).
+
+    Raises
+    ------
+    CubeSFHError
+        If ``name`` is not a shipped library.
+    """
+    if name not in TRAINING_LIBRARIES:
+        msg = (f"Unknown template library {name!r}; choose one of "
+               f"{', '.join(TRAINING_LIBRARIES)} (the held-out E-MILES library is loaded "
+               "with cubesfh.templates.load_heldout_library).")
+        raise CubeSFHError(msg)
+    if name == "bc03":
+        return _load_default()
+    return _load_cached(_DATA_DIR / TRAINING_LIBRARIES[name])
+
+
+def _freeze(lib):
     for name in ("flux", "sed_flux", "living_fraction", "nebular_sed", "nebular_lines"):
         getattr(lib, name).flags.writeable = False
     return lib
+
+
+@functools.lru_cache(maxsize=1)
+def _load_default():
+    return _freeze(_read(DEFAULT_LIBRARY_PATH))
+
+
+@functools.lru_cache(maxsize=8)
+def _load_cached(path):
+    return _freeze(_read(path))
