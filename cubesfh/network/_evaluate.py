@@ -19,8 +19,8 @@ from ..conventions import AGE_BIN_CENTERS, AGE_BIN_EDGES, HST_BANDS
 from ..utils import CubeSFHError
 from ._train import split_indices
 
-__all__ = ["coverage_statistics", "evaluate", "evaluate_heldout", "metrics_to_rst",
-           "summary_statistics"]
+__all__ = ["coverage_statistics", "evaluate", "evaluate_heldout", "heldout_to_rst",
+           "metrics_to_rst", "summary_statistics"]
 
 log = logging.getLogger(__name__)
 
@@ -259,7 +259,9 @@ def evaluate_heldout(library, model=None, *, n=5000, seed=2026, snr_values=(15, 
     population computed on ``library`` (by default the held-out E-MILES
     library, :func:`~cubesfh.templates.load_heldout_library`), the labels
     computed on that library too; the CNN and pPXF (with the BC03 templates
-    it always uses) analyse them.
+    it always uses) analyse them. Sub-intervals younger than the library's
+    first age (``YNGFILL``; 63 Myr for E-MILES) are BC03's
+    (:func:`~cubesfh.synthesis.trainingset.with_young_from_bc03`).
 
     Parameters
     ----------
@@ -287,11 +289,13 @@ def evaluate_heldout(library, model=None, *, n=5000, seed=2026, snr_values=(15, 
     metrics : dict
     """
     from ..synthesis import ForwardModel
-    from ..synthesis.trainingset import _family_plan, simulate_samples
+    from ..synthesis.trainingset import _family_plan, simulate_samples, with_young_from_bc03
     from ._predict import SFHModel
 
     model = SFHModel.load() if model is None else model
-    fm = ForwardModel(library, sigma_target=model.sigma_target)
+    # the held-out grid starts at 63 Myr: younger sub-intervals are BC03's, as
+    # for the training libraries (otherwise their labels would be wrong)
+    fm = ForwardModel(with_young_from_bc03(library), sigma_target=model.sigma_target)
     rng = np.random.default_rng([int(seed), 11])
     fam = _family_plan(n, (150_000, 9_000, 6_000), seed)
     chunks = []
@@ -469,4 +473,76 @@ def metrics_to_rst(metrics):
             for k, v in metrics["ablation"].items()]
     parts += ["HST bands removed (the same network, band mask set accordingly):", "",
               table(rows, header), ""]
+    if "coverage" in metrics:
+        parts += [_coverage_text(metrics["coverage"], "the test split"), ""]
+    return "\n".join(parts)
+
+
+def _table(rows, header):
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    line = "  ".join("=" * w for w in widths)
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    return "\n".join([line, fmt.format(*header), line, *[fmt.format(*r) for r in rows], line])
+
+
+def _coverage_text(cov, where):
+    header = ["quantity", "68 % interval", "95 % interval", "median 68 % width",
+              "PIT min / max"]
+    rows = []
+    for q in QUANTITIES:
+        c = cov[q]
+        rows.append([q, f"{100 * c['cov68']:.1f} %", f"{100 * c['cov95']:.1f} %",
+                     f"{c['median_width68']:.3f} dex",
+                     f"{min(c['pit']):.2f} / {max(c['pit']):.2f}"])
+    rows.append(["SFH, 16 bins", f"{100 * cov['sfh']['cov68']:.1f} %",
+                 f"{100 * cov['sfh']['cov95']:.1f} %", "", ""])
+    return "\n".join([
+        f"Coverage of the calibrated intervals on {where} (fraction of spectra whose "
+        f"truth lies inside; PIT histogram in 10 bins normalised to a mean of 1, flat = "
+        f"calibrated). Flagged out of distribution: {100 * cov['ood_fraction']:.2f} %.", "",
+        _table(rows, header)])
+
+
+def heldout_to_rst(metrics, previous=None):
+    """
+    reStructuredText tables of a leave-one-library-out evaluation.
+
+    Parameters
+    ----------
+    metrics : dict
+        Output of `evaluate_heldout`.
+    previous : dict, optional
+        The same evaluation of an earlier network, shown for comparison.
+
+    Returns
+    -------
+    text : str
+    """
+    header = ["method", "log age LW", "log age MW", "[Z/H] LW", "[Z/H] MW"]
+
+    def row(name, stats):
+        return [name] + [f"{stats[q]['bias']:+.3f} / {stats[q]['scatter']:.3f}"
+                         for q in QUANTITIES]
+
+    rows = [row(f"CNN ({metrics['n']} spectra)", metrics["cnn"])]
+    if previous is not None:
+        rows.append(row("previous CNN (paper prior, BC03 only)", previous["cnn"]))
+    if "comparison" in metrics:
+        c = metrics["comparison"]
+        rows += [row(f"CNN, first {c['n']}", c["cnn"]), row(f"pPXF, first {c['n']}",
+                                                             c["ppxf"])]
+    parts = [f"Spectra simulated with the held-out library ({metrics['library']}/"
+             f"{metrics['stellib']}, {metrics['prior']} prior, training S/N), analysed by "
+             "the CNN and by pPXF with the BC03 templates (bias / scatter in dex):", "",
+             _table(rows, header), ""]
+    if "coverage" in metrics:
+        parts += [_coverage_text(metrics["coverage"], "the held-out library"), ""]
+    for snr, entry in metrics.get("low_snr", {}).items():
+        if "coverage" in entry:
+            parts += [f"Re-noised at S/N = {float(snr):g}: CNN "
+                      + ", ".join(f"{q} {entry['cnn'][q]['bias']:+.3f} / "
+                                  f"{entry['cnn'][q]['scatter']:.3f}" for q in QUANTITIES)
+                      + ".", "", _coverage_text(entry["coverage"],
+                                                f"the held-out library at S/N {float(snr):g}"),
+                      ""]
     return "\n".join(parts)

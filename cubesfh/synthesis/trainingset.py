@@ -35,7 +35,8 @@ from .sfh import (
 )
 
 __all__ = ["CHEMISTRY_PRIORS", "DEFAULT_MIX", "PRIORS", "SNR_VALUES", "TRAINING_SET_FORMAT",
-           "make_training_set", "simulate_samples", "training_library"]
+           "make_training_set", "simulate_samples", "training_library",
+           "with_young_from_bc03"]
 
 log = logging.getLogger(__name__)
 
@@ -127,11 +128,34 @@ def training_library(name):
     -------
     library : `~cubesfh.templates.TemplateLibrary`
     """
-    from ..templates import TemplateLibrary, load_library
+    from ..templates import load_library
 
     lib = load_library(name)
+    if name == "bc03":
+        return lib
+    return with_young_from_bc03(lib)
+
+
+def with_young_from_bc03(lib):
+    """
+    Replace the sub-intervals younger than a library's ``YNGFILL`` by scaled BC03 ones.
+
+    See `training_library`; also used for the held-out library of the
+    evaluation, whose grid starts at 63 Myr.
+
+    Parameters
+    ----------
+    lib : `~cubesfh.templates.TemplateLibrary`
+
+    Returns
+    -------
+    library : `~cubesfh.templates.TemplateLibrary`
+        ``lib`` itself when it lacks no young ages.
+    """
+    from ..templates import TemplateLibrary, load_library
+
     young = float(lib.meta.get("YNGFILL", 0.0))
-    if name == "bc03" or young <= 0:
+    if young <= 0:
         return lib
     ref = load_library("bc03")
     repl = lib.ages.to_value(u.yr) < young * (1 - 1e-6)
