@@ -37,6 +37,7 @@ import functools
 import logging
 import time
 import warnings
+import zlib
 from contextlib import nullcontext
 from typing import NamedTuple
 
@@ -57,6 +58,7 @@ __all__ = [
     "PopulationFit",
     "fit_population",
     "fit_populations",
+    "mc_columns",
 ]
 
 log = logging.getLogger(__name__)
@@ -141,6 +143,12 @@ class PopulationFit(NamedTuple):
     flag: int
     #: Wall-clock seconds spent on this spectrum.
     seconds: float
+    #: Monte-Carlo uncertainties (``n_mc > 0``, else `None`): dict with the 16th
+    #: and 84th percentiles over the noise realisations, keys ``<name>_p16``,
+    #: ``<name>_p84`` for ``logage_lw``, ``logage_mw``, ``zh_lw``, ``zh_mw``
+    #: (floats) and ``mass_fraction`` (16 values), and ``n_mc`` (realisations
+    #: fitted successfully).
+    mc: dict | None = None
 
 
 class BaselineTemplates:
@@ -348,7 +356,8 @@ def _failed(flag, n_good, n_bands, seconds, shape):
 def fit_population(spectrum, variance, photometry=None, *, templates=None, phot_error=0.02,
                    phot_noise=None, mask=None, regul=100.0, reg_ord=2, mdegree=8, degree=-1,
                    av_start=0.3, av_bounds=(0.0, 10.0), mask_emission=True,
-                   mask_width=800 * _KMS, rescale_noise=True, blas_threads=1):
+                   mask_width=800 * _KMS, rescale_noise=True, blas_threads=1, n_mc=0,
+                   mc_seed=0):
     """
     Fit the stellar populations of one spectrum (and its HST fluxes) with pPXF.
 
@@ -406,6 +415,15 @@ def fit_population(spectrum, variance, photometry=None, *, templates=None, phot_
         (requires ``threadpoolctl``; `None` leaves it alone). The linear
         systems are small, and multi-threaded BLAS only slows them down when
         other processes compete for the cores.
+    n_mc : int, optional
+        Monte-Carlo uncertainties: after the fit, refit ``n_mc`` copies of the
+        spectrum (and photometry) with Gaussian noise drawn from ``variance``
+        (and the photometric errors) added, with the same options, and report
+        the 16th and 84th percentiles of the mean quantities and of the SFH in
+        ``result.mc``. Default 0: none (each realisation costs one fit).
+    mc_seed : int, optional
+        Seed of the noise realisations, combined with a checksum of the
+        spectrum so that each bin gets its own reproducible noise.
 
     Returns
     -------
@@ -519,12 +537,53 @@ def fit_population(spectrum, variance, photometry=None, *, templates=None, phot_
     with np.errstate(invalid="ignore", divide="ignore"):
         zh = np.where(mass_fraction > 0, (mass @ tpl.zh) / mass_fraction, np.nan)
     mq = mean_quantities(mass_fraction, np.nan_to_num(zh, nan=0.0))
+    mc = None
+    if n_mc and int(n_mc) > 0:
+        options = dict(templates=tpl, phot_error=phot_error, phot_noise=phot_noise, mask=mask,
+                       regul=regul, reg_ord=reg_ord, mdegree=mdegree, degree=degree,
+                       av_start=av_start, av_bounds=av_bounds, mask_emission=mask_emission,
+                       mask_width=mask_width, rescale_noise=rescale_noise,
+                       blas_threads=blas_threads)
+        mc = _monte_carlo(spectrum, variance, photometry, int(n_mc), int(mc_seed), options)
     return PopulationFit(
         mass_fraction=mass_fraction, zh=zh, light_fraction=np.asarray(mq["light_fraction"]),
         light_weights=light, mass_weights=mass, logage_lw=float(mq["logage_lw"]),
         logage_mw=float(mq["logage_mw"]), zh_lw=float(mq["zh_lw"]), zh_mw=float(mq["zh_mw"]),
         av=av, chi2=chi2, phot_chi2=phot_chi2, noise_scale=scale, n_good=n_good,
-        n_bands=n_fit_bands, flag=int(flag), seconds=time.perf_counter() - t0)
+        n_bands=n_fit_bands, flag=int(flag), seconds=time.perf_counter() - t0, mc=mc)
+
+
+#: Mean quantities given Monte-Carlo percentiles.
+MC_QUANTITIES = ("logage_lw", "logage_mw", "zh_lw", "zh_mw")
+
+
+def _monte_carlo(spectrum, variance, photometry, n_mc, seed, options):
+    """16th/84th percentiles of the fits to ``n_mc`` noisy copies of a spectrum."""
+    rng = np.random.default_rng([seed, zlib.crc32(np.ascontiguousarray(spectrum).tobytes())])
+    sd = np.sqrt(np.where(np.isfinite(variance) & (variance > 0), variance, 0.0))
+    if photometry is not None:
+        pnoise = options["phot_noise"]
+        pnoise = options["phot_error"] * np.abs(photometry) if pnoise is None else pnoise
+        psd = np.where(np.isfinite(pnoise) & (pnoise > 0), pnoise, 0.0)
+    fits_ = []
+    for _ in range(n_mc):
+        spec = spectrum + rng.standard_normal(spectrum.shape) * sd
+        phot = (None if photometry is None
+                else photometry + rng.standard_normal(photometry.shape) * psd)
+        r = fit_population(spec, variance, phot, n_mc=0, **options)
+        if not r.flag & (BaselineFlag.NO_DATA | BaselineFlag.FIT_FAILED):
+            fits_.append(r)
+    out = {"n_mc": len(fits_)}
+    for name in MC_QUANTITIES + ("mass_fraction",):
+        if len(fits_) >= 2:
+            values = np.array([getattr(r, name) for r in fits_], float)
+            lo, hi = np.percentile(values, [16, 84], axis=0)
+        else:
+            shape = (N_AGE_BINS,) if name == "mass_fraction" else ()
+            lo = hi = np.full(shape, np.nan)
+        out[f"{name}_p16"] = lo if name == "mass_fraction" else float(lo)
+        out[f"{name}_p84"] = hi if name == "mass_fraction" else float(hi)
+    return out
 
 
 def _run_ppxf(*, templates, galaxy, noise, good, phot, regul, reg_ord, mdegree, degree,
@@ -548,8 +607,8 @@ def _run_ppxf(*, templates, galaxy, noise, good, phot, regul, reg_ord, mdegree, 
 def fit_populations(spectra, variances, photometry=None, *, templates=None, phot_error=0.02,
                     phot_noise=None, regul=100.0, reg_ord=2, mdegree=8, degree=-1,
                     av_start=0.3, av_bounds=(0.0, 10.0), mask_emission=True,
-                    mask_width=800 * _KMS, rescale_noise=True, blas_threads=1,
-                    progress_bar=True):
+                    mask_width=800 * _KMS, rescale_noise=True, blas_threads=1, n_mc=0,
+                    mc_seed=0, progress_bar=True):
     """
     Fit many spectra with :func:`fit_population` (one after the other).
 
@@ -564,7 +623,7 @@ def fit_populations(spectra, variances, photometry=None, *, templates=None, phot
     progress_bar : bool, optional
         Show a progress bar.
     templates, phot_error, regul, reg_ord, mdegree, degree, av_start, av_bounds, \
-mask_emission, mask_width, rescale_noise, blas_threads
+mask_emission, mask_width, rescale_noise, blas_threads, n_mc, mc_seed
         As in :func:`fit_population`.
 
     Returns
@@ -573,6 +632,9 @@ mask_emission, mask_width, rescale_noise, blas_threads
         One row per spectrum with the fields of `PopulationFit` as columns
         (``av`` in mag; ``mass_fraction``, ``zh``, ``light_fraction`` of shape
         (n, 16); ``light_weights`` and ``mass_weights`` of shape (n, 16, 6)).
+        With ``n_mc > 0`` also ``<name>_p16`` and ``<name>_p84`` for
+        ``logage_lw``, ``logage_mw``, ``zh_lw``, ``zh_mw`` and
+        ``mass_fraction`` (Monte-Carlo percentiles) and ``n_mc``.
         ``meta`` holds the configuration, ``n_failed`` and
         ``seconds_per_spectrum``.
 
@@ -605,7 +667,8 @@ mask_emission, mask_width, rescale_noise, blas_threads
     options = dict(templates=tpl, phot_error=phot_error, regul=regul, reg_ord=reg_ord,
                    mdegree=mdegree, degree=degree, av_start=av_start, av_bounds=av_bounds,
                    mask_emission=mask_emission, mask_width=mask_width,
-                   rescale_noise=rescale_noise, blas_threads=blas_threads)
+                   rescale_noise=rescale_noise, blas_threads=blas_threads, n_mc=n_mc,
+                   mc_seed=mc_seed)
     t0 = time.perf_counter()
     results = []
     for i in progress(range(n), enabled=progress_bar, desc="pPXF baseline", unit="spectrum"):
@@ -616,10 +679,15 @@ mask_emission, mask_width, rescale_noise, blas_threads
 
     table = QTable()
     for name in PopulationFit._fields:
+        if name == "mc":
+            continue
         col = np.array([getattr(r, name) for r in results])
         if name == "av":
             col = col * u.mag
         table[name] = col
+    if n_mc and int(n_mc) > 0:
+        for key, values in mc_columns(results).items():
+            table[key] = values
     n_failed = int(np.sum((table["flag"] & (BaselineFlag.NO_DATA | BaselineFlag.FIT_FAILED)) > 0))
     table.meta.update({
         "method": "pPXF", "regul": float(regul), "reg_ord": int(reg_ord),
@@ -628,7 +696,7 @@ mask_emission, mask_width, rescale_noise, blas_threads
         "phot_error": float(phot_error), "phot_noise_given": phot_noise is not None,
         "bands": tpl.bands, "mask_emission": bool(mask_emission),
         "mask_width": u.Quantity(mask_width, _KMS), "rescale_noise": bool(rescale_noise),
-        "velscale": tpl.velscale * _KMS, "n_failed": n_failed,
+        "velscale": tpl.velscale * _KMS, "n_failed": n_failed, "n_mc": int(n_mc),
         "seconds_per_spectrum": elapsed / max(n, 1),
     })
     log.info("pPXF baseline: %d spectra in %.1f s (%.2f s per spectrum), %d failed",
@@ -638,3 +706,34 @@ mask_emission, mask_width, rescale_noise, blas_threads
                "failure); their rows are NaN, see the 'flag' column (BaselineFlag).")
         warnings.warn(msg, CubeSFHWarning)
     return table
+
+
+def mc_columns(results):
+    """
+    Monte-Carlo percentiles of many `PopulationFit` as per-spectrum arrays.
+
+    Parameters
+    ----------
+    results : list of `PopulationFit` or `None`
+        `None` or a fit without ``mc`` gives NaN (``n_mc`` 0).
+
+    Returns
+    -------
+    columns : dict of `~numpy.ndarray`
+        ``<name>_p16``, ``<name>_p84`` (``(n,)``, ``(n, 16)`` for
+        ``mass_fraction``) and ``n_mc``.
+    """
+    n = len(results)
+    out = {}
+    for name in MC_QUANTITIES + ("mass_fraction",):
+        shape = (n, N_AGE_BINS) if name == "mass_fraction" else (n,)
+        for p in ("p16", "p84"):
+            out[f"{name}_{p}"] = np.full(shape, np.nan)
+    out["n_mc"] = np.zeros(n, dtype=np.int32)
+    for i, r in enumerate(results):
+        mc = getattr(r, "mc", None)
+        if not mc:
+            continue
+        for key in out:
+            out[key][i] = mc[key]
+    return out

@@ -64,6 +64,9 @@ def _add_run_options(p):
                    help="existing dask scheduler (default: a local cluster)")
     p.add_argument("--workers", type=int, help="workers of the local dask cluster")
     p.add_argument("--cache-dir", help="keep finished pPXF bins here (resume)")
+    p.add_argument("--ppxf-mc", type=int, default=0, metavar="N",
+                   help="pPXF uncertainties: refit N noise realisations per bin and write "
+                        "the 16/84 percentiles (PPXF_*_P16/_P84; default 0: none)")
     p.add_argument("--model", action="append", metavar="PATH.pt",
                    help="network weights (repeatable, one per velocity dispersion; default: "
                         "the bundled 150 and 300 km/s models)")
@@ -142,6 +145,7 @@ def _run(cube_path, hst_paths, args, output):
                         register=args.register, max_offset=args.max_offset * u.arcsec,
                         k_correct=k_correct, snr_window=_snr_window(args),
                         ebv_galactic=getattr(args, "ebv", 0.0),
+                        ppxf_mc=getattr(args, "ppxf_mc", 0),
                         max_memory=args.max_memory * u.GB, progress_bar=not args.no_progress)
     maps.write(output, overwrite=True)
     if "registration" in maps.meta:
@@ -193,6 +197,17 @@ def _cmd_demo(args):
                          f"({ok.sum()} bins)")
     print("recovered versus true (per bin):")
     print("\n".join(lines))
+    fits_path = out / "demo_maps.fits"
+    if maps.has_uncertainty:
+        print(f"uncertainty maps in {fits_path}: LOGAGE_LW_P16/_P84 ... ZH_MW_P16/_P84, "
+              "SFH_P16/_P84 (68% intervals) and OOD_SCORE (> 1: outside the training set; "
+              "FLAG bit OUT_OF_DISTRIBUTION)")
+    else:
+        print("the network has no uncertainty heads: no uncertainty maps written")
+    if maps.has_ppxf_uncertainty:
+        print(f"pPXF Monte-Carlo intervals in {fits_path}: PPXF_*_P16/_P84")
+    if any(n.endswith("_SIG") for n in maps.extension_names):
+        print(f"CNN - pPXF in sigma units in {fits_path}: DIFF_*_SIG (FLAG bit DISAGREE)")
     return 0
 
 
@@ -263,6 +278,18 @@ def _cmd_evaluate(args):
     from .network._evaluate import evaluate
 
     model = SFHModel.load(args.model) if args.model else SFHModel.load()
+    if args.heldout:
+        from .network._evaluate import evaluate_heldout, heldout_to_rst
+        from .templates import load_heldout_library
+
+        m = evaluate_heldout(load_heldout_library(), model, n=args.heldout,
+                             n_ppxf=args.n_ppxf, output_json=args.output,
+                             progress_bar=not args.no_progress)
+        if args.output:
+            Path(args.output).with_suffix(".rst").write_text(heldout_to_rst(m))
+        print(json.dumps({k: m[k] for k in ("cnn", "comparison", "coverage") if k in m},
+                         indent=1))
+        return 0
     m = evaluate(args.training_set, model, n_ppxf=args.n_ppxf, output_json=args.output,
                  figure_dir=args.figures, progress_bar=not args.no_progress,
                  max_test=args.max_test)
@@ -461,6 +488,9 @@ def build_parser():
     p.add_argument("--output", help="metrics JSON file")
     p.add_argument("--figures", help="folder for PNG figures")
     p.add_argument("--max-test", type=int, help="use only this many test spectra")
+    p.add_argument("--heldout", type=int, metavar="N", default=0,
+                   help="instead: N spectra simulated with the held-out E-MILES library "
+                        "(leave-one-library-out test; TRAINING_SET is ignored, pass '-')")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_evaluate)
 

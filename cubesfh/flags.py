@@ -31,3 +31,14 @@ class BinFlag(enum.IntFlag):
     SPECTRUM_INCOMPLETE = 32
     #: No HST image was given for this band set (spectrum-only input).
     NO_PHOTOMETRY = 64
+    #: The network's out-of-distribution score exceeds 1 (``ood_score > 1``):
+    #: the bin's inputs lie outside the training distribution and its
+    #: predictions and intervals are extrapolations. Set only for models with
+    #: uncertainty heads.
+    OUT_OF_DISTRIBUTION = 128
+    #: The CNN and the pPXF baseline disagree: ``|CNN - pPXF| > 2 sigma``
+    #: (the two half-widths of the 68 per cent intervals added in quadrature)
+    #: for at least one of the four mean ages and metallicities. Set only when
+    #: both were run and at least one of them has uncertainties (a missing
+    #: sigma counts as 0).
+    DISAGREE = 256

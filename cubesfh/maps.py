@@ -42,6 +42,7 @@ __all__ = [
     "PRODUCT_VERSION",
     "StellarPopulationMaps",
     "decode_flags",
+    "disagreement",
     "flag_bits",
 ]
 
@@ -71,6 +72,8 @@ _FLAG_COMMENTS = {
     "SPECTRUM_FAILED": "rest-frame spectrum not prepared",
     "SPECTRUM_INCOMPLETE": "part of 4800-7000 A rest has no data",
     "NO_PHOTOMETRY": "no HST images given",
+    "OUT_OF_DISTRIBUTION": "CNN ood_score > 1: outside training set",
+    "DISAGREE": "|CNN - pPXF| > 2 combined sigma in a mean",
     "NOT_BINNED": "spaxel in no bin: maps are NaN",
     "PPXF_FAILED": "pPXF baseline fit failed",
 }
@@ -106,6 +109,25 @@ _RESULT_COLUMNS = (
 )
 _REQUIRED_RESULTS = ("logage_lw", "logage_mw", "zh_lw", "zh_mw", "mass_fraction", "zh")
 
+_MEANS = ("logage_lw", "logage_mw", "zh_lw", "zh_mw")
+_MEAN_UNITS = {"logage_lw": _DEX_YR, "logage_mw": _DEX_YR, "zh_lw": u.dex, "zh_mw": u.dex}
+_PERCENTILE_DOCS = {"p16": "16th percentile (68% interval)", "p84": "84th percentile (68%)",
+                    "p02": "2.5th percentile (95% interval)", "p98": "97.5th percentile (95%)",
+                    "err": "half-width of the 68% interval"}
+# Optional per-bin uncertainty columns: name (without cnn_/ppxf_), unit, per age bin?,
+# description, whether pPXF can have it (Monte Carlo).
+_UNCERTAINTY_COLUMNS = tuple(
+    (f"{q}_{s}", _MEAN_UNITS[q], False, f"{q} {_PERCENTILE_DOCS[s]}", s in ("p16", "p84"))
+    for q in _MEANS for s in ("p16", "p84", "p02", "p98", "err")) + tuple(
+    (f"mass_fraction_{s}", u.dimensionless_unscaled, True,
+     f"mass_fraction {_PERCENTILE_DOCS[s]}", s in ("p16", "p84"))
+    for s in ("p16", "p84", "p02", "p98")) + (
+    ("ood_score", u.dimensionless_unscaled, False,
+     "out-of-distribution score (>1: outside training set)", False),
+    ("ood_latent", u.dimensionless_unscaled, False, "ood_score part: latent distance", False),
+    ("ood_recon", u.dimensionless_unscaled, False, "ood_score part: reconstruction", False),
+)
+
 # Image extensions: extension name, column of BINS, description.
 _BASE_IMAGES = (
     ("SNR", "snr", "S/N per Angstrom of the bin (binning window)"),
@@ -122,6 +144,14 @@ _CUBE_IMAGES = (
     ("SFH", "mass_fraction", "living-mass fraction in each of the 16 age bins"),
     ("ZH_AGE", "zh", "[Z/H] of each of the 16 age bins (NaN: no mass)"),
 )
+# Uncertainty image extensions (with uncertainty columns): extension, column, description.
+_INTERVAL_IMAGES = tuple(
+    (f"{e}_{p.upper()}", f"{c}_{p}", f"{p[1:]}th percentile of {d}")
+    for e, c, d in _MEAN_IMAGES for p in ("p16", "p84")) + (
+    ("SFH_P16", "mass_fraction_p16", "16th percentile of the living-mass fraction per age bin"),
+    ("SFH_P84", "mass_fraction_p84", "84th percentile of the living-mass fraction per age bin"),
+)
+_CUBE_NAMES = ("SFH", "ZH_AGE", "SFH_P16", "SFH_P84")
 
 _COLUMN_DOCS = {
     "bin": "bin number (value of BIN_ID)",
@@ -142,6 +172,7 @@ _COLUMN_DOCS = {
     "ppxf_flag": "BaselineFlag of the pPXF fit",
     "ppxf_av": "Calzetti A_V of the pPXF fit",
     "ppxf_chi2": "reduced chi2 of the pPXF fit",
+    "ppxf_n_mc": "pPXF Monte-Carlo realisations fitted",
 }
 
 
@@ -403,6 +434,55 @@ def _flatten(prefix, value):
         yield prefix, value
 
 
+def _sigma(table, prefix, col):
+    """Half-width of the 68 per cent interval of a column, 0 where there is none."""
+    if prefix + col + "_p16" not in table.colnames:
+        return np.zeros(len(table))
+    hi = np.asarray(getattr(table[prefix + col + "_p84"], "value", table[prefix + col + "_p84"]),
+                    float)
+    lo = np.asarray(getattr(table[prefix + col + "_p16"], "value", table[prefix + col + "_p16"]),
+                    float)
+    return (hi - lo) / 2
+
+
+def disagreement(table, columns=_MEANS):
+    """
+    CNN - pPXF difference in units of the combined sigma.
+
+    ``(cnn - ppxf) / sqrt(sigma_cnn**2 + sigma_ppxf**2)`` with each sigma half
+    its 68 per cent interval (``(p84 - p16) / 2``; 0 where it has none).
+
+    Parameters
+    ----------
+    table : `~astropy.table.Table`
+        The per-bin table (``cnn_<name>``, ``ppxf_<name>`` and optionally
+        ``<prefix><name>_p16``, ``_p84``).
+    columns : tuple of str, optional
+        One column: its signed ratio. Several: the largest absolute ratio
+        (NaN where none is finite).
+
+    Returns
+    -------
+    ratio : `~numpy.ndarray`
+        Per bin; NaN where a value is missing or the combined sigma is 0.
+    """
+    out = []
+    for col in columns:
+        if "ppxf_" + col not in table.colnames:
+            return np.full(len(table), np.nan)
+        a = np.asarray(getattr(table["cnn_" + col], "value", table["cnn_" + col]), float)
+        b = np.asarray(getattr(table["ppxf_" + col], "value", table["ppxf_" + col]), float)
+        sig = np.hypot(_sigma(table, "cnn_", col), _sigma(table, "ppxf_", col))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out.append(np.where(sig > 0, (a - b) / sig, np.nan))
+    if len(out) == 1:
+        return out[0]
+    stack = np.abs(np.array(out))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmax(stack, axis=0)
+
+
 # ----------------------------------------------------------------------------- I/O classes
 
 
@@ -585,6 +665,13 @@ class StellarPopulationMaps:
                 values = _per_bin(table, name, n, source="table", vector=vector, unit=unit)
                 table[name] = values * unit
                 table[name].info.description = f"{source}: {doc}"
+            for key, unit, vector, doc, _ in _UNCERTAINTY_COLUMNS:
+                name = prefix + key
+                if name in table.colnames:
+                    values = _per_bin(table, name, n, source="table", vector=vector,
+                                      unit=unit)
+                    table[name] = values * unit
+                    table[name].info.description = f"{source}: {doc}"
         if "bin" in table.colnames:
             if not np.array_equal(np.asarray(table["bin"]), np.arange(n)):
                 msg = "table['bin'] must be 0, 1, ..., n_bins - 1 (rows in bin-number order)."
@@ -715,6 +802,14 @@ class StellarPopulationMaps:
                 if src in keys:
                     t[prefix + key] = _per_bin(result, src, n, source=source, vector=vector,
                                                unit=unit) * unit
+            for key, unit, vector, _, in_ppxf in _UNCERTAINTY_COLUMNS:
+                if key in keys and (source == "cnn" or in_ppxf):
+                    t[prefix + key] = _per_bin(result, key, n, source=source, vector=vector,
+                                               unit=unit) * unit
+            if source == "cnn" and "ood_score" in keys:
+                with np.errstate(invalid="ignore"):
+                    ood = np.asarray(t["cnn_ood_score"].value) > 1
+                flags[ood] |= int(BinFlag.OUT_OF_DISTRIBUTION)
             if source == "ppxf":
                 failed = ~np.isfinite(t["ppxf_logage_lw"].value)
                 if "flag" in keys:
@@ -725,11 +820,14 @@ class StellarPopulationMaps:
                     failed |= (pflag & int(BaselineFlag.NO_DATA | BaselineFlag.FIT_FAILED)) > 0
                 if "failed" in keys:
                     failed |= np.asarray(result["failed"], dtype=bool)
-                for extra, unit in (("av", u.mag), ("chi2", None)):
+                for extra, unit in (("av", u.mag), ("chi2", None), ("n_mc", None)):
                     if extra in keys:
                         values = _plain_values(f"ppxf[{extra!r}]", result[extra], unit)
                         t[f"ppxf_{extra}"] = values if unit is None else values * unit
                 flags[failed] |= FLAG_PPXF_FAILED
+        if ppxf is not None:
+            with np.errstate(invalid="ignore"):
+                flags[disagreement(t) > 2] |= int(BinFlag.DISAGREE)
         t["flag"] = flags
 
         prov = dict(provenance or {})
@@ -767,13 +865,29 @@ class StellarPopulationMaps:
         return "ppxf_logage_lw" in self.table.colnames
 
     @property
+    def has_uncertainty(self):
+        """Whether the CNN intervals and OOD score are included (model with heads)."""
+        return "cnn_logage_lw_p16" in self.table.colnames
+
+    @property
+    def has_ppxf_uncertainty(self):
+        """Whether the pPXF Monte-Carlo intervals are included."""
+        return self.has_ppxf and "ppxf_logage_lw_p16" in self.table.colnames
+
+    @property
     def extension_names(self):
         """Names of the image extensions, in file order."""
         names = ["BIN_ID", *(e for e, _, _ in _BASE_IMAGES), "FLAG"]
         names += [e for e, _, _ in _MEAN_IMAGES] + [e for e, _, _ in _CUBE_IMAGES]
+        if self.has_uncertainty:
+            names += [e for e, _, _ in _INTERVAL_IMAGES] + ["OOD_SCORE"]
         if self.has_ppxf:
             names += ["PPXF_" + e for e, _, _ in _MEAN_IMAGES + _CUBE_IMAGES]
+            if self.has_ppxf_uncertainty:
+                names += ["PPXF_" + e for e, _, _ in _INTERVAL_IMAGES]
             names += ["DIFF_" + e for e, _, _ in _MEAN_IMAGES]
+            if self.has_uncertainty or self.has_ppxf_uncertainty:
+                names += [f"DIFF_{e}_SIG" for e, _, _ in _MEAN_IMAGES]
         return names
 
     def __repr__(self):
@@ -805,6 +919,20 @@ class StellarPopulationMaps:
         for ext, col, doc in _BASE_IMAGES:
             if name == ext:
                 return col, doc, "DATA"
+        if self.has_uncertainty:
+            for ext, col, doc in _INTERVAL_IMAGES:
+                if name == ext:
+                    return "cnn_" + col, f"CNN: {doc}", "CNN"
+            if name == "OOD_SCORE":
+                return "cnn_ood_score", "CNN out-of-distribution score (>1: outside)", "CNN"
+        if self.has_ppxf_uncertainty:
+            for ext, col, doc in _INTERVAL_IMAGES:
+                if name == "PPXF_" + ext:
+                    return "ppxf_" + col, f"pPXF (Monte Carlo): {doc}", "PPXF"
+        if self.has_ppxf and (self.has_uncertainty or self.has_ppxf_uncertainty):
+            for ext, col, _ in _MEAN_IMAGES:
+                if name == f"DIFF_{ext}_SIG":
+                    return col, f"(CNN - pPXF) / combined sigma of {col}", "CNN-PPXF-SIG"
         for prefix, colprefix, method, label in (("", "cnn_", "CNN", "CNN"),
                                                  ("PPXF_", "ppxf_", "PPXF", "pPXF")):
             if method == "PPXF" and not self.has_ppxf:
@@ -833,6 +961,8 @@ class StellarPopulationMaps:
         if name == "FLAG":
             return self.flag_map
         col, _, method = self._spec(name)
+        if method == "CNN-PPXF-SIG":
+            return self._paint(disagreement(self.table, (col,))) * u.dimensionless_unscaled
         if method == "CNN-PPXF":
             diff = (self.table["cnn_" + col].value - self.table["ppxf_" + col].value)
             return self._paint(diff) * u.dex
@@ -883,7 +1013,23 @@ class StellarPopulationMaps:
                     p16, p50, p84 = np.percentile(v, [16, 50, 84])
                     lines.append(f"    {col:<10s} {label:<9s} {p50:7.3f} ({p16:.3f} to "
                                  f"{p84:.3f})")
+        if self.has_uncertainty or self.has_ppxf_uncertainty:
+            lines.append("  median width of the 68% intervals over bins:")
+            for _, col, _ in _MEAN_IMAGES:
+                for label, prefix in (("CNN", "cnn_"), ("pPXF", "ppxf_")):
+                    if prefix + col + "_p16" not in t.colnames:
+                        continue
+                    w = t[prefix + col + "_p84"].value - t[prefix + col + "_p16"].value
+                    w = w[np.isfinite(w)]
+                    if w.size:
+                        lines.append(f"    {col:<10s} {label:<9s} {np.median(w):7.3f}")
         flags = np.asarray(t["flag"], dtype=np.int64)
+        if self.has_uncertainty:
+            lines.append(f"  {int(np.count_nonzero(flags & BinFlag.OUT_OF_DISTRIBUTION))} bins "
+                         "out of the training distribution (OOD_SCORE > 1)")
+        if self.has_ppxf and (self.has_uncertainty or self.has_ppxf_uncertainty):
+            lines.append(f"  {int(np.count_nonzero(flags & BinFlag.DISAGREE))} bins where CNN "
+                         "and pPXF disagree by > 2 sigma (DISAGREE)")
         for _, value, name, _ in flag_bits():
             count = int(np.count_nonzero(flags & value))
             if count:
@@ -899,6 +1045,42 @@ class StellarPopulationMaps:
         _header_card(header, "METHOD", method, "origin of the values")
         _header_card(header, "CONTENT", doc[:68])
         return header
+
+    def _describe(self, header, name, base):
+        """Explanatory cards of the uncertainty extensions."""
+        if base.endswith(("_P16", "_P84")):
+            p = base[-2:]
+            header.add_comment(f"{p}th percentile of the per-bin distribution of "
+                               f"{base[:-4]} ({'lower' if p == '16' else 'upper'} end of the "
+                               "68% interval).")
+            if name.startswith("PPXF_"):
+                n_mc = ""
+                if "ppxf_n_mc" in self.table.colnames:
+                    n_mc = int(np.max(np.asarray(self.table["ppxf_n_mc"])))
+                    _header_card(header, "PPXF_NMC", n_mc, "Monte-Carlo realisations per bin")
+                header.add_comment("From pPXF fits to Monte-Carlo noise realisations drawn "
+                                   "from the bin variance (column ppxf_n_mc).")
+            else:
+                header.add_comment("From the CNN's calibrated uncertainty heads.")
+        elif name == "OOD_SCORE":
+            _header_card(header, "OODLIMIT", 1.0, "bins above get FLAG OUT_OF_DISTRIBUTION")
+            header.add_comment("CNN out-of-distribution score, combining the latent-space "
+                               "distance and the reconstruction error (BINS columns "
+                               "cnn_ood_latent, cnn_ood_recon) to the training set; > 1 means "
+                               "outside the training distribution: treat the values with care.")
+        elif name.startswith("DIFF_") and name.endswith("_SIG"):
+            cnn = self.has_uncertainty
+            ppxf = self.has_ppxf_uncertainty
+            _header_card(header, "CNNSIG", "P84-P16" if cnn else "NONE",
+                         "CNN sigma = (P84 - P16) / 2" if cnn else "CNN sigma taken as 0")
+            _header_card(header, "PPXFSIG", "MC" if ppxf else "NONE",
+                         "pPXF sigma = (P84 - P16) / 2, Monte Carlo" if ppxf
+                         else "pPXF has no uncertainties: sigma taken as 0")
+            header.add_comment("(CNN - pPXF) / sqrt(sigma_CNN**2 + sigma_pPXF**2), sigma = half "
+                               "the 68% interval; |value| > 2 sets FLAG DISAGREE.")
+            if not ppxf:
+                header.add_comment("pPXF was run without Monte Carlo (--ppxf-mc): its sigma "
+                                   "is 0 here, the CNN interval alone sets the scale.")
 
     def _cube_header(self, unit, doc, method):
         """3-D WCS: the celestial axes plus a linear age-bin axis (plane k = age bin k)."""
@@ -1028,10 +1210,12 @@ class StellarPopulationMaps:
             _, doc, method = self._spec(name)
             image = self[name]
             unit = image.unit
-            if name.endswith(("SFH", "ZH_AGE")):
+            base = name.removeprefix("PPXF_")
+            if base in _CUBE_NAMES:
                 header = self._cube_header(unit, doc, method)
             else:
                 header = self._image_header(unit, doc, method)
+            self._describe(header, name, base)
             hdus.append(fits.ImageHDU(np.asarray(image.value, dtype=np.float32), header=header,
                                       name=name))
         hdus.append(self._agebins_hdu())
@@ -1084,7 +1268,10 @@ class StellarPopulationMaps:
         Columns: LW log age, MW log age, LW [Z/H], MW [Z/H]. Rows: the CNN,
         then (with the baseline) pPXF on the same colour scale and the
         difference CNN - pPXF, and last the data: S/N, stellar velocity,
-        dispersion and flagged bins. 2 rows without pPXF, 4 with.
+        dispersion and flagged bins; with uncertainties a last row with the
+        OOD score and (with pPXF) the CNN - pPXF differences in units of the
+        combined sigma. 2 rows without pPXF, 4 with (one more with
+        uncertainties).
 
         Parameters
         ----------
@@ -1114,10 +1301,18 @@ class StellarPopulationMaps:
             rows.append(("pPXF", ["PPXF_" + e for e, _, _ in _MEAN_IMAGES]))
             rows.append(("CNN - pPXF", ["DIFF_" + e for e, _, _ in _MEAN_IMAGES]))
         rows.append(("data", ["SNR", "V_STARS", "SIGMA_STARS", "FLAG"]))
+        names = self.extension_names
+        if "OOD_SCORE" in names or "DIFF_LOGAGE_LW_SIG" in names:
+            rows.append(("uncertainty", [n for n in ("OOD_SCORE", "DIFF_LOGAGE_LW_SIG",
+                                                     "DIFF_LOGAGE_MW_SIG", "DIFF_ZH_LW_SIG")
+                                         if n in names]))
         titles = {"LOGAGE_LW": "log age (LW)", "LOGAGE_MW": "log age (MW)",
                   "ZH_LW": "[Z/H] (LW)", "ZH_MW": "[Z/H] (MW)", "SNR": "S/N per A",
                   "V_STARS": "V stars", "SIGMA_STARS": "sigma stars",
-                  "FLAG": "flagged bins"}
+                  "FLAG": "flagged bins", "OOD_SCORE": "OOD score (>1: outside)",
+                  "LOGAGE_LW_SIG": "(CNN-pPXF)/sigma log age (LW)",
+                  "LOGAGE_MW_SIG": "(CNN-pPXF)/sigma log age (MW)",
+                  "ZH_LW_SIG": "(CNN-pPXF)/sigma [Z/H] (LW)"}
         nrow, ncol = len(rows), 4
         fig = Figure(figsize=figsize or (3.4 * ncol, 2.9 * nrow), layout="constrained")
 
@@ -1153,6 +1348,8 @@ class StellarPopulationMaps:
                     if name.startswith("DIFF_") or name == "V_STARS":
                         vmin, vmax = limits([data], symmetric=True)
                         cm = diff_cmap
+                    elif name == "OOD_SCORE":
+                        vmin, vmax = 0.0, max(2.0, limits([data])[1] or 2.0)
                     elif label in ("CNN", "pPXF"):
                         vmin, vmax = shared[j]
                     else:
@@ -1163,7 +1360,7 @@ class StellarPopulationMaps:
                 im = ax.imshow(data, origin="lower", cmap=colormap, vmin=vmin, vmax=vmax,
                                interpolation="nearest")
                 base = name.removeprefix("PPXF_").removeprefix("DIFF_")
-                prefix = "" if label == "data" else f"{label}: "
+                prefix = "" if label in ("data", "uncertainty") else f"{label}: "
                 ax.set_title(prefix + titles[base], fontsize=9)
                 lon, lat = ax.coords[0], ax.coords[1]
                 lon.set_axislabel("RA" if i == nrow - 1 else "")

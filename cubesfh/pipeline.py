@@ -22,7 +22,8 @@ from .conventions import HST_BANDS
 from .flags import BinFlag
 from .utils import CubeSFHError, sha256_file
 
-__all__ = ["K_CORRECT_MIN_Z", "k_correct_bins", "predict_bins", "run_baseline", "run_pipeline"]
+__all__ = ["K_CORRECT_MIN_Z", "UNCERTAINTY_KEYS", "UNCERTAINTY_VECTOR_KEYS", "k_correct_bins",
+           "predict_bins", "run_baseline", "run_pipeline"]
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,12 @@ def predict_bins(prepared, *, model=None, photometry=True):
     -------
     result : dict of `~numpy.ndarray`
         Per-bin ``mass_fraction``, ``metallicity``, ``logage_lw``,
-        ``logage_mw``, ``zh_lw``, ``zh_mw``, ``light_fraction``.
+        ``logage_mw``, ``zh_lw``, ``zh_mw``, ``light_fraction``. When a model
+        has uncertainty heads, also the keys of `UNCERTAINTY_KEYS`
+        (``<name>_p16``, ``_p84``, ``_p02``, ``_p98``, ``_err``, ``ood_score``,
+        ``ood_latent``, ``ood_recon``), `UNCERTAINTY_VECTOR_KEYS`
+        (``mass_fraction_p16`` ... (n, 16)) and ``ood`` (bool); NaN (``ood``
+        `False`) for bins not predicted or predicted by a model without heads.
     """
 
     models = _as_models(model)
@@ -96,6 +102,11 @@ def predict_bins(prepared, *, model=None, photometry=True):
     out = {k: np.full((n, 16), np.nan) for k in keys}
     out.update({k: np.full(n, np.nan) for k in ("logage_lw", "logage_mw", "zh_lw", "zh_mw")})
     out["model_index"] = np.full(n, -1, dtype=np.int16)
+    with_heads = any(getattr(m, "has_uncertainty", False) for m in models)
+    if with_heads:
+        out.update({k: np.full(n, np.nan) for k in UNCERTAINTY_KEYS})
+        out.update({k: np.full((n, 16), np.nan) for k in UNCERTAINTY_VECTOR_KEYS})
+        out["ood"] = np.zeros(n, bool)
     done = np.zeros(n, bool)
     for j, m in enumerate(models):
         sel = ok & np.isclose(targets, m.sigma_target.value)
@@ -104,6 +115,10 @@ def predict_bins(prepared, *, model=None, photometry=True):
                             prepared.photometry_normalized[sel] if photometry else None)
             for k in keys + ("logage_lw", "logage_mw", "zh_lw", "zh_mw"):
                 out[k][sel] = res[k]
+            if with_heads and getattr(m, "has_uncertainty", False):
+                for k in UNCERTAINTY_KEYS + UNCERTAINTY_VECTOR_KEYS + ("ood",):
+                    if k in res:
+                        out[k][sel] = res[k]
             out["model_index"][sel] = j
             done |= sel
     if np.any(ok & ~done):
@@ -114,6 +129,14 @@ def predict_bins(prepared, *, model=None, photometry=True):
         raise CubeSFHError(msg)
     out["models"] = [m.model_id for m in models]
     return out
+
+
+#: Per-bin uncertainty outputs of models with uncertainty heads
+#: (`~cubesfh.network.SFHModel.has_uncertainty`): scalar and (n, 16) keys.
+UNCERTAINTY_KEYS = tuple(f"{q}_{s}" for q in ("logage_lw", "logage_mw", "zh_lw", "zh_mw")
+                         for s in ("p16", "p84", "p02", "p98", "err")) + (
+    "ood_score", "ood_latent", "ood_recon")
+UNCERTAINTY_VECTOR_KEYS = tuple(f"mass_fraction_{s}" for s in ("p16", "p84", "p02", "p98"))
 
 
 #: ``k_correct='auto'`` K-corrects the photometry when the median redshift of
@@ -213,7 +236,8 @@ def k_correct_bins(prepared, instruments=None, *, model=None, dust=True, iterati
     return factors
 
 
-def run_baseline(prepared, *, scheduler=None, n_workers=None, cache_dir=None, progress_bar=True):
+def run_baseline(prepared, *, scheduler=None, n_workers=None, cache_dir=None, n_mc=0,
+                 progress_bar=True):
     """
     Fit the pPXF population baseline to every usable bin, through dask.
 
@@ -227,14 +251,19 @@ def run_baseline(prepared, *, scheduler=None, n_workers=None, cache_dir=None, pr
         Workers of the local cluster.
     cache_dir : str or `~pathlib.Path`, optional
         Finished bins are kept there; an interrupted run resumes.
+    n_mc : int, optional
+        Monte-Carlo noise realisations refitted per bin for the uncertainties
+        (`~cubesfh.baseline.fit_population`); default 0: none.
     progress_bar : bool, optional
 
     Returns
     -------
     result : dict of `~numpy.ndarray`
-        Same keys as :func:`predict_bins` plus ``failed`` (bool).
+        Same keys as :func:`predict_bins` plus ``failed`` (bool); with
+        ``n_mc > 0`` also ``<name>_p16``, ``<name>_p84`` (Monte-Carlo
+        percentiles of the four means and of ``mass_fraction``) and ``n_mc``.
     """
-    from .baseline import BaselineFlag, BaselineTemplates, fit_population
+    from .baseline import BaselineFlag, BaselineTemplates, fit_population, mc_columns
     from .parallel import map_bins
     from .synthesis import ForwardModel
 
@@ -250,9 +279,13 @@ def run_baseline(prepared, *, scheduler=None, n_workers=None, cache_dir=None, pr
         idx = np.flatnonzero(np.isclose(targets[ok], st))
         items = [(spec.flux[ok[k]], var[ok[k]], prepared.photometry_normalized[ok[k]])
                  for k in idx]
-        res = map_bins(fit_population, items, kwargs={"templates": templates},
+        kwargs = {"templates": templates}
+        if n_mc:
+            kwargs["n_mc"] = int(n_mc)
+        res = map_bins(fit_population, items, kwargs=kwargs,
                        scheduler=scheduler, n_workers=n_workers, cache_dir=cache_dir,
-                       cache_tag=f"ppxf{st:g}", progress_bar=progress_bar,
+                       cache_tag=f"ppxf{st:g}" + (f"mc{int(n_mc)}" if n_mc else ""),
+                       progress_bar=progress_bar,
                        desc=f"pPXF bins ({st:g} km/s)")
         for k, r in zip(idx, res):
             results[k] = r
@@ -269,6 +302,12 @@ def run_baseline(prepared, *, scheduler=None, n_workers=None, cache_dir=None, pr
         for k in ("logage_lw", "logage_mw", "zh_lw", "zh_mw"):
             out[k][i] = getattr(r, k)
         out["failed"][i] = False
+    if n_mc:
+        full = [None] * n
+        for i, r in zip(ok, results):
+            if r is not None and not out["failed"][i]:
+                full[i] = r
+        out.update(mc_columns(full))
     return out
 
 
@@ -276,7 +315,7 @@ def run_pipeline(cube, hst=None, *, target_snr=35.0, min_snr=1.0, regions=None, 
                  kinematics=None, redshift=None, ppxf=False, model=None, scheduler=None,
                  n_workers=None, cache_dir=None, register=True, max_offset=None,
                  k_correct="auto", snr_window=None, ebv_galactic=0.0, r_v=3.1, max_memory=None,
-                 progress_bar=True):
+                 ppxf_mc=0, progress_bar=True):
     """
     Bin a cube, run the CNN (and optionally pPXF) and return the maps.
 
@@ -300,6 +339,9 @@ def run_pipeline(cube, hst=None, *, target_snr=35.0, min_snr=1.0, regions=None, 
         model; the pPXF baseline uses templates at the same dispersion.
     scheduler, n_workers, cache_dir
         See :func:`run_baseline`.
+    ppxf_mc : int, optional
+        Monte-Carlo realisations per bin for the pPXF uncertainties
+        (``n_mc`` of :func:`run_baseline`; default 0: none).
     register : bool, optional
         Measure the MUSE-HST offset and flux ratios (:func:`cubesfh.registration.register`)
         and correct the images' astrometry (default). `False` uses the images as they are.
@@ -363,12 +405,13 @@ def run_pipeline(cube, hst=None, *, target_snr=35.0, min_snr=1.0, regions=None, 
     if ppxf:
         t0 = time.perf_counter()
         base = run_baseline(prepared, scheduler=scheduler, n_workers=n_workers,
-                            cache_dir=cache_dir, progress_bar=progress_bar)
+                            cache_dir=cache_dir, n_mc=ppxf_mc, progress_bar=progress_bar)
         timings["ppxf"] = time.perf_counter() - t0
     prov = provenance(cube, hst, models, {
         "target_snr": target_snr, "min_snr": min_snr, "regions": str(regions or ""),
         "kinematics": str(kinematics or "ppxf"), "redshift": str(redshift),
-        "ppxf": bool(ppxf), "k_correct": str(k_correct), "k_corrected": kcorr_done,
+        "ppxf": bool(ppxf), "ppxf_mc": int(ppxf_mc), "k_correct": str(k_correct),
+        "k_corrected": kcorr_done,
         "ebv_galactic": float(ebv_galactic), "r_v": float(r_v),
         "median_redshift": z_med})
     prov["timings"] = timings

@@ -104,3 +104,20 @@ def test_ood_fires_on_strong_residuals(tiny_model):
     s_good = model.predict(good, phot)["ood_score"]
     assert np.mean(s_bad > 1) > 0.9
     assert np.mean(s_good > 1) < 0.1
+
+
+def test_evaluate_on_another_library(tiny_model):
+    # the leave-one-library-out machinery, with a shipped training library as stand-in
+    from cubesfh.network._evaluate import evaluate_heldout, heldout_to_rst
+    from cubesfh.templates import load_library
+
+    model, _, _ = tiny_model
+    m = evaluate_heldout(load_library("m11_miles"), model, n=200, n_ppxf=0, low_snr=(5.0,),
+                         progress_bar=False)
+    assert m["n"] == 200 and m["library"] == "M11"
+    for q in ("logage_lw", "zh_mw"):
+        assert 0.0 <= m["coverage"][q]["cov68"] <= m["coverage"][q]["cov95"] <= 1.0
+        assert m["cnn"][q]["n"] == 200
+    assert "5.0" in m["low_snr"]
+    text = heldout_to_rst(m)
+    assert "M11/MILES" in text and "68 % interval" in text
