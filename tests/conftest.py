@@ -8,14 +8,11 @@ import pytest
 def model_with_heads(tmp_path_factory):
     """A tiny network with uncertainty and OOD heads (1 epoch on 600 spectra, ~20 s)."""
     pytest.importorskip("torch")
-    import cubesfh.templates as templates
+    from pathlib import Path
+
     from cubesfh.network import SFHModel, export_model, fit_uncertainty, train
     from cubesfh.network import __file__ as network_init
     from cubesfh.synthesis.trainingset import make_training_set
-
-    if not hasattr(templates, "load_library"):  # older template API
-        templates.load_library = lambda name: templates.TemplateLibrary.load()
-    from pathlib import Path
 
     d = tmp_path_factory.mktemp("heads")
     init = Path(network_init).parent / "data" / "sfhnet.pt"

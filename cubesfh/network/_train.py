@@ -245,7 +245,12 @@ def train(training_set, output_dir, *, seed=0, max_epochs=200, batch_size=128, l
         init = {"file": init_weights.name, "sha256": sha256_file(init_weights)}
     if init is not None and not (resume and ckpt.exists()):
         try:
-            net.load_state_dict(torch.load(init_weights, map_location=device, weights_only=True))
+            state = torch.load(init_weights, map_location=device, weights_only=True)
+            # a bundled model with uncertainty heads: start from its point network
+            own = net.state_dict()
+            state = {k: v for k, v in state.items()
+                     if k in own or not k.startswith(("sigma_head", "recon_head", "latent_"))}
+            net.load_state_dict(state)
         except Exception as exc:  # torch raises several types for bad files
             msg = (f"could not start from the weights in {init_weights}: {exc}. They must be "
                    "the best.pt of a training run or a bundled sfhnet*.pt.")

@@ -16,6 +16,8 @@ def atomic_write(path, *, overwrite=False):
 
     A crash or exception inside the block leaves ``path`` untouched (or absent)
     and removes the temporary file, so no half-written product is ever seen.
+    The file gets the permissions of any new file (0666 less the umask), not
+    the private 0600 of the temporary file.
 
     Parameters
     ----------
@@ -40,6 +42,12 @@ def atomic_write(path, *, overwrite=False):
     tmp = Path(tmp)
     try:
         yield tmp
+        if tmp.exists():
+            # mkstemp creates the file 0600; give the product the mode any other new
+            # file would get (0666 less the umask), so colleagues can read it
+            mask = os.umask(0)
+            os.umask(mask)
+            os.chmod(tmp, 0o666 & ~mask)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
