@@ -46,6 +46,7 @@ def main(argv=None):
     p.add_argument("--baseline", nargs="*", default=(),
                    help="earlier networks (.pt) to evaluate on the held-out spectra too")
     p.add_argument("--skip-own", action="store_true", help="only the held-out library")
+    p.add_argument("--only", choices=("150", "300"), help="evaluate one network only")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     args.outdir.mkdir(parents=True, exist_ok=True)
@@ -55,12 +56,16 @@ def main(argv=None):
     for path in args.baseline:
         old = SFHModel.load(path)
         tag = "_s300" if old.sigma_target.value > 200 else ""
+        if args.only and args.only != ("300" if tag else "150"):
+            continue
         previous[tag] = evaluate_heldout(heldout, old, n=args.n_heldout, n_ppxf=0,
                                          output_json=args.outdir
                                          / f"metrics_heldout{tag}_previous.json",
                                          progress_bar=False)
         print("previous", path, json.dumps(previous[tag]["cnn"]))
     for model, ts, tag in ((models[0], args.ts150, ""), (models[1], args.ts300, "_s300")):
+        if args.only and args.only != ("300" if tag else "150"):
+            continue
         if not args.skip_own:
             m = evaluate(ts, model, n_ppxf=args.n_ppxf, output_json=args.outdir
                          / f"metrics{tag}.json", figure_dir=args.outdir if not tag else None,
