@@ -238,7 +238,7 @@ class SFHModel:
 
         from ..populations import mean_quantities
         from ..utils import progress
-        from ._uncertainty import _features, noise_level
+        from ._uncertainty import _features, continuum_pixels, noise_level
 
         x, p, ok = _features(self, spec, photometry, mask)
         n = x.shape[0]
@@ -251,6 +251,7 @@ class SFHModel:
             m2 = np.empty(n)
             rec = np.empty(n)
         steps = range(0, n, batch_size)
+        cont = continuum_pixels(x.shape[1])
         with torch.inference_mode():
             for s in progress(steps, enabled=progress_bar, desc="network", unit="batch"):
                 sl = slice(s, s + batch_size)
@@ -266,7 +267,7 @@ class SFHModel:
                     ls, r, d2 = self._net.heads(z)
                     sig[sl] = np.exp(np.maximum(ls.cpu().numpy(), np.log(1e-4)))
                     m2[sl] = d2.cpu().numpy()
-                    resid = (xb - r).cpu().numpy() * self._spec_std
+                    resid = ((xb - r).cpu().numpy() * self._spec_std)[:, cont]
                     rec[sl] = (np.sqrt(np.mean(resid**2, axis=1))
                                / noise_level(np.asarray(spec[sl], float)))
         out = {"mass_fraction": frac, "metallicity": zh}
