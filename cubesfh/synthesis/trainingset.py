@@ -277,22 +277,28 @@ def simulate_samples(rng, families, model, *, snr=None, snr_values=SNR_VALUES,
     z_start, z_final = _draw_chemistry(rng, n, chemistry)
     tau_ism = np.clip(rng.normal(0.3, 0.08, n), 0.0, None)
     tau_bc = 10 ** rng.uniform(np.log10(0.5), np.log10(4.0), n)
+    z = metallicity_history(mass, z_final, z_start=z_start)
+    spec0, phot0 = model.synthesize(mass * TOTAL_MASS, z, tau_ism, tau_bc)
+    out = _observe(rng, model, spec0, phot0, snr, snr_values, noise, phot_error)
+    out.update({"family": families.astype(np.int8), "tau_ism": tau_ism, "tau_bc": tau_bc,
+                "z_start": z_start, "z_final": z_final, **params})
+    out.update(model.labels(mass, z))
+    return out
+
+
+def _observe(rng, model, spec0, phot0, snr, snr_values, noise, phot_error):
+    """Normalised noise-free and noisy observables (draws the S/N if not given)."""
+    n = spec0.shape[0]
     if snr is None:
         snr = rng.choice(np.asarray(snr_values, float), n)
     snr = np.broadcast_to(np.asarray(snr, float), (n,)).copy()
-    z = metallicity_history(mass, z_final, z_start=z_start)
-    spec0, phot0 = model.synthesize(mass * TOTAL_MASS, z, tau_ism, tau_bc)
     spec0, phot0, norm = model.normalize(spec0, phot0)
     if noise:
         spec, phot, _ = model.add_noise(rng, spec0, phot0, snr, phot_error=phot_error)
     else:
         spec, phot = spec0, phot0
-    out = {"spectra": spec, "photometry": phot, "spectra_noiseless": spec0,
-           "photometry_noiseless": phot0, "norm": norm, "family": families.astype(np.int8),
-           "snr": snr, "tau_ism": tau_ism, "tau_bc": tau_bc, "z_start": z_start,
-           "z_final": z_final, **params}
-    out.update(model.labels(mass, z))
-    return out
+    return {"spectra": spec, "photometry": phot, "spectra_noiseless": spec0,
+            "photometry_noiseless": phot0, "norm": norm, "snr": snr}
 
 
 _BROAD_COLUMNS = ("n_components", "library", "ism_slope", "line_sigma", "line_scale",
@@ -399,22 +405,14 @@ def _simulate_broad(rng, families, models, *, snr, snr_values, phot_error, noise
     for i in np.flatnonzero(jitter > 0):
         spec0[i] = gaussian_filter1d(spec0[i], jitter[i] * 5900.0 / C_KMS / 1.25,
                                      mode="nearest")
-    if snr is None:
-        snr = rng.choice(np.asarray(snr_values, float), n)
-    snr = np.broadcast_to(np.asarray(snr, float), (n,)).copy()
-    spec0, phot0, norm = ref.normalize(spec0, phot0)
-    if noise:
-        spec, phot, _ = ref.add_noise(rng, spec0, phot0, snr, phot_error=phot_error)
-    else:
-        spec, phot = spec0, phot0
-    out = {"spectra": spec, "photometry": phot, "spectra_noiseless": spec0,
-           "photometry_noiseless": phot0, "norm": norm, "family": families.astype(np.int8),
-           "snr": snr, "tau_ism": tau_ism[:, 0], "tau_bc": tau_bc[:, 0],
-           "z_start": z_start[:, 0], "z_final": z_final[:, 0], **params,
+    out = _observe(rng, ref, spec0, phot0, snr, snr_values, noise, phot_error)
+    out.update({"family": families.astype(np.int8), "tau_ism": tau_ism[:, 0],
+                "tau_bc": tau_bc[:, 0], "z_start": z_start[:, 0], "z_final": z_final[:, 0],
+                **params,
            "n_components": n_comp.astype(float), "library": library.astype(float),
            "ism_slope": ism_slope, "line_sigma": line_sigma, "line_scale": line_scale,
            "dig_ew": dig_ew, "tilt": tilt, "lsf_jitter": jitter,
-           "secondary_light": sec_light}
+           "secondary_light": sec_light})
     out.update(lab)
     return out
 
