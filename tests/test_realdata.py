@@ -229,8 +229,8 @@ def test_metal_rich(spectrum_only):
 
 
 @pytest.mark.remote_data
-def test_paper_network_alone_is_biased(a478, spectrum_only):
-    """Without the 300 km/s network (spectra left at ~275 km/s) [Z/H] comes out low."""
+def test_150_network_alone_is_flagged(a478, spectrum_only):
+    """Without the 300 km/s network (spectra left at ~275 km/s) every bin is flagged."""
     from cubesfh.network import SFHModel
     from cubesfh.pipeline import run_pipeline
 
@@ -239,8 +239,12 @@ def test_paper_network_alone_is_biased(a478, spectrum_only):
         maps = run_pipeline(cube, None, target_snr=TARGET_SNR, redshift=REDSHIFT,
                             model=SFHModel.load(), progress_bar=False)
     t = maps.table
+    # the bins are flagged: the 150 km/s network is outside its training there. Its
+    # [Z/H] used to come out > 0.2 dex low; the broad simulator's LSF jitter and
+    # super-solar chemistry removed most of that (docs/realdata.rst), so the flag,
+    # not a bias, is what is asserted
     assert np.all(t["flag"] & BinFlag.SIGMA_TOO_HIGH)
-    assert np.all(np.asarray(t["cnn_zh_mw"]) < np.asarray(spectrum_only.table["cnn_zh_mw"]) - 0.2)
+    assert np.all(np.isfinite(np.asarray(t["cnn_zh_mw"])))
 
 
 @pytest.mark.remote_data
