@@ -173,6 +173,8 @@ _COLUMN_DOCS = {
     "ppxf_av": "Calzetti A_V of the pPXF fit",
     "ppxf_chi2": "reduced chi2 of the pPXF fit",
     "ppxf_n_mc": "pPXF Monte-Carlo realisations fitted",
+    **{f"ppxf_{q}_err": "pPXF scatter on the synthetic test set (sigma without Monte Carlo)"
+       for q in _MEANS},
 }
 
 
@@ -435,14 +437,49 @@ def _flatten(prefix, value):
 
 
 def _sigma(table, prefix, col):
-    """Half-width of the 68 per cent interval of a column, 0 where there is none."""
+    """
+    Half-width of the 68 per cent interval of a column, 0 where there is none.
+
+    pPXF without Monte Carlo has a ``ppxf_<name>_err`` column instead: the scatter
+    of pPXF on the synthetic test set of the network of the bin's dispersion.
+    """
     if prefix + col + "_p16" not in table.colnames:
+        if prefix + col + "_err" in table.colnames:
+            e = table[prefix + col + "_err"]
+            return np.nan_to_num(np.asarray(getattr(e, "value", e), float))
         return np.zeros(len(table))
     hi = np.asarray(getattr(table[prefix + col + "_p84"], "value", table[prefix + col + "_p84"]),
                     float)
     lo = np.asarray(getattr(table[prefix + col + "_p16"], "value", table[prefix + col + "_p16"]),
                     float)
     return (hi - lo) / 2
+
+
+def _synthetic_ppxf_errors(table):
+    """
+    ``ppxf_<name>_err``: pPXF's measured scatter on the synthetic test set, where
+    pPXF has no Monte-Carlo intervals (per bin, from the bundled network of the
+    bin's dispersion; NaN for a dispersion no bundled network has).
+    """
+    if "sigma_target" not in table.colnames:
+        return
+    try:
+        from .network import bundled_models
+
+        stats = {float(m.sigma_target.value): m.meta.get("metrics", {}).get("comparison", {})
+                 .get("ppxf", {}) for m in bundled_models()}
+    except Exception:  # no torch or no metrics: leave the errors out
+        return
+    st = np.asarray(getattr(table["sigma_target"], "value", table["sigma_target"]), float)
+    for col in _MEANS:
+        if "ppxf_" + col not in table.colnames or "ppxf_" + col + "_p16" in table.colnames:
+            continue
+        err = np.full(len(table), np.nan)
+        for sig, s in stats.items():
+            if col in s:
+                err[np.isclose(st, sig)] = s[col]["scatter"]
+        unit = getattr(table["ppxf_" + col], "unit", None)
+        table["ppxf_" + col + "_err"] = err if unit is None else err * unit
 
 
 def disagreement(table, columns=_MEANS):
@@ -826,6 +863,7 @@ class StellarPopulationMaps:
                         t[f"ppxf_{extra}"] = values if unit is None else values * unit
                 flags[failed] |= FLAG_PPXF_FAILED
         if ppxf is not None:
+            _synthetic_ppxf_errors(t)
             with np.errstate(invalid="ignore"):
                 flags[disagreement(t) > 2] |= int(BinFlag.DISAGREE)
         t["flag"] = flags
@@ -1073,12 +1111,20 @@ class StellarPopulationMaps:
             ppxf = self.has_ppxf_uncertainty
             _header_card(header, "CNNSIG", "P84-P16" if cnn else "NONE",
                          "CNN sigma = (P84 - P16) / 2" if cnn else "CNN sigma taken as 0")
-            _header_card(header, "PPXFSIG", "MC" if ppxf else "NONE",
+            synth = (not ppxf and "ppxf_logage_lw_err" in self.table.colnames
+                     and bool(np.isfinite(np.asarray(
+                         getattr(self.table["ppxf_logage_lw_err"], "value",
+                                 self.table["ppxf_logage_lw_err"]), float)).any()))
+            _header_card(header, "PPXFSIG", "MC" if ppxf else ("SYNTH" if synth else "NONE"),
                          "pPXF sigma = (P84 - P16) / 2, Monte Carlo" if ppxf
-                         else "pPXF has no uncertainties: sigma taken as 0")
+                         else ("pPXF sigma = its scatter on the synthetic test set" if synth
+                               else "pPXF has no uncertainties: sigma taken as 0"))
             header.add_comment("(CNN - pPXF) / sqrt(sigma_CNN**2 + sigma_pPXF**2), sigma = half "
                                "the 68% interval; |value| > 2 sets FLAG DISAGREE.")
-            if not ppxf:
+            if not ppxf and synth:
+                header.add_comment("pPXF was run without Monte Carlo (--ppxf-mc): its sigma "
+                                   "is its scatter on the bundled network's synthetic test set.")
+            elif not ppxf:
                 header.add_comment("pPXF was run without Monte Carlo (--ppxf-mc): its sigma "
                                    "is 0 here, the CNN interval alone sets the scale.")
 

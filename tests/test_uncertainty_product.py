@@ -108,15 +108,28 @@ def test_diff_sig_known_answer(maps):
     np.testing.assert_allclose(maps["DIFF_ZH_MW_SIG"].value, 0.0, atol=1e-12)
 
 
-def test_ppxf_without_sigma_uses_cnn_sigma_alone():
+def test_ppxf_without_mc_uses_its_synthetic_scatter():
+    from cubesfh.network import bundled_models
+
     maps = StellarPopulationMaps.from_results(make_prepared(), cnn_results(),
                                               ppxf_results(with_sigma=False))
     assert not maps.has_ppxf_uncertainty
     assert "PPXF_LOGAGE_LW_P16" not in maps.extension_names
-    np.testing.assert_allclose(maps["DIFF_LOGAGE_LW_SIG"].value[0, 0], 3 * COMBINED / SIG)
+    t = maps.table
     header = maps.to_hdulist()["DIFF_LOGAGE_LW_SIG"].header
-    assert header["PPXFSIG"] == "NONE"
-    assert "sigma is 0" in str(header["COMMENT"])
+    if "ppxf_logage_lw_err" in t.colnames and np.isfinite(t["ppxf_logage_lw_err"].value[0]):
+        # known answer: pPXF's scatter on the bundled network's synthetic test set
+        st = float(t["sigma_target"].value[0])
+        model = [m for m in bundled_models() if m.sigma_target.value == st][0]
+        err = model.meta["metrics"]["comparison"]["ppxf"]["logage_lw"]["scatter"]
+        np.testing.assert_allclose(t["ppxf_logage_lw_err"].value[0], err)
+        assert header["PPXFSIG"] == "SYNTH"
+    else:  # no bundled metrics for this dispersion: the CNN sigma alone
+        err = 0.0
+        assert header["PPXFSIG"] == "NONE"
+        assert "sigma is 0" in str(header["COMMENT"])
+    np.testing.assert_allclose(maps["DIFF_LOGAGE_LW_SIG"].value[0, 0],
+                               3 * COMBINED / np.hypot(SIG, err))
 
 
 def test_extensions_wcs_units_and_round_trip(maps, tmp_path):
