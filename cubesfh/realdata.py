@@ -18,8 +18,6 @@ network was trained on.
 
 import logging
 import os
-import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
@@ -29,6 +27,7 @@ from astropy.io import fits
 from astropy.wcs import WCS
 
 from .photometry import k_correction
+from .utils._fetch import pip_download
 from .utils.exceptions import CubeSFHError
 
 __all__ = [
@@ -103,26 +102,7 @@ def fetch_mpdaf_a478(cache_dir=None, *, timeout=600):
     paths = tuple(cache / Path(m).name for m in MPDAF_MEMBERS)
     if all(p.is_file() for p in paths):
         return paths
-    cache.mkdir(parents=True, exist_ok=True)
-    wheels = sorted(cache.glob(f"mpdaf-{MPDAF_VERSION}-*.whl"))
-    if not wheels:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               "--disable-pip-version-check", "-d", str(cache), f"mpdaf=={MPDAF_VERSION}"]
-        log.info("downloading the mpdaf %s wheel: %s", MPDAF_VERSION, " ".join(cmd))
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                                  check=False)
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            msg = (f"Could not download mpdaf=={MPDAF_VERSION} with pip ({exc}); check the "
-                   f"access to the package index, or put the wheel in {cache}.")
-            raise CubeSFHError(msg) from None
-        wheels = sorted(cache.glob(f"mpdaf-{MPDAF_VERSION}-*.whl"))
-        if proc.returncode != 0 or not wheels:
-            tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-            msg = (f"pip could not download mpdaf=={MPDAF_VERSION} (exit {proc.returncode}: "
-                   f"{' | '.join(tail)}); check the access to the package index (proxy, "
-                   f"PIP_INDEX_URL), or put the wheel in {cache}.")
-            raise CubeSFHError(msg)
+    wheels = [pip_download("mpdaf", MPDAF_VERSION, "mpdaf-*.whl", cache, timeout=timeout)]
     with zipfile.ZipFile(wheels[0]) as zf:
         names = set(zf.namelist())
         for member, path in zip(MPDAF_MEMBERS, paths):

@@ -141,9 +141,9 @@ def load_heldout_library(cache_dir=None, *, timeout=900):
     CubeSFHError
         If pip cannot download the sdist or it lacks the SSP files.
     """
-    from .build_external import _pip_fetch
+    from ..utils._fetch import pip_download
 
     cache = Path(cache_dir) if cache_dir is not None else _default_cache()
-    sdist = _pip_fetch("ppxf", PPXF_VERSION, "ppxf-*.tar.gz", cache, binary=False,
-                       timeout=timeout)
+    sdist = pip_download("ppxf", PPXF_VERSION, "ppxf-*.tar.gz", cache, binary=False,
+                         timeout=timeout)
     return _build(Path(sdist).resolve())

@@ -50,7 +50,6 @@ import datetime
 import fnmatch
 import hashlib
 import re
-import subprocess
 import sys
 import zipfile
 from pathlib import Path
@@ -149,35 +148,10 @@ def fetch_mangadap(cache, *, timeout=900):
     -------
     wheel : `~pathlib.Path`
     """
-    return _pip_fetch("sdss-mangadap", MANGADAP_VERSION, "sdss_mangadap-*.whl", cache,
-                      binary=True, timeout=timeout)
+    from ..utils._fetch import pip_download
 
-
-def _pip_fetch(name, version, glob, cache, *, binary, timeout):
-    from ..utils import CubeSFHError
-
-    cache = Path(cache)
-    cache.mkdir(parents=True, exist_ok=True)
-    found = sorted(p for p in cache.glob(glob) if f"-{version}" in p.name)
-    if found:
-        return found[0]
-    kind = ["--only-binary=:all:"] if binary else ["--no-binary", ":all:"]
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", *kind,
-           "--disable-pip-version-check", "-d", str(cache), f"{name}=={version}"]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        msg = (f"Could not download {name}=={version} with pip ({exc}); check the access to "
-               f"the package index, or put the file in {cache}.")
-        raise CubeSFHError(msg) from None
-    found = sorted(p for p in cache.glob(glob) if f"-{version}" in p.name)
-    if proc.returncode != 0 or not found:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-        msg = (f"pip could not download {name}=={version} (exit {proc.returncode}: "
-               f"{' | '.join(tail)}); check the access to the package index (proxy, "
-               f"PIP_INDEX_URL), or put the file in {cache}.")
-        raise CubeSFHError(msg)
-    return found[0]
+    return pip_download("sdss-mangadap", MANGADAP_VERSION, "sdss_mangadap-*.whl", cache,
+                        binary=True, timeout=timeout)
 
 
 def _members(zf, pattern):
