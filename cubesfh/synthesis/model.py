@@ -198,7 +198,7 @@ class ForwardModel:
         # per-line luminosities for lines of any width (see `synthesize`)
         self._line_lum = lines[..., in_opt]  # (nz, n_young, n_lines)
         self._line_wave = lw[in_opt]
-        self._line_profiles = {}
+        self._line_profile = prof  # (n_lines, n_pix) unit-flux, stellar-kernel width
 
         # SEDs for the photometry: stellar, and nebular continuum + lines in 10 A pixels
         self.sed_wavelength = lib.sed_wavelength
@@ -215,10 +215,8 @@ class ForwardModel:
         for f in filters:
             f.check_coverage(lib.sed_wavelength)
         self.band_weights = np.stack([f.weights(lib.sed_wavelength) for f in filters], axis=1)
-        # band response to a unit line flux, per line of the library (n_lines_sed, n_bands)
         self._sed_line_index = np.flatnonzero(in_sed)
         self._sed_line_wave = lw[in_sed]
-        self._sed_line_band = self.band_weights[idx] / np.diff(sed_edges)[idx, None]
 
         # V-band light per unit mass of each template (dust-free stars)
         vsel = (w >= V_WINDOW[0]) & (w <= V_WINDOW[1])
@@ -298,7 +296,7 @@ class ForwardModel:
             young_opt += cy @ self._nebular_continuum.reshape(nz * ny, -1)
             lum = (cy @ self._line_lum.reshape(nz * ny, -1)) * scale[:, None]
             if line_sigma is None:
-                young_opt += lum @ self._line_profile_at(None)
+                young_opt += lum @ self._line_profile
             else:
                 young_opt += self.line_spectra(lum, self._line_wave, line_sigma)
         spec = c_old.reshape(n, -1) @ self.stellar.reshape(nz * na, -1)
@@ -320,18 +318,8 @@ class ForwardModel:
             lw = self._sed_line_wave
             trans = (dust_transmission(lw, tau_ism, slope=ism_slope)
                      * dust_transmission(lw, tau_bc))
-            phot = phot + (lum * trans) @ self._sed_line_band
+            phot = phot + self.line_photometry(lum * trans, lw)
         return spec, phot
-
-    def _line_profile_at(self, sigma_kms):
-        """Unit-flux profiles (n_lines, n_pix) of the library lines, stellar-kernel width."""
-        if None not in self._line_profiles:
-            e = _edges(self.wavelength.value)
-            sig = np.interp(self._line_wave, self.library.wavelength.to_value(u.AA),
-                            self._kernel_sigma)
-            self._line_profiles[None] = (_gaussian_pixel_integrals(e, self._line_wave, sig)
-                                         / np.diff(e)[None])
-        return self._line_profiles[None]
 
     def line_spectra(self, flux, wavelength, sigma_kms):
         """
