@@ -156,8 +156,6 @@ def fit_uncertainty(run_dir, training_set, *, seed=0, epochs=12, noise_draws=2,
     """
     import torch
 
-    from ._model import SFHNet
-    from ._predict import SFHModel
     from ._train import _band_mask, load_split
 
     run = Path(run_dir)
@@ -167,16 +165,8 @@ def fit_uncertainty(run_dir, training_set, *, seed=0, epochs=12, noise_draws=2,
         msg = f"{run} has no best.pt; train the network first ('cubesfh train')."
         raise CubeSFHError(msg)
     t_start = time.perf_counter()
-    norm = json.loads((run / "normalization.json").read_text())
-    net = SFHNet(zh_offset=norm["zh_offset"], uncertainty=True)
-    state = torch.load(run / "best.pt", map_location="cpu", weights_only=True)
-    missing, unexpected = net.load_state_dict(state, strict=False)
-    if unexpected or any(not k.startswith(("sigma_head", "recon_head", "latent_"))
-                         for k in missing):
-        msg = f"{run / 'best.pt'} is not an SFHNet state dict (missing {missing})."
-        raise CubeSFHError(msg)
-    net.eval()
-    model = SFHModel(net, {"normalization": norm, "inputs": {"n_pixels": 1761}})
+    model = _run_model(run, "best.pt")
+    net = model._net
 
     tr = load_split(training_set, seed, which="train")
     va = load_split(training_set, seed, which="validation")
@@ -304,26 +294,42 @@ def recalibrate(run_dir, training_set, *, seed=0, band_dropout=0.4, progress_bar
     -------
     info : dict
     """
-    import torch
 
     from ..populations import mean_quantities
-    from ._model import SFHNet
-    from ._predict import SFHModel
     from ._train import load_split
 
     run = Path(run_dir)
     old = json.loads((run / "uncertainty.json").read_text())
-    norm = json.loads((run / "normalization.json").read_text())
-    net = SFHNet(zh_offset=norm["zh_offset"], uncertainty=True)
-    net.load_state_dict(torch.load(run / "best_unc.pt", map_location="cpu", weights_only=True))
-    net.eval()
-    model = SFHModel(net, {"normalization": norm, "inputs": {"n_pixels": 1761}})
+    model = _run_model(run, "best_unc.pt")
     va = load_split(training_set, seed, which="validation")
     truth_va = {"mass_fraction": va["mass_fraction"],
                 **mean_quantities(va["mass_fraction"], va["metallicity"])}
     info = {**old, **_calibrate(model, va, truth_va, seed, band_dropout, progress_bar)}
     (run / "uncertainty.json").write_text(json.dumps(info, indent=1))
     return info
+
+
+def _run_model(run, weights):
+    """
+    The network of a training run with uncertainty heads, in eval mode, as an `SFHModel`.
+
+    ``best.pt`` (point network only: the heads start untrained) or ``best_unc.pt``.
+    """
+    import torch
+
+    from ._model import SFHNet
+    from ._predict import SFHModel
+
+    norm = json.loads((run / "normalization.json").read_text())
+    net = SFHNet(zh_offset=norm["zh_offset"], uncertainty=True)
+    state = torch.load(run / weights, map_location="cpu", weights_only=True)
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    if unexpected or any(not k.startswith(("sigma_head", "recon_head", "latent_"))
+                         for k in missing) or (missing and weights != "best.pt"):
+        msg = f"{run / weights} is not an SFHNet state dict (missing {missing})."
+        raise CubeSFHError(msg)
+    net.eval()
+    return SFHModel(net, {"normalization": norm, "inputs": {"n_pixels": 1761}})
 
 
 def _features(model, spectra, photometry, mask):
