@@ -42,3 +42,9 @@ class BinFlag(enum.IntFlag):
     #: both were run and at least one of them has uncertainties (a missing
     #: sigma counts as 0).
     DISAGREE = 256
+    #: The kinematic fit is inconsistent with the rest of the cube: a reduced
+    #: chi^2 far above the median of the bins, or a velocity the velocity field
+    #: cannot explain (`~cubesfh.kinematics.KinematicsFlag` ``CHI2_HIGH`` or
+    #: ``VELOCITY_OUTLIER``; see `~cubesfh.kinematics.check_kinematics`).
+    #: The bin is still analysed; its maps deserve suspicion.
+    KINEMATICS_SUSPECT = 512

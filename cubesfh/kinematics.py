@@ -39,6 +39,7 @@ __all__ = [
     "KinematicsFlag",
     "LogRebinnedSpectra",
     "SpectrumFit",
+    "check_kinematics",
     "emission_line_mask",
     "fit_kinematics",
     "fit_spectrum",
@@ -103,6 +104,14 @@ class KinematicsFlag(enum.IntFlag):
     #: (velocity +-2000 km/s about the systemic one, sigma 1-1000 km/s); the
     #: values are kept but are unreliable.
     AT_BOUND = 4
+    #: The reduced chi^2 is more than ``chi2_factor`` (3) times the median of
+    #: all bins (and above 2): the templates do not describe this spectrum
+    #: (a foreground star, an AGN, a sky residual, bad data); values kept.
+    CHI2_HIGH = 8
+    #: The velocity departs from the median of the bins by more than the
+    #: allowed spread (see `check_kinematics`): inconsistent with the velocity
+    #: field of the galaxy; values kept.
+    VELOCITY_OUTLIER = 16
 
 
 class SpectrumFit(NamedTuple):
@@ -854,6 +863,8 @@ def fit_kinematics(bins=None, *, wavelength=None, spectra=None, variance=None,
     failed = (table["flag"] & (KinematicsFlag.NO_DATA | KinematicsFlag.FIT_FAILED)) > 0
     n_failed = int(failed.sum())
     n_bound = int(((table["flag"] & KinematicsFlag.AT_BOUND) > 0).sum())
+    table.meta["redshift"] = z0
+    check_kinematics(table)
     table.meta.update({"redshift": z0, "velscale": spec.velscale * _KMS, "degree": degree,
                        "fit_range": u.Quantity(fit_range, u.AA),
                        "lsf_excess": temp.lsf_excess * _KMS, "n_failed": n_failed,
@@ -866,6 +877,90 @@ def fit_kinematics(bins=None, *, wavelength=None, spectra=None, variance=None,
                "(flag AT_BOUND); their rows are flagged in the 'flag' column.")
         warnings.warn(msg, CubeSFHWarning)
     return table
+
+
+def check_kinematics(table, *, chi2_factor=3.0, velocity_spread=6.0, min_spread=300 * _KMS,
+                     systemic_tolerance=250 * _KMS, chi2_range=(0.2, 5.0)):
+    """
+    Flag kinematic fits that are inconsistent with the rest of the cube.
+
+    Called by :func:`fit_kinematics`; the flags are added to ``table['flag']``
+    in place and a `~cubesfh.utils.CubeSFHWarning` names each problem:
+
+    * ``CHI2_HIGH``: a reduced chi^2 above ``chi2_factor`` times the median of
+      the bins (and above 2). The scale of chi^2 is relative because the
+      ``STAT`` of MUSE cubes underestimates the noise of resampled and binned
+      data (Weilbacher et al. 2020), so an absolute threshold would flag
+      whole cubes; a median outside ``chi2_range`` is reported as a warning
+      about the variances instead.
+    * ``VELOCITY_OUTLIER``: ``|v - median(v)| > max(velocity_spread x
+      1.4826 MAD(v), min_spread) + 3 sigma_v``: a velocity that the velocity
+      field of a galaxy (rotation of a few hundred km/s) cannot explain.
+    * The median velocity of the bins more than ``systemic_tolerance`` from
+      the systemic redshift, or more than a third of the bins at a bound: the
+      systemic redshift is probably wrong (a warning; rerun without a
+      redshift to estimate it, or give the right one).
+
+    Parameters
+    ----------
+    table : `~astropy.table.QTable`
+        Output of :func:`fit_kinematics` (``velocity``, ``velocity_err``,
+        ``chi2``, ``flag``; ``meta['redshift']``).
+    chi2_factor : float, optional
+    velocity_spread : float, optional
+        In units of the robust standard deviation of the velocities.
+    min_spread, systemic_tolerance : `~astropy.units.Quantity`, optional
+    chi2_range : tuple of float, optional
+
+    Returns
+    -------
+    problems : list of str
+        The warnings issued (empty when all is well).
+    """
+    flag = np.asarray(table["flag"]).astype(int)
+    fitted = (flag & (KinematicsFlag.NO_DATA | KinematicsFlag.FIT_FAILED)) == 0
+    problems = []
+    n = int(fitted.sum())
+    if n == 0:
+        return problems
+    vel = u.Quantity(table["velocity"], _KMS).value
+    verr = u.Quantity(table["velocity_err"], _KMS).value if "velocity_err" in table.colnames \
+        else np.zeros(vel.size)
+    z0 = float(table.meta.get("redshift", 0.0))
+    if "chi2" in table.colnames:
+        chi2 = np.asarray(table["chi2"], float)
+        med = float(np.nanmedian(chi2[fitted]))
+        high = fitted & (chi2 > max(chi2_factor * med, 2.0))
+        flag[high] |= KinematicsFlag.CHI2_HIGH
+        if high.any():
+            problems.append(f"{int(high.sum())} bins have a reduced chi^2 more than "
+                            f"{chi2_factor:g} times the median ({med:.2f}) (flag CHI2_HIGH): "
+                            "the templates do not fit them (foreground stars, AGN, bad data?)")
+        if not chi2_range[0] <= med <= chi2_range[1]:
+            problems.append(f"the median reduced chi^2 of the kinematic fits is {med:.2f}, "
+                            f"outside {chi2_range[0]:g}-{chi2_range[1]:g}: the cube's "
+                            "variances (STAT) are probably mis-scaled; the formal velocity "
+                            "errors are off by about sqrt(chi2)")
+    vmed = float(np.median(vel[fitted]))
+    mad = 1.4826 * float(np.median(np.abs(vel[fitted] - vmed)))
+    spread = max(velocity_spread * mad, u.Quantity(min_spread, _KMS).value)
+    out = fitted & (np.abs(vel - vmed) > spread + 3 * np.nan_to_num(verr))
+    flag[out] |= KinematicsFlag.VELOCITY_OUTLIER
+    if out.any():
+        problems.append(f"{int(out.sum())} bins have velocities more than {spread:.0f} km/s "
+                        f"from the median of the bins (flag VELOCITY_OUTLIER)")
+    n_bound = int(((flag & KinematicsFlag.AT_BOUND) != 0).sum())
+    tol = u.Quantity(systemic_tolerance, _KMS).value
+    if abs(vmed) > tol or n_bound > n / 3:
+        problems.append(f"the bins' median velocity is {vmed:+.0f} km/s from the systemic "
+                        f"redshift z = {z0:.5f} and {n_bound} of {n} fits ended at a bound: "
+                        "the systemic redshift is probably wrong; rerun without a redshift "
+                        "to have it estimated, or give the right one "
+                        f"(z ~ {(1 + z0) * (1 + vmed / _C_KMS) - 1:.5f}?)")
+    table["flag"] = flag.astype(np.int16)
+    for p in problems:
+        warnings.warn(f"Stellar kinematics: {p}.", CubeSFHWarning)
+    return problems
 
 
 # --------------------------------------------------------------------------- external maps

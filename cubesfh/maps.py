@@ -74,6 +74,7 @@ _FLAG_COMMENTS = {
     "NO_PHOTOMETRY": "no HST images given",
     "OUT_OF_DISTRIBUTION": "CNN ood_score > 1: outside training set",
     "DISAGREE": "|CNN - pPXF| > 2 combined sigma in a mean",
+    "KINEMATICS_SUSPECT": "kinematic chi2 or velocity an outlier",
     "NOT_BINNED": "spaxel in no bin: maps are NaN",
     "PPXF_FAILED": "pPXF baseline fit failed",
 }
@@ -1026,6 +1027,10 @@ class StellarPopulationMaps:
                  f"{self.meta.get('versions', {}).get('cubesfh', '?')}"]
         for name in self.meta.get("inputs", {}):
             lines.append(f"  input: {name}")
+        params = self.meta.get("parameters", {}) or {}
+        if "systemic_redshift" in params:
+            lines.append(f"  systemic redshift z = {float(params['systemic_redshift']):.5f} "
+                         f"({params.get('redshift_source', 'given')})")
         if "sigma_target" in t.colnames:
             st = np.asarray(getattr(t["sigma_target"], "value", t["sigma_target"]), float)
             models = self.meta.get("models") or {}

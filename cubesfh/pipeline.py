@@ -410,6 +410,8 @@ def run_pipeline(cube, hst=None, *, target_snr=35.0, min_snr=1.0, regions=None, 
     prov = provenance(cube, hst, models, {
         "target_snr": target_snr, "min_snr": min_snr, "regions": str(regions or ""),
         "kinematics": str(kinematics or "ppxf"), "redshift": str(redshift),
+        "systemic_redshift": float(prepared.meta.get("redshift", np.nan)),
+        "redshift_source": str(prepared.meta.get("redshift_source", "given")),
         "ppxf": bool(ppxf), "ppxf_mc": int(ppxf_mc), "k_correct": str(k_correct),
         "k_corrected": kcorr_done,
         "ebv_galactic": float(ebv_galactic), "r_v": float(r_v),

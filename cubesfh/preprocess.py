@@ -86,7 +86,11 @@ class PreparedObservation:
 
     def summary(self):
         """One line per flag with the number of bins that carry it."""
-        lines = [f"{self.n_bins} bins, {int(np.count_nonzero(self.flags == 0))} usable"]
+        lines = []
+        if "redshift" in self.meta:
+            lines.append(f"systemic redshift z = {self.meta['redshift']:.5f} "
+                         f"({self.meta.get('redshift_source', 'given')})")
+        lines.append(f"{self.n_bins} bins, {int(np.count_nonzero(self.flags == 0))} usable")
         for f in BinFlag:
             if f.value == 0:
                 continue
@@ -275,11 +279,16 @@ def prepare_observation(cube, hst=None, *, target_snr=35.0, min_snr=1.0, regions
         External kinematics (a PHANGS DAP MAPS file, or ``(velocity, sigma)``
         FITS maps) instead of fitting them with pPXF.
     redshift : float or `~astropy.units.Quantity`, optional
-        Systemic redshift or velocity (starting guess of the kinematic fits).
+        Systemic redshift or velocity (the reference and starting guess of the
+        kinematic fits). If `None` (default) it is estimated from the cube
+        (:func:`~cubesfh.redshift.estimate_redshift`: the brightest spaxels,
+        outside ``regions`` and ``mask``, cross-correlated with the templates
+        over -0.005 < z < 0.5, then refined with pPXF) and reported in the log
+        and ``meta['redshift']``.
     snr_window : `~astropy.units.Quantity`, optional
         Observed-frame window in which the binning measures the S/N (default
-        5300-5500 A; for a distant galaxy use the observed position of the
-        rest-frame window, e.g. ``(5300, 5500) * u.AA * (1 + z)``).
+        the rest-frame 5300-5500 A of the network at the systemic redshift,
+        ``(5300, 5500) * u.AA * (1 + z)``).
     sigma_target : `~astropy.units.Quantity`, optional
         Common velocity dispersion of the prepared spectra (default 150 km/s,
         the paper's). Several values (e.g. ``[150, 300] * u.km / u.s``, the
@@ -305,14 +314,28 @@ def prepare_observation(cube, hst=None, *, target_snr=35.0, min_snr=1.0, regions
     """
     from .binning import voronoi_bin
     from .conventions import SNR_WINDOW
-    from .kinematics import KinematicsFlag, fit_kinematics, read_kinematics_maps
+    from .kinematics import KinematicsFlag, _as_redshift, fit_kinematics, read_kinematics_maps
     from .restframe import PreparationFlag, prepare_spectra
 
-    if redshift is not None:
-        check_redshift_coverage(cube.wavelength, redshift)
+    z_estimate = None
+    if redshift is None:
+        from .binning import region_mask
+        from .redshift import estimate_redshift
+
+        exclude = None if mask is None else np.asarray(mask, dtype=bool)
+        if regions is not None:
+            rmask = region_mask(regions, cube.spatial_shape, cube.celestial_wcs)
+            exclude = rmask if exclude is None else exclude | rmask
+        z_estimate = estimate_redshift(cube, mask=exclude, max_memory=max_memory,
+                                       progress_bar=progress_bar)
+        redshift = z_estimate.z
+    z_sys = _as_redshift(redshift)
+    check_redshift_coverage(cube.wavelength, z_sys)
+    if snr_window is None:
+        # the rest-frame window of the network, observed at the systemic redshift
+        snr_window = SNR_WINDOW * (1.0 + z_sys)
     bins = voronoi_bin(cube, target_snr=target_snr, min_snr=min_snr, regions=regions, mask=mask,
-                       window=SNR_WINDOW if snr_window is None else snr_window,
-                       max_memory=max_memory, progress_bar=progress_bar)
+                       window=snr_window, max_memory=max_memory, progress_bar=progress_bar)
     log.info("Voronoi binning: %d bins", bins.n_bins)
     if ebv_galactic:
         from .extinction import galactic_transmission
@@ -337,6 +360,8 @@ def prepare_observation(cube, hst=None, *, target_snr=35.0, min_snr=1.0, regions
     flags[(kf & (KinematicsFlag.NO_DATA | KinematicsFlag.FIT_FAILED)) != 0] |= \
         BinFlag.KINEMATICS_FAILED
     flags[(kf & KinematicsFlag.AT_BOUND) != 0] |= BinFlag.KINEMATICS_AT_BOUND
+    flags[(kf & (KinematicsFlag.CHI2_HIGH | KinematicsFlag.VELOCITY_OUTLIER)) != 0] |= \
+        BinFlag.KINEMATICS_SUSPECT
     pf = np.asarray(spectra.flags, dtype=int)
     flags[(pf & PreparationFlag.SIGMA_TOO_HIGH) != 0] |= BinFlag.SIGMA_TOO_HIGH
     flags[(pf & (PreparationFlag.BAD_KINEMATICS | PreparationFlag.BAD_NORM)) != 0] |= \
@@ -378,7 +403,13 @@ def prepare_observation(cube, hst=None, *, target_snr=35.0, min_snr=1.0, regions
         "n_bins": int(bins.n_bins),
         "sigma_targets": tuple(float(v) for v in np.unique(targets.to_value(u.km / u.s))),
         "ebv_galactic": float(ebv_galactic), "r_v": float(r_v),
+        "redshift": float(z_sys),
+        "redshift_source": "given" if z_estimate is None else "estimated",
+        "snr_window": tuple(float(v) for v in u.Quantity(snr_window, u.AA).value),
     }
+    if z_estimate is not None:
+        meta["redshift_err"] = float(z_estimate.z_err)
+        meta["redshift_contrast"] = float(z_estimate.contrast)
     from . import __version__
 
     meta["version"] = __version__
