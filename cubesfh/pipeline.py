@@ -20,10 +20,11 @@ from astropy import units as u
 
 from .conventions import HST_BANDS
 from .flags import BinFlag
+from .photometry._kcorr import K_CORRECT_MIN_Z, k_correct_bins
 from .utils import CubeSFHError, sha256_file
 
-__all__ = ["K_CORRECT_MIN_Z", "UNCERTAINTY_KEYS", "UNCERTAINTY_VECTOR_KEYS", "k_correct_bins",
-           "predict_bins", "run_baseline", "run_pipeline"]
+__all__ = ["UNCERTAINTY_KEYS", "UNCERTAINTY_VECTOR_KEYS", "predict_bins", "run_baseline",
+           "run_pipeline"]
 
 log = logging.getLogger(__name__)
 
@@ -137,103 +138,6 @@ UNCERTAINTY_KEYS = tuple(f"{q}_{s}" for q in ("logage_lw", "logage_mw", "zh_lw",
                          for s in ("p16", "p84", "p02", "p98", "err")) + (
     "ood_score", "ood_latent", "ood_recon")
 UNCERTAINTY_VECTOR_KEYS = tuple(f"mass_fraction_{s}" for s in ("p16", "p84", "p02", "p98"))
-
-
-#: ``k_correct='auto'`` K-corrects the photometry when the median redshift of
-#: the bins exceeds this (at z = 0.01 the correction reaches ~1 per cent in
-#: F814W for an old population).
-K_CORRECT_MIN_Z = 0.01
-
-
-def k_correct_bins(prepared, instruments=None, *, model=None, dust=True, iterations=3,
-                   tolerance=0.005):
-    """
-    K-correct the HST photometry of a prepared observation to the rest frame.
-
-    The network was trained on rest-frame WFC3/UVIS band fluxes, while an
-    image of a galaxy at redshift z samples the band at rest-frame
-    wavelengths ``lambda / (1 + z)``. For every usable bin this takes the
-    star formation history and metallicities predicted from the *spectrum
-    alone* (the same network, photometry ignored), builds its SED on the
-    template library (attenuated, with ``dust``, to match the bin's colours)
-    and multiplies the bin's network photometry by its K-correction
-    (:func:`~cubesfh.photometry.k_correction`: observed band of the image's
-    camera -> rest-frame WFC3/UVIS band), in place; then it predicts again
-    with the corrected photometry and repeats.
-
-    Parameters
-    ----------
-    prepared : `~cubesfh.preprocess.PreparedObservation`
-        Modified in place: ``photometry_normalized`` is multiplied by the
-        factors, which are also stored as ``prepared.k_correction``.
-    instruments : dict, optional
-        Camera of each band's image (``{'F814W': 'WFPC2'}``); default
-        WFC3/UVIS. A camera without bundled throughputs uses the WFC3/UVIS
-        curve.
-    model : `~cubesfh.network.SFHModel` or list of them, optional
-        Default: the bundled family.
-    dust : bool, optional
-        Attenuate each SED by the optical depth that best matches the bin's
-        HST colours (:func:`~cubesfh.photometry.fit_attenuation`; bins with
-        fewer than two bands get none), stored as ``prepared.k_correction_tau``.
-    iterations, tolerance : int, float, optional
-        Repeat prediction and correction at most ``iterations`` times, until
-        no factor changes by more than ``tolerance``.
-
-    Returns
-    -------
-    factors : `~numpy.ndarray`
-        ``(n_bins, 5)`` in `~cubesfh.conventions.HST_BANDS` order; NaN for
-        bands without data and bins without a usable spectrum.
-    """
-    from .photometry import attenuation, history_sed, sed_attenuation, sed_k_factors
-    from .templates import load_filter
-
-    instruments = dict(instruments or {})
-    n = prepared.n_bins
-    phot = prepared.photometry_normalized.copy()
-    z = np.asarray(prepared.spectra.redshift, float)
-    filters = []
-    for band in HST_BANDS:
-        inst = instruments.get(band, "WFC3/UVIS")
-        try:
-            filters.append(load_filter(band, inst))
-        except CubeSFHError:
-            log.warning("no throughput curve for %s %s: K-correcting with WFC3/UVIS %s",
-                        inst, band, band)
-            filters.append(load_filter(band))
-    rest_filters = [load_filter(band) for band in HST_BANDS]
-    factors = np.full((n, len(HST_BANDS)), np.nan)
-    tau = np.zeros(n)
-    for it in range(iterations + 1):
-        # it = 0: SFH from the spectrum alone; then from spectrum + corrected photometry
-        current = np.where(np.isfinite(factors), phot * factors, phot)
-        prepared.photometry_normalized = current
-        pred = predict_bins(prepared, model=model, photometry=it > 0)
-        mf, zh = pred["mass_fraction"], pred["metallicity"]
-        ok = np.all(np.isfinite(mf), axis=1) & (np.nansum(mf, axis=1) > 0) & np.isfinite(z)
-        new = np.full_like(factors, np.nan)
-        if ok.any():
-            wave, sed = history_sed(mf[ok], zh[ok])  # once per iteration, for every band
-            if dust:
-                tau[ok] = sed_attenuation(wave, sed, current[ok])
-            sed = sed * attenuation(wave, tau[ok])
-            k = sed_k_factors(wave, sed, z[ok], filters, rest_filters)
-            new[ok] = np.where(np.isfinite(phot[ok]), k, np.nan)
-        change = np.nanmax(np.abs(new / factors - 1)) if it else np.inf
-        factors = new
-        log.debug("K-correction iteration %d: largest change %.4f", it, change)
-        if change < tolerance:
-            break
-    prepared.photometry_normalized = np.where(np.isfinite(factors), phot * factors, phot)
-    prepared.k_correction = factors
-    prepared.k_correction_tau = tau
-    done = np.isfinite(factors)
-    if done.any():
-        log.info("K-corrections (median per band): %s", ", ".join(
-            f"{b} {np.nanmedian(factors[:, j]):.3f}" for j, b in enumerate(HST_BANDS)
-            if done[:, j].any()))
-    return factors
 
 
 def run_baseline(prepared, *, scheduler=None, n_workers=None, cache_dir=None, n_mc=0,

@@ -11,7 +11,7 @@ Usage::
 Prints the numbers quoted in the docs page (JSON) and writes
 ``realdata_images.png`` (images, bins, centroids, light fractions) and
 ``realdata_spectrum.png`` (co-added spectrum).
-The data are fetched with :func:`cubesfh.realdata.fetch_mpdaf_a478` (pip
+The data are fetched with :func:`cubesfh.datasets.fetch_mpdaf_a478` (pip
 download of the mpdaf 3.6 wheel, cached).
 """
 
@@ -23,7 +23,7 @@ from pathlib import Path
 import astropy.units as u
 import numpy as np
 
-from cubesfh import realdata
+from cubesfh import datasets as realdata
 from cubesfh.conventions import AGE_BIN_CENTERS
 from cubesfh.network import SFHModel
 from cubesfh.pipeline import run_pipeline

@@ -12,9 +12,11 @@ ones the network was trained on.
 
 from ._binphot import BinPhotometry, bin_photometry
 from ._kcorr import (
+    K_CORRECT_MIN_Z,
     attenuation,
     fit_attenuation,
     history_sed,
+    k_correct_bins,
     k_correction,
     sed_attenuation,
     sed_k_factors,
@@ -24,6 +26,7 @@ from ._reproject import cutout_to_grid, grid_overlap, reproject_to_cube
 
 __all__ = [
     "DEFAULT_WINDOW",
+    "K_CORRECT_MIN_Z",
     "BinPhotometry",
     "attenuation",
     "bin_photometry",
@@ -32,6 +35,7 @@ __all__ = [
     "gaussian_psf",
     "grid_overlap",
     "history_sed",
+    "k_correct_bins",
     "k_correction",
     "make_matching_kernel",
     "match_psf",
