@@ -43,13 +43,14 @@ def _add_prepare_options(p):
     p.add_argument("--kinematics", metavar="MAPS.fits",
                    help="read V_STARS/SIGMA_STARS from a PHANGS DAP MAPS file instead of fitting")
     p.add_argument("--redshift", type=float,
-                   help="systemic redshift (starting guess of the kinematic fits)")
+                   help="systemic redshift (default: estimated from the cube, see "
+                        "'cubesfh redshift')")
     p.add_argument("--ebv", type=float, default=0.0, metavar="E(B-V)",
                    help="Milky Way foreground E(B-V) of the sight line, removed from the "
                         "spectra and photometry (default 0)")
     p.add_argument("--snr-window", type=float, nargs=2, metavar=("LO", "HI"),
-                   help="observed window (Angstrom) for the binning S/N (default 5300 5500; "
-                        "for a distant galaxy 5300*(1+z) 5500*(1+z))")
+                   help="observed window (Angstrom) for the binning S/N (default: the "
+                        "rest-frame 5300-5500 A at the systemic redshift)")
     p.add_argument("--psf-fwhm", type=float, metavar="ARCSEC",
                    help="MUSE PSF FWHM in arcsec when the cube header lacks it")
     p.add_argument("--max-memory", type=float, default=2.0, metavar="GB",
@@ -108,6 +109,24 @@ def _prepare(cube_path, hst_paths, args, output):
     print(prepared.summary())
     print(f"wrote {output} in {dt:.1f} s")
     return prepared
+
+
+def _cmd_redshift(args):
+    from astropy import units as u
+
+    from .binning import region_mask
+    from .cube import Cube
+    from .redshift import estimate_redshift
+
+    cube = Cube.read(args.cube)
+    mask = region_mask(args.mask, cube.spatial_shape, cube.celestial_wcs) if args.mask \
+        else None
+    est = estimate_redshift(cube, mask=mask, z_range=tuple(args.z_range),
+                            max_memory=args.max_memory * u.GB)
+    print(f"{est}")
+    print(f"candidates: {', '.join(f'{z:.5f}' for z in est.candidates)}; "
+          f"{est.n_spaxels} spaxels")
+    return 0
 
 
 def _cmd_prepare(args):
@@ -400,6 +419,21 @@ def build_parser():
                                         "above its own (default: 150 300, the bundled models)")
     _add_prepare_options(p)
     p.set_defaults(func=_cmd_prepare)
+
+    p = sub.add_parser("redshift", help="estimate the systemic redshift of a cube",
+                       description="Cross-correlate the mean spectrum of the brightest "
+                                   "spaxels with the templates over a range of redshifts and "
+                                   "refine the best peaks with pPXF (what 'run' and 'prepare' "
+                                   "do when --redshift is not given).")
+    p.add_argument("cube", help="MUSE cube (DATA/STAT extensions)")
+    p.add_argument("--mask", action="append", metavar="REGIONS.reg",
+                   help="DS9 region file of areas to exclude, e.g. foreground stars "
+                        "(repeatable)")
+    p.add_argument("--z-range", type=float, nargs=2, default=(-0.005, 0.5),
+                   metavar=("ZMIN", "ZMAX"), help="redshifts searched (default -0.005 0.5)")
+    p.add_argument("--max-memory", type=float, default=2.0, metavar="GB",
+                   help="memory allowed for reading the cube at once (default: 2 GB)")
+    p.set_defaults(func=_cmd_redshift)
 
     p = sub.add_parser("make-example", help="write the example cube and HST images",
                        description="Write the generated example observation (MUSE cube, "

@@ -170,3 +170,15 @@ def test_check_kinematics_clean_cube_is_silent():
         warnings.simplefilter("error")
         assert check_kinematics(t) == []
     assert not np.any(np.asarray(t["flag"]))
+
+
+def test_command_line_redshift(tmp_path, capsys):
+    from cubesfh.cli import main
+
+    obs = make_example_observation(tmp_path, shape=(12, 12), seed=5,
+                                   systemic_velocity=1500 * u.km / u.s)
+    assert main(["redshift", str(obs.cube_path)]) == 0
+    out = capsys.readouterr().out
+    z = float(out.split("z = ")[1].split()[0])
+    assert z == pytest.approx(1500 / C_KMS, abs=1e-4)
+    assert "candidates:" in out
