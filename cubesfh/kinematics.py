@@ -811,7 +811,8 @@ def fit_kinematics(bins=None, *, wavelength=None, spectra=None, variance=None,
         - ``flag``: `KinematicsFlag` bits (0 = good).
 
         ``table.meta`` holds ``redshift``, ``velscale``, ``degree``,
-        ``fit_range``, ``lsf_excess`` and ``n_failed``.
+        ``fit_range``, ``lsf_excess``, ``n_failed`` and ``problems`` (the
+        warnings of `check_kinematics`).
 
     Raises
     ------
@@ -864,7 +865,7 @@ def fit_kinematics(bins=None, *, wavelength=None, spectra=None, variance=None,
     n_failed = int(failed.sum())
     n_bound = int(((table["flag"] & KinematicsFlag.AT_BOUND) > 0).sum())
     table.meta["redshift"] = z0
-    check_kinematics(table)
+    table.meta["problems"] = check_kinematics(table)
     table.meta.update({"redshift": z0, "velscale": spec.velscale * _KMS, "degree": degree,
                        "fit_range": u.Quantity(fit_range, u.AA),
                        "lsf_excess": temp.lsf_excess * _KMS, "n_failed": n_failed,

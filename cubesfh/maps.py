@@ -1077,6 +1077,8 @@ class StellarPopulationMaps:
             count = int(np.count_nonzero(flags & value))
             if count:
                 lines.append(f"  flag {name}: {count} bins")
+        for problem in (self.meta.get("parameters", {}) or {}).get("kinematics_problems", []):
+            lines.append(f"  WARNING (kinematics): {problem}")
         return "\n".join(lines)
 
     # ------------------------------------------------------------------ FITS

@@ -97,6 +97,9 @@ class PreparedObservation:
             n = int(np.count_nonzero(self.flags & f))
             if n:
                 lines.append(f"  {f.name}: {n}")
+        meta = getattr(self.kinematics, "meta", {}) or {}
+        for problem in meta.get("problems", []):
+            lines.append(f"  WARNING (kinematics): {problem}")
         return "\n".join(lines)
 
     def to_table(self):

@@ -315,6 +315,10 @@ def test_run_without_options_finds_redshift(a478, tmp_path):
         assert main(["run", str(cube_path), "-o", str(out), "--no-progress"]) == 0
     # the STAT of this cube is too small for its binned spectra: said, not silent
     assert any("mis-scaled" in str(w.message) for w in rec)
+    from cubesfh.maps import StellarPopulationMaps
+
+    assert "WARNING (kinematics): the median reduced chi^2" in \
+        StellarPopulationMaps.read(out).summary()
     with fits.open(out) as hdul:
         t = hdul["BINS"].data
         z_used = (1 + est.z) * (1 + t["velocity"] / 299792.458) - 1
