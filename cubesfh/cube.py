@@ -14,8 +14,6 @@ import functools
 import logging
 import math
 import os
-import weakref
-from pathlib import Path
 
 import numpy as np
 from astropy import units as u
@@ -26,108 +24,17 @@ from astropy.wcs.utils import proj_plane_pixel_area, proj_plane_pixel_scales
 from .conventions import SNR_WINDOW
 from .io import muse
 from .utils import CubeSFHError, progress
+from .utils._fits import check_input_file, describe_content
+from .utils._memory import DEFAULT_MAX_MEMORY
+from .utils._memory import as_bytes as _as_bytes
+from .utils._memory import format_bytes as _format_bytes
 
 __all__ = ["DEFAULT_MAX_MEMORY", "Cube", "CubeRead", "CubeWrite"]
 
 log = logging.getLogger(__name__)
 
-#: Default memory budget of chunked operations and in-memory loads (1 GB).
-DEFAULT_MAX_MEMORY = 1 * u.GB
-
 # Stoehr et al. (2008) DER_SNR: sigma = 1.482602 / sqrt(6) * median |2 f_i - f_i-2 - f_i+2|.
 _DER_SNR_FACTOR = 1.482602 / math.sqrt(6.0)
-
-# Largest single positional read (bytes); Linux caps one read at ~2 GB.
-_MAX_READ = 1 << 30
-
-
-def _as_bytes(value):
-    """Memory limit as an integer number of bytes (`None` -> default)."""
-    if value is None:
-        value = DEFAULT_MAX_MEMORY
-    if isinstance(value, str):
-        value = u.Quantity(value)
-    if isinstance(value, u.Quantity):
-        try:
-            value = value.to_value(u.byte)
-        except u.UnitConversionError:
-            msg = (f"max_memory={value} is not an amount of memory; give bytes (int) or a "
-                   "Quantity such as 2 * u.GB.")
-            raise CubeSFHError(msg) from None
-    value = int(value)
-    if value <= 0:
-        msg = f"max_memory must be positive, got {value} bytes; e.g. max_memory=2 * u.GB."
-        raise CubeSFHError(msg)
-    return value
-
-
-def _format_bytes(nbytes):
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if nbytes >= scale:
-            return f"{nbytes / scale:.3g} {unit}"
-    return f"{int(nbytes)} bytes"
-
-
-class _FileExtension:
-    """
-    Positional reads of blocks of a FITS image extension (no memory map).
-
-    Reading through a memory map would leave every touched page of the file
-    mapped, so the resident memory of the process would grow to the size of
-    the cube; ``pread`` into a fresh buffer keeps it at the size of a chunk.
-    The file descriptor is opened once, so a cube keeps reading the file it
-    was read from even if the path is later replaced.
-    """
-
-    def __init__(self, path, offset, dtype, shape):
-        self.path = str(path)
-        self.offset = int(offset)
-        self.dtype = np.dtype(dtype)
-        self.shape = tuple(shape)
-        self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
-        self._finalizer = weakref.finalize(self, os.close, self._fd)
-
-    def _pread(self, buffer, offset):
-        view = memoryview(buffer).cast("B")
-        done = 0
-        while done < len(view):
-            part = view[done:done + _MAX_READ]
-            if hasattr(os, "preadv"):
-                count = os.preadv(self._fd, [part], offset + done)
-            else:  # pragma: no cover - Windows
-                os.lseek(self._fd, offset + done, os.SEEK_SET)
-                data = os.read(self._fd, len(part))
-                count = len(data)
-                part[:count] = data
-            if count == 0:
-                msg = f"{self.path} ended before the end of the cube: the file is truncated."
-                raise CubeSFHError(msg)
-            done += count
-
-    def read(self, lam, ys, xs):
-        """Read ``[lam, ys, xs]`` (absolute, step-1 slices) as a native-endian array."""
-        _, ny, nx = self.shape
-        nlam, nrow, ncol = lam.stop - lam.start, ys.stop - ys.start, xs.stop - xs.start
-        item = self.dtype.itemsize
-        out = np.empty((nlam, nrow, ncol), dtype=self.dtype)
-        if nlam * nrow * ncol == 0:
-            return out.astype(self.dtype.newbyteorder("="))
-        full_x = ncol == nx
-        if full_x and nrow == ny:
-            self._pread(out, self.offset + lam.start * ny * nx * item)
-        else:
-            buffer = None if full_x else np.empty((nrow, nx), dtype=self.dtype)
-            for i, plane in enumerate(range(lam.start, lam.stop)):
-                position = self.offset + (plane * ny + ys.start) * nx * item
-                if full_x:
-                    self._pread(out[i], position)
-                else:
-                    self._pread(buffer, position)
-                    out[i] = buffer[:, xs]
-        if self.dtype.byteorder not in ("=", "|") and self.dtype != self.dtype.newbyteorder("="):
-            out.byteswap(inplace=True)
-            out = out.view(self.dtype.newbyteorder("="))
-        return out
 
 
 class CubeRead(registry.UnifiedReadWrite):
@@ -174,18 +81,16 @@ class CubeRead(registry.UnifiedReadWrite):
 
     def __call__(self, *args, **kwargs):
         if args and isinstance(args[0], (str, os.PathLike)):
-            path = Path(args[0]).expanduser()
-            if not path.is_file():
-                what = "is a directory, not a file" if path.is_dir() else "not found"
-                msg = (f"MUSE cube {str(path)!r} {what} (working directory {os.getcwd()}); "
-                       "check the path and the file name.")
-                raise FileNotFoundError(msg)
+            path, _ = check_input_file(args[0], "MUSE cube")
             args = (str(path), *args[1:])
             if kwargs.get("format") is None:
                 formats = self.registry.identify_format("read", self._cls, str(path), None,
                                                         args, kwargs)
                 if not formats:
-                    msg = (f"{path} is not a FITS file; Cube.read reads MUSE data cubes in "
+                    with open(path, "rb") as handle:
+                        head = handle.read(4096)
+                    msg = (f"MUSE cube {path} is not a FITS file: it holds "
+                           f"{describe_content(head)}; Cube.read reads MUSE data cubes in "
                            "FITS format (DATA, STAT and DQ extensions).")
                     raise CubeSFHError(msg)
                 kwargs["format"] = formats[0]
@@ -374,8 +279,19 @@ class Cube:
         self.meta = fits.Header() if meta is None else meta
         self._max_memory = _as_bytes(max_memory)
         self._filename = None
-        self._files = {}  # 'data'/'variance'/'dq' -> _FileExtension for cubes read lazily
+        self._files = {}  # 'data'/'variance'/'dq' -> utils._io.FileExtension (lazy reads)
         self._origin = (0, 0, 0)  # position of this cube in the file arrays
+
+    @classmethod
+    def _from_file(cls, contents):
+        """A cube on the arrays of a `~cubesfh.io.muse.MuseFile` (what ``Cube.read`` does)."""
+        cube = cls(contents.data, variance=contents.variance, dq=contents.dq,
+                   wcs=contents.wcs, unit=contents.unit, psf_fwhm=contents.psf_fwhm,
+                   meta=contents.meta, noise=contents.noise, max_memory=contents.max_memory)
+        cube._filename = contents.filename
+        cube._psf_fwhm_source = contents.psf_fwhm_source
+        cube._files = dict(contents.files)
+        return cube
 
     # ------------------------------------------------------------------ helpers
     def _same_shape(self, array, name, unit, dtype=None):
@@ -829,13 +745,48 @@ class Cube:
             self._raise_empty(window)
         return n_good
 
+    def _empty_reason(self, window):
+        """Why no pixel (in ``window``) is good: which extension makes them all bad."""
+        cube = self if window is None else self.spectral_slab(*window)
+        total = bad_data = var_nan = var_zero = var_neg = flagged = 0
+        for ys in range(cube.shape[1]):
+            rows = slice(ys, ys + 1)
+            data = cube._read("data", ys=rows)
+            total += data.size
+            bad_data += int(np.count_nonzero(~np.isfinite(data)))
+            variance = cube._read("variance", ys=rows)
+            if variance is not None:
+                var_nan += int(np.count_nonzero(~np.isfinite(variance)))
+                var_zero += int(np.count_nonzero(variance == 0))
+                var_neg += int(np.count_nonzero(variance < 0))
+            dq = cube._read("dq", ys=rows)
+            if dq is not None:
+                flagged += int(np.count_nonzero(dq))
+        if total and bad_data == total:
+            return "DATA is NaN (or infinite) everywhere (an all-NaN cube)", "the DATA extension"
+        if total and var_nan == total:
+            return ("STAT (the variance) is NaN (or infinite) everywhere",
+                    "the STAT extension (or remove it and read with noise='der_snr')")
+        if total and var_nan + var_zero + var_neg == total:
+            kinds = " and ".join(k for k, n in (("zero", var_zero), ("negative", var_neg)) if n)
+            return (f"STAT (the variance) is {kinds} everywhere ({var_zero} zero, {var_neg} "
+                    "negative pixels), but variances must be > 0",
+                    "the STAT extension (it must hold the variance, sigma**2)")
+        if total and flagged == total:
+            return "DQ flags every pixel (DQ != 0)", "the DQ extension"
+        return ("every pixel is NaN or masked (NaN DATA, DQ != 0 or no positive STAT, "
+                "in some combination, or masked by the user)", "the DATA/STAT/DQ extensions")
+
     def _raise_empty(self, window):
-        where = "" if window is None else (
-            f" in the window {window[0]:.1f}-{window[1]:.1f}")
-        msg = (f"the cube has no valid pixel{where}: every pixel is NaN or masked (all-NaN "
-               f"cube, DQ != 0 everywhere, or no positive variance); file {self._filename}. "
-               "Check the DATA/STAT/DQ extensions, or choose another window= inside "
-               f"{self.wavelength[0]:.1f}-{self.wavelength[-1]:.1f}.")
+        where = ""
+        if window is not None:
+            lo, hi = u.Quantity(window, u.AA).to_value(u.AA)
+            where = f" in the window {lo:.1f}-{hi:.1f} Angstrom"
+        reason, fix = self._empty_reason(window)
+        wave = self.wavelength.to_value(u.AA)
+        msg = (f"the cube has no valid pixel{where}: {reason}; file {self._filename}. Check "
+               f"{fix}, or choose another window= inside {wave[0]:.1f}-{wave[-1]:.1f} "
+               "Angstrom.")
         raise CubeSFHError(msg)
 
     def signal_noise(self, window=SNR_WINDOW, *, per="angstrom", max_memory=None,
@@ -941,7 +892,13 @@ class Cube:
         return (signal / noise).to_value(u.dimensionless_unscaled)
 
 
+def _read_muse_cube(*args, **kwargs):
+    return Cube._from_file(muse.read_muse(*args, **kwargs))
+
+
+_read_muse_cube.__doc__ = muse.read_muse.__doc__
+
 with registry.delay_doc_updates(Cube):
-    registry.register_reader("muse", Cube, muse.read_muse)
+    registry.register_reader("muse", Cube, _read_muse_cube)
     registry.register_writer("muse", Cube, muse.write_muse)
     registry.register_identifier("muse", Cube, muse.identify_muse)

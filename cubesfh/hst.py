@@ -31,6 +31,7 @@ from astropy.wcs.utils import proj_plane_pixel_area
 
 from .conventions import HST_BANDS
 from .utils import positive_angle
+from .utils._fits import open_fits
 from .utils.exceptions import CubeSFHError, CubeSFHWarning
 
 __all__ = [
@@ -366,6 +367,13 @@ class HSTImage:
             photplam = u.Quantity(photplam, u.AA)
             if not np.isfinite(photplam.value) or photplam.value <= 0:
                 photplam = None
+        if photplam is None and self._kind in ("flux", "sb") and not (
+                self.unit.is_equivalent(FLAM) or self.unit.is_equivalent(SB_UNIT)):
+            name = filename or f"this {band} image"
+            msg = (f"{name} is in {self.unit} (f_nu), which is converted to f_lambda at the "
+                   "pivot wavelength, but PHOTPLAM is missing; supply photplam= (Angstrom) "
+                   f"for {band}.")
+            raise CubeSFHError(msg)
         self.photplam = photplam
 
         self.instrument = _check_instrument(
@@ -398,7 +406,8 @@ class HSTImage:
     # ------------------------------------------------------------------ reading
     @classmethod
     def read(cls, path, *, band=None, psf_fwhm=None, allow_other_instrument=False,
-             photflam=None, photplam=None, unit=None, ext=None, error=None, memmap=True):
+             photflam=None, photplam=None, unit=None, ext=None, error=None, memmap=True,
+             force_band=False):
         """
         Read a drizzled HST image.
 
@@ -413,9 +422,9 @@ class HSTImage:
         band : str, optional
             Band, one of `~cubesfh.conventions.HST_BANDS`. Default: from
             ``FILTER`` (WFC3), ``FILTER1``/``FILTER2`` (ACS),
-            ``FILTNAM1``/``FILTNAM2`` (WFPC2) or ``PHOTMODE``. If given and
-            different from the header a `CubeSFHWarning` is emitted and
-            ``band`` wins.
+            ``FILTNAM1``/``FILTNAM2`` (WFPC2) or ``PHOTMODE``. A ``band``
+            that contradicts the header is refused (`CubeSFHError`) unless
+            ``force_band=True``.
         psf_fwhm : `~astropy.units.Quantity`, optional
             PSF FWHM. Default: header ``PSFFWHM``/``PSF_FWHM`` (arcsec), else
             `DEFAULT_PSF_FWHM`.
@@ -442,6 +451,11 @@ class HSTImage:
         memmap : bool, optional
             Memory-map the file (default) so that large mosaics are not read
             into memory until a cutout is made.
+        force_band : bool, optional
+            Use ``band`` even when the header names another filter (with a
+            `CubeSFHWarning`), e.g. for a header known to be wrong. Default
+            `False`: a contradiction raises `CubeSFHError`, since an image
+            in the wrong band corrupts every colour.
 
         Returns
         -------
@@ -449,18 +463,23 @@ class HSTImage:
 
         Raises
         ------
-        FileNotFoundError
-            If ``path`` does not exist.
+        FileNotFoundError, IsADirectoryError
+            If ``path`` does not exist, or is a directory.
         CubeSFHError
-            Missing ``PHOTFLAM``, no celestial WCS, unknown or ambiguous
-            filter, unusable ``BUNIT``, or another camera without
-            ``allow_other_instrument=True``.
+            An empty, non-FITS, corrupt or truncated file, missing
+            ``PHOTFLAM``, ``EXPTIME = 0``, no celestial WCS, an unknown or
+            ambiguous filter, a ``band`` that contradicts the header (without
+            ``force_band=True``), unusable ``BUNIT``, or another camera
+            without ``allow_other_instrument=True``.
         """
-        path = Path(path)
-        if not path.is_file():
-            msg = f"HST image {path} not found; check the path (drizzled _drc/_drz FITS file)."
-            raise FileNotFoundError(msg)
-        with fits.open(path, memmap=memmap) as hdul:
+        path = Path(path).expanduser()
+        if band is not None:
+            band = str(band).strip().upper()
+            if band not in HST_BANDS:
+                msg = (f"Unknown band {band!r} for the HST image {path.name}: cubesfh uses the "
+                       f"PHANGS-HST bands {', '.join(HST_BANDS)}; give one of these.")
+                raise CubeSFHError(msg)
+        with open_fits(path, what="HST image", memmap=memmap) as hdul:
             primary = hdul[0].header
             hdu = cls._science_hdu(hdul, ext, path)
             sci = hdu.header
@@ -513,13 +532,31 @@ class HSTImage:
                        f"{path.name}; pass band= (one of {HST_BANDS}).")
                 raise CubeSFHError(msg)
             band = header_filter
-        else:
-            band = str(band).strip().upper()
-            if header_filter is not None and header_filter != band:
+        elif header_filter is not None and header_filter != band:
+            if not force_band:
                 msg = (f"band={band!r} was given but the header of {path.name} says "
-                       f"{header_filter}; using {band}.")
-                warnings.warn(msg, CubeSFHWarning)
+                       f"{header_filter} (FILTER/FILTER1/FILTER2/PHOTMODE keywords): an image "
+                       f"in the wrong band corrupts the colours. Pass the {header_filter} "
+                       "image for this band, or force_band=True (--force-band) if the header "
+                       "is wrong.")
+                raise CubeSFHError(msg)
+            msg = (f"band={band!r} was given but the header of {path.name} says "
+                   f"{header_filter}; using {band} (force_band=True).")
+            warnings.warn(msg, CubeSFHWarning)
         instrument = identify_instrument(sci, primary)
+
+        exptime = _lookup("EXPTIME", primary, sci)
+        if exptime is None:
+            exptime = _lookup("TEXPTIME", primary, sci)
+        try:
+            exptime = None if exptime is None else float(exptime)
+        except (TypeError, ValueError):
+            exptime = None
+        if exptime is not None and not exptime > 0:
+            msg = (f"{path.name} has EXPTIME = {exptime:g} s: the {band} image has no exposure, "
+                   "so its count rates are not data; use the drizzled product of an exposed "
+                   "visit, or leave the band out.")
+            raise CubeSFHError(msg)
 
         # calibration
         if photflam is None:

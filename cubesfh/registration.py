@@ -47,6 +47,7 @@ from .conventions import HST_BANDS
 from .hst import SB_UNIT
 from .photometry import cutout_to_grid, grid_overlap, match_psf, reproject_to_cube
 from .photometry._binphot import _ordered_images
+from .photometry._reproject import _no_data_message
 from .templates import load_filter
 from .utils import CubeSFHError, CubeSFHWarning, positive_angle, progress
 
@@ -723,6 +724,11 @@ def _measure(cube, image, reference, ref_band, *, max_offset, target_fwhm, metho
     wcs_pad, shape_pad = _padded_wcs(cube_wcs, shape, pad)
     hst = _hst_on_grid(image, wcs_pad, shape_pad, target_fwhm=target_fwhm, unit=cube.unit,
                        tile_size=tile_size, method=method)
+    if not np.isfinite(hst[pad:pad + shape[0], pad:pad + shape[1]]).any():
+        # say whether the image has no data at all, none over the cube, or misses it
+        reason = _no_data_message(image, cube_wcs, shape)
+        if reason is not None:
+            raise CubeSFHError(reason)
     fit = _fit_shift(reference, hst, pad, search=search)
     d = fit["d"]
     centre = ((shape[1] - 1) / 2.0, (shape[0] - 1) / 2.0)
@@ -1398,8 +1404,9 @@ def register(cube, images, *, correct=True, max_offset=DEFAULT_MAX_OFFSET,
         common = np.isfinite(image_cube) & np.isfinite(hst)
         n = int(common.sum())
         if n == 0:
-            msg = (f"The {b} image and the cube have no valid spaxel in common; check that "
-                   f"the image covers the MUSE field.")
+            reason = _no_data_message(out[b], cube.celestial_wcs, cube.spatial_shape)
+            msg = reason or (f"The {b} image and the cube have no valid spaxel in common; "
+                             "check that the image covers the MUSE field.")
             raise CubeSFHError(msg)
         total_hst = float(hst[common].sum())
         if not total_hst > 0:

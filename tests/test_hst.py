@@ -207,10 +207,12 @@ def test_wfpc2_filter_wheel_numbers_ignored(tmp_path, counts):
     assert HSTImage.read(path, band="F814W").band == "F814W"
 
 
-def test_band_argument_overrides_header_with_warning(tmp_path, counts):
+def test_band_argument_contradicting_header_needs_force_band(tmp_path, counts):
     path = write_drizzled(tmp_path / "x.fits", counts)
+    with pytest.raises(CubeSFHError, match="header .* says F555W.*force_band=True"):
+        HSTImage.read(path, band="F814W")
     with pytest.warns(CubeSFHWarning, match="header .* says F555W"):
-        im = HSTImage.read(path, band="F814W")
+        im = HSTImage.read(path, band="F814W", force_band=True)
     assert im.band == "F814W"
 
 

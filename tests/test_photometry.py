@@ -219,7 +219,7 @@ def test_non_overlapping_image_raises(cube_grid):
         bin_photometry({"F555W": far}, bin_map, wcs, target_psf_fwhm=0.7 * u.arcsec,
                        unit=CUBE_UNIT, progress_bar=False)
     blank = hst_image(np.full((260, 280), np.nan))
-    with pytest.raises(CubeSFHError, match="does not overlap"):
+    with pytest.raises(CubeSFHError, match="F555W image has no valid pixels"):
         bin_photometry({"F555W": blank}, bin_map, wcs, target_psf_fwhm=0.7 * u.arcsec,
                        unit=CUBE_UNIT, progress_bar=False)
 

@@ -13,8 +13,9 @@ and released by PHANGS-MUSE:
 * ``DQ`` (optional): data-quality flags, non-zero = bad.
 
 The functions here are registered with the astropy unified I/O registry as
-the ``'muse'`` format of `~cubesfh.Cube` (see :mod:`cubesfh.cube`); call them
-through ``Cube.read(path)`` and ``cube.write(path)``.
+the ``'muse'`` format of `~cubesfh.Cube` (by :mod:`cubesfh.cube`, which imports
+this module; this module does not import it); call them through
+``Cube.read(path)`` and ``cube.write(path)``.
 """
 
 import logging
@@ -22,6 +23,7 @@ import math
 import os
 import re
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -32,11 +34,20 @@ from astropy.wcs import WCS, FITSFixedWarning
 
 from ..conventions import NORM_WINDOW
 from ..utils import CubeSFHError, CubeSFHWarning, atomic_write, progress
+from ..utils._fits import open_fits
+from ..utils._io import FileExtension
+from ..utils._memory import as_bytes, format_bytes
+
+# This module knows nothing of `cubesfh.Cube` (cubesfh.cube imports it, never the
+# reverse): read_muse returns the contents of the file as a `MuseFile`, which
+# cubesfh.cube turns into a Cube, and write_muse only uses the cube's public
+# attributes and its block reader.
 
 __all__ = [
     "FLAMBDA",
     "PSF_FWHM_KEYWORDS",
     "USER_MASK_FLAG",
+    "MuseFile",
     "identify_muse",
     "parse_flux_unit",
     "psf_fwhm_from_header",
@@ -323,6 +334,12 @@ def _find_data_hdu(hdul, path):
     hdu = _find_image(hdul, ["DATA"])
     if hdu is None:
         cubes = [h for h in hdul if _is_image(h) and h.header.get("NAXIS", 0) == 3]
+        names = {str(h.name).strip().upper() for h in cubes}
+        if cubes and names <= {"STAT", "DQ", "ERROR", "VARIANCE", "QUALITY"}:
+            msg = (f"{path} has no DATA (flux) extension: its 3-D images are "
+                   f"{', '.join(sorted(names))} (variance / quality) only; give the full "
+                   "MUSE cube file (extensions DATA, STAT[, DQ]).")
+            raise CubeSFHError(msg)
         if len(cubes) == 1:
             hdu = cubes[0]
             log.info("%s has no DATA extension; using the 3-D image in HDU %r", path,
@@ -335,9 +352,44 @@ def _find_data_hdu(hdul, path):
     return hdu
 
 
+def _is_wavelength_ctype(value):
+    return str(value or "").strip().upper().startswith(("AWAV", "WAVE"))
+
+
+# How to reorder an array whose wavelength axis is FITS axis 1 or 2 so that it
+# becomes FITS axis 3 (NumPy axis 0): (NumPy transpose, WCS axes for WCS.sub).
+_REORDER = {1: ("(2, 1, 0)", "[3, 2, 1]"), 2: ("(1, 0, 2)", "[1, 3, 2]")}
+
+
 def _check_spectral_header(header, path):
-    ctype3 = str(header.get("CTYPE3", "")).strip().upper()
-    if not ctype3.startswith(("AWAV", "WAVE")):
+    naxis = int(header.get("NAXIS", 3))
+    ctypes = {i: header.get(f"CTYPE{i}") for i in range(1, naxis + 1)}
+    if not any(str(c or "").strip() for c in ctypes.values()):
+        msg = (f"{path}: the DATA header has no WCS (no CTYPE1/2/3 keywords), so neither the "
+               "sky position nor the wavelength of a pixel is known; cubesfh needs "
+               "CTYPE1/2 = 'RA---TAN'/'DEC--TAN' and CTYPE3 = 'AWAV' with their CRVAL, CRPIX, "
+               "CD and CUNIT keywords (copy them from the original MUSE cube).")
+        raise CubeSFHError(msg)
+    spectral = [i for i, c in ctypes.items() if _is_wavelength_ctype(c)]
+    if spectral and spectral[0] != 3:
+        i = spectral[0]
+        numpy_order, wcs_axes = _REORDER[i]
+        msg = (f"{path}: the wavelength axis is FITS axis {i} (CTYPE{i} = {ctypes[i]!r}, "
+               f"NAXIS{i} = {header.get(f'NAXIS{i}')}), not axis 3: the cube is stored with "
+               "its axes transposed, while cubesfh needs FITS axes (x, y, wavelength), i.e. "
+               "a NumPy array [wavelength, y, x] as the MUSE pipeline writes it. Reorder "
+               f"DATA and STAT: Cube(hdu.data.transpose{numpy_order}, "
+               f"wcs=WCS(hdu.header).sub({wcs_axes}), unit=..., variance=...).write(...) "
+               "(if only the header is wrong, fix its CTYPE/CRVAL/CRPIX/CD keywords).")
+        raise CubeSFHError(msg)
+    ctype3 = str(header.get("CTYPE3", "") or "").strip()
+    if not ctype3:
+        msg = (f"{path}: the DATA header has no spectral WCS (CTYPE1, CTYPE2 = "
+               f"{ctypes.get(1)!r}, {ctypes.get(2)!r} but no CTYPE3), so the wavelengths are "
+               "unknown; add CTYPE3 = 'AWAV', CUNIT3 = 'Angstrom', CRVAL3, CRPIX3 and CD3_3 "
+               "(MUSE: 1.25 Angstrom per pixel) to the DATA header.")
+        raise CubeSFHError(msg)
+    if not _is_wavelength_ctype(ctype3):
         msg = (f"{path}: the third axis has CTYPE3 = {header.get('CTYPE3')!r}, not a "
                "wavelength axis; cubesfh needs CTYPE3 = 'AWAV' (air wavelength, the MUSE "
                "convention) or 'WAVE' (vacuum). Fix the header of the DATA extension.")
@@ -354,6 +406,19 @@ def _check_spectral_header(header, path):
                "cubesfh needs a length unit, e.g. CUNIT3 = 'Angstrom' (MUSE) or 'm'. Set "
                "CUNIT3 in the DATA header (CRVAL3 and CD3_3 must be in that unit).")
         raise CubeSFHError(msg)
+
+
+def _warn_if_transposed(header, path):
+    """Warn when the wavelength axis is much shorter than a spatial axis (an [x, y, lambda]
+    array written with the header of a [lambda, y, x] cube)."""
+    nlam = int(header.get("NAXIS3", 0))
+    nspat = max(int(header.get("NAXIS1", 0)), int(header.get("NAXIS2", 0)))
+    if 0 < nlam < nspat:
+        msg = (f"{path}: the cube has {nlam} wavelength planes (NAXIS3) but {nspat} pixels "
+               "along a spatial axis; a MUSE cube has thousands of planes. If the array was "
+               "stored transposed ([x, y, wavelength] with the header of a [wavelength, y, x] "
+               "cube), rewrite it as data.transpose(2, 1, 0) with the original header.")
+        warnings.warn(msg, CubeSFHWarning)
 
 
 def _build_wcs(header, path):
@@ -389,12 +454,65 @@ def _nbytes(hdu):
     return int(np.prod(shape)) * abs(hdu.header["BITPIX"]) // 8, shape
 
 
+@dataclass
+class MuseFile:
+    """
+    Contents of a MUSE cube file, as read by :func:`read_muse`.
+
+    ``Cube.read`` turns it into a `~cubesfh.Cube` (``Cube(data, wcs=wcs,
+    unit=unit, variance=variance, dq=dq, psf_fwhm=psf_fwhm, meta=meta,
+    noise=noise, max_memory=max_memory)``).
+
+    Attributes
+    ----------
+    data, variance, dq : `~numpy.ndarray` or `None`
+        ``[wavelength, y, x]`` arrays (memory maps when read lazily).
+    wcs : `~astropy.wcs.WCS`
+        3-D WCS of ``DATA``.
+    unit : `~astropy.units.UnitBase`
+        Flux unit.
+    psf_fwhm : `~astropy.units.Quantity` or `None`
+        PSF FWHM; ``psf_fwhm_source`` says where it came from.
+    meta : `~astropy.io.fits.Header`
+        Primary header.
+    noise : `~astropy.units.Quantity`, str or `None`
+        The ``noise=`` estimate for files without ``STAT``.
+    max_memory : int
+        Memory budget in bytes.
+    filename : str
+        The file.
+    files : dict
+        ``'data'``/``'variance'``/``'dq'`` -> `~cubesfh.utils._io.FileExtension`
+        for lazily read arrays.
+    """
+
+    data: np.ndarray
+    variance: np.ndarray | None
+    dq: np.ndarray | None
+    wcs: WCS
+    unit: u.UnitBase
+    psf_fwhm: u.Quantity | None
+    psf_fwhm_source: str | None
+    meta: fits.Header
+    noise: object
+    max_memory: int
+    filename: str
+    files: dict = field(default_factory=dict)
+
+
 def read_muse(filename, *, psf_fwhm=None, noise=None, unit=None, memmap=True,
               max_memory=None):
     """
     Read a MUSE data cube (``DATA`` + ``STAT`` [+ ``DQ``]) from a FITS file.
 
     Call it as ``Cube.read(filename, ...)``; the keywords are the same.
+    Called directly it returns the contents of the file (`MuseFile`), which
+    ``Cube.read`` turns into a `~cubesfh.Cube`.
+
+    Broken files are refused before anything is read, with the name of the
+    file and what is wrong: an empty file, a file that is not FITS, a corrupt
+    or truncated gzip/bzip2 file, and a truncated FITS file (the expected
+    size, from the headers' data sizes, and the actual size are given).
 
     Parameters
     ----------
@@ -427,37 +545,30 @@ def read_muse(filename, *, psf_fwhm=None, noise=None, unit=None, memmap=True,
 
     Returns
     -------
-    cube : `~cubesfh.Cube`
+    contents : `MuseFile`
+        (``Cube.read`` returns a `~cubesfh.Cube`.)
 
     Raises
     ------
-    FileNotFoundError
-        If the file does not exist.
+    FileNotFoundError, IsADirectoryError
+        If the file does not exist, or is a directory.
     CubeSFHError
-        If the file is not a FITS cube, has no celestial WCS, has a wavelength
-        axis in unknown units, has no ``BUNIT`` (and no ``unit=``), or has no
-        ``STAT`` extension and no ``noise=``.
+        If the file is empty, not FITS, corrupt or truncated, is not a cube
+        (or has no ``DATA``), has no WCS, no celestial or no wavelength axis
+        or its axes in another order, a wavelength axis in unknown units, no
+        ``BUNIT`` (and no ``unit=``), or no ``STAT`` extension and no
+        ``noise=``.
     """
-    from ..cube import Cube, _as_bytes, _FileExtension, _format_bytes
-
     if hasattr(filename, "read"):  # an open file: use its name (memory maps need one)
         filename = getattr(filename, "name", None)
         if not isinstance(filename, (str, os.PathLike)):
             msg = ("Cube.read needs a file name or an open file on disk, not an in-memory "
                    "file object: the cube is memory-mapped. Write it to disk first.")
             raise CubeSFHError(msg)
-    path = Path(filename).expanduser()
-    if not path.is_file():
-        msg = (f"MUSE cube {str(path)!r} not found (working directory {os.getcwd()}); "
-               "check the path and the file name.")
-        raise FileNotFoundError(msg)
-    limit = _as_bytes(max_memory)
+    limit = as_bytes(max_memory)
+    hdul = open_fits(filename, what="MUSE cube", memmap=False)
+    path = Path(hdul.filename() or Path(filename).expanduser())
     compressed = _compressed_file(path)
-    try:
-        hdul = fits.open(path, memmap=False, lazy_load_hdus=False)
-    except OSError as exc:
-        msg = f"{path} is not a FITS file ({exc}); Cube.read reads MUSE FITS cubes."
-        raise CubeSFHError(msg) from exc
 
     with hdul:
         data_hdu = _find_data_hdu(hdul, path)
@@ -477,6 +588,7 @@ def read_muse(filename, *, psf_fwhm=None, noise=None, unit=None, memmap=True,
 
         # --- WCS, units, PSF -------------------------------------------------------
         wcs = _build_wcs(data_header, path)
+        _warn_if_transposed(data_header, path)
         if unit is None:
             bunit = data_header.get("BUNIT", primary.get("BUNIT"))
             if bunit is None or not str(bunit).strip():
@@ -484,7 +596,7 @@ def read_muse(filename, *, psf_fwhm=None, noise=None, unit=None, memmap=True,
                        "pass it to Cube.read, e.g. unit='10**(-20)*erg/s/cm**2/Angstrom' for "
                        "MUSE pipeline cubes.")
                 raise CubeSFHError(msg)
-            unit = parse_flux_unit(bunit)
+            unit = parse_flux_unit(bunit, what=f"{path.name}: BUNIT")
         else:
             unit = parse_flux_unit(unit, what="unit")
         var_factor = 1.0
@@ -494,8 +606,6 @@ def read_muse(filename, *, psf_fwhm=None, noise=None, unit=None, memmap=True,
         psf_source = "psf_fwhm="
         if psf_fwhm is None:
             psf_fwhm, psf_source = psf_fwhm_from_header(primary, data_header)
-        else:
-            psf_fwhm = Cube._check_psf(psf_fwhm)
 
         if data_header.get("CTYPE3", "").strip().upper().startswith("WAVE"):
             msg = (f"{path}: CTYPE3 = 'WAVE' means vacuum wavelengths, while cubesfh and its "
@@ -505,10 +615,18 @@ def read_muse(filename, *, psf_fwhm=None, noise=None, unit=None, memmap=True,
             warnings.warn(msg, CubeSFHWarning)
 
         if stat_hdu is None:
+            named = "ERRDATA" in data_header and stat_name.upper() not in hdul
             if noise is None:
-                msg = (f"{path} has no STAT (variance) extension, so the noise is unknown; "
-                       "pass a noise estimate to Cube.read: noise=<Quantity> (1-sigma per "
-                       "pixel, in flux units) or noise='der_snr' (estimated per spectrum).")
+                if named:
+                    msg = (f"{path} has no {stat_name} (variance) extension although the DATA "
+                           f"header names it (ERRDATA = {stat_name!r}): the extension was "
+                           f"removed or the file is incomplete ({path.stat().st_size} bytes); "
+                           "use the complete file, or pass noise='der_snr' (or a 1-sigma "
+                           "Quantity) to Cube.read to estimate the noise.")
+                else:
+                    msg = (f"{path} has no STAT (variance) extension, so the noise is unknown; "
+                           "pass a noise estimate to Cube.read: noise=<Quantity> (1-sigma per "
+                           "pixel, in flux units) or noise='der_snr' (estimated per spectrum).")
                 raise CubeSFHError(msg)
             msg = (f"{path} has no STAT (variance) extension; the noise is the estimate "
                    f"noise={noise!r}, so S/N values and fit weights rest on it.")
@@ -530,18 +648,18 @@ def read_muse(filename, *, psf_fwhm=None, noise=None, unit=None, memmap=True,
         if not lazy and total > limit:
             if memmap:
                 msg = (f"{path} cannot be memory-mapped because {reason}, and loading it "
-                       f"needs {_format_bytes(total)}, more than max_memory="
-                       f"{_format_bytes(limit)}. Uncompress it / rewrite it as float32 "
+                       f"needs {format_bytes(total)}, more than max_memory="
+                       f"{format_bytes(limit)}. Uncompress it / rewrite it as float32 "
                        "(e.g. Cube.read(..., max_memory=...) then cube.write()) or pass a "
                        "larger max_memory= if you have the RAM.")
             else:
-                msg = (f"memmap=False loads the whole cube ({_format_bytes(total)}), more than "
-                       f"max_memory={_format_bytes(limit)}; use memmap=True (the default) or "
+                msg = (f"memmap=False loads the whole cube ({format_bytes(total)}), more than "
+                       f"max_memory={format_bytes(limit)}; use memmap=True (the default) or "
                        "pass a larger max_memory= if you have the RAM.")
             raise CubeSFHError(msg)
         if memmap and not lazy:
             log.info("%s: %s, so the cube (%s) is loaded into memory", path, reason,
-                     _format_bytes(total))
+                     format_bytes(total))
 
         arrays = {}
         files = {}
@@ -554,7 +672,7 @@ def read_muse(filename, *, psf_fwhm=None, noise=None, unit=None, memmap=True,
                 dtype = np.dtype(_BITPIX_DTYPE[hdu.header["BITPIX"]])
                 arrays[key] = np.memmap(path, dtype=dtype, mode="r", offset=offset,
                                         shape=shape)
-                files[key] = _FileExtension(path, offset, dtype, shape)
+                files[key] = FileExtension(path, offset, dtype, shape)
             else:
                 array = np.asarray(hdu.data)
                 arrays[key] = array.astype(array.dtype.newbyteorder("="), copy=True)
@@ -567,14 +685,12 @@ def read_muse(filename, *, psf_fwhm=None, noise=None, unit=None, memmap=True,
             raise CubeSFHError(msg)
         arrays["variance"] = arrays["variance"] * var_factor
 
-    meta = primary
-    cube = Cube(arrays["data"], variance=arrays["variance"], dq=arrays["dq"], wcs=wcs,
-                unit=unit, psf_fwhm=psf_fwhm, meta=meta, noise=noise, max_memory=limit)
-    cube._filename = str(path)
-    cube._psf_fwhm_source = psf_source if psf_fwhm is not None else None
-    cube._files = files
-    log.debug("read %s: shape %s, unit %s, lazy=%s", path, cube.shape, unit, lazy)
-    return cube
+    log.debug("read %s: shape %s, unit %s, lazy=%s", path, shape, unit, lazy)
+    return MuseFile(data=arrays["data"], variance=arrays["variance"], dq=arrays["dq"],
+                    wcs=wcs, unit=unit, psf_fwhm=psf_fwhm,
+                    psf_fwhm_source=psf_source if psf_fwhm is not None else None,
+                    meta=primary, noise=noise, max_memory=limit, filename=str(path),
+                    files=files)
 
 
 # ----------------------------------------------------------------------------
@@ -653,9 +769,7 @@ def write_muse(cube, filename, *, overwrite=False, max_memory=None, progress_bar
     progress_bar : bool, optional
         Show a progress bar.
     """
-    from ..cube import _as_bytes
-
-    limit = _as_bytes(cube.max_memory if max_memory is None else max_memory)
+    limit = as_bytes(cube.max_memory if max_memory is None else max_memory)
     nlam, ny, nx = cube.shape
 
     primary = fits.PrimaryHDU()

@@ -162,9 +162,24 @@ class SFHModel:
             Missing, corrupted or modified files.
         """
         stem = DEFAULT_MODEL if path is None else Path(path).with_suffix("")
-        if path is None and device is None:
-            return _load_default()
-        return _load(stem, device or "cpu")
+        # --- bad-input handling (issue 11): every failure is one CubeSFHError line ---
+        try:
+            if path is None and device is None:
+                return _load_default()
+            return _load(stem, device or "cpu")
+        except CubeSFHError as exc:
+            text = " ".join(str(exc).split())  # torch's state_dict errors span lines
+            if text == str(exc):
+                raise
+            raise CubeSFHError(text[:600]) from exc
+        except (OSError, KeyError, IndexError, TypeError, AttributeError, ValueError,
+                RuntimeError) as exc:
+            detail = " ".join(str(exc).split())[:300]
+            msg = (f"could not load the model {stem}.pt + {stem.name}.json "
+                   f"({type(exc).__name__}: {detail}): they are not a cubesfh model or are "
+                   "damaged; reinstall cubesfh, or export the model again (cubesfh train "
+                   "--export).")
+            raise CubeSFHError(msg) from exc
 
     def predict(self, spectra, photometry=None, *, band_mask=None, batch_size=4096,
                 uncertainty=True):

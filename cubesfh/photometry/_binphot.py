@@ -14,7 +14,13 @@ from ..hst import FLAM, SB_UNIT
 from ..utils import positive_angle, progress
 from ..utils.exceptions import CubeSFHError, CubeSFHWarning
 from ._psf import _HALF_SIZE_FWHM, DEFAULT_WINDOW, match_psf
-from ._reproject import _check_wcs, _pixel_area, grid_overlap, reproject_to_cube
+from ._reproject import (
+    _check_wcs,
+    _no_data_message,
+    _pixel_area,
+    grid_overlap,
+    reproject_to_cube,
+)
 
 __all__ = ["BinPhotometry", "bin_photometry"]
 
@@ -303,6 +309,9 @@ def bin_photometry(images, bin_map, cube_wcs=None, *, spaxel_area=None, target_p
     for k, (band, image) in enumerate(ordered):
         sums, n_good, var_sum = totals[k]
         if not n_good.any():
+            reason = _no_data_message(image, sub_wcs, sub_map.shape)
+            if reason is not None:
+                raise CubeSFHError(reason)
             name = image.filename or f"The {band} image"
             msg = (f"{name} does not overlap the binned part of the cube (no binned spaxel "
                    f"has valid HST data): check that the HST image covers the MUSE field and "

@@ -82,6 +82,48 @@ def grid_overlap(image_wcs, image_shape, grid_wcs, grid_shape, *, margin=0):
     return box, full
 
 
+def _valid_pixels(image, rows=slice(None), cols=slice(None)):
+    """Whether ``image[rows, cols]`` has a pixel with data (finite, WHT != 0, not masked)."""
+    ny = image.shape[0]
+    start, stop, _ = rows.indices(ny)
+    step = max(1, (1 << 24) // max(1, image.shape[1] * 8))  # ~16 MB of pixels at a time
+    for y0 in range(start, stop, step):
+        block = slice(y0, min(stop, y0 + step))
+        good = np.isfinite(np.asarray(image.data[block, cols], dtype=float))
+        if image.weight is not None:
+            good &= np.asarray(image.weight[block, cols]) != 0
+        if getattr(image, "_mask", None) is not None:
+            good &= ~np.asarray(image._mask[block, cols])
+        if good.any():
+            return True
+    return False
+
+
+def _no_data_message(image, grid_wcs, grid_shape):
+    """
+    Why ``image`` gives no valid data on a grid (the cube's), or `None`.
+
+    Called when an image turned out to have no valid pixel on the cube grid,
+    to tell an image without any data (all NaN, or ``WHT = 0``) from one that
+    misses the cube or has no data only over it.
+    """
+    name = f"{image.band} image {image.filename}" if image.filename else f"{image.band} image"
+    weight = " or has WHT = 0" if image.weight is not None else ""
+    if not _valid_pixels(image):
+        return (f"The HST {name} has no valid pixels: every pixel is NaN{weight}, so it holds "
+                "no data (an empty drizzle product or the wrong extension); use another "
+                f"{image.band} image, or leave the band out.")
+    box, _ = grid_overlap(image.wcs, image.shape, grid_wcs, grid_shape)
+    if box is None:
+        return (f"The HST {name} does not overlap the cube footprint: check that the HST "
+                "image covers the same field (and that both WCS are correct).")
+    if not _valid_pixels(image, *box):
+        return (f"The HST {name} has no valid pixels over the MUSE field: every pixel there is "
+                f"NaN{weight} (the image has data only elsewhere); use an image that covers "
+                f"the field with data, or leave {image.band} out.")
+    return None
+
+
 def cutout_to_grid(image, grid_wcs, grid_shape, *, margin=0):
     """
     Cut an `~cubesfh.hst.HSTImage` to the footprint of a target grid.
