@@ -283,6 +283,7 @@ def region_mask(regions, shape, celestial_wcs=None):
     pixels = PixCoord(xx.ravel(), yy.ravel())
     mask = np.zeros(ny * nx, dtype=bool)
     ignored = []
+    outside = []
     for region in flat:
         if isinstance(region, SkyRegion):
             if celestial_wcs is None:
@@ -303,7 +304,14 @@ def region_mask(regions, shape, celestial_wcs=None):
         except (NotImplementedError, AttributeError, TypeError):
             ignored.append(type(region).__name__)
             continue
-        mask |= np.asarray(inside, dtype=bool).ravel()
+        inside = np.asarray(inside, dtype=bool).ravel()
+        if not inside.any():
+            outside.append(region)
+        mask |= inside
+    if outside:
+        msg = (f"{len(outside)} region(s) lie outside the cube and exclude nothing "
+               f"(first: {outside[0]!r}); check their coordinates and frame.")
+        warnings.warn(msg, CubeSFHWarning)
     if ignored:
         kinds = ", ".join(sorted(set(ignored)))
         msg = (f"Ignored {len(ignored)} region(s) without an area ({kinds}); "

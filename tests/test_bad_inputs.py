@@ -641,9 +641,6 @@ def test_region_file_that_does_not_parse(obs, bad_dir):
                                         "save the regions again from DS9|Region > Save"])
 
 
-@pytest.mark.xfail(strict=True, reason="cubesfh.binning.region_mask (not in this change) "
-                   "silently excludes nothing for an area region outside the cube; it "
-                   "should warn so that a region in the wrong frame is noticed")
 def test_ds9_region_outside_the_cube_warns(obs, bad_dir):
     from cubesfh.binning import region_mask
 
