@@ -29,7 +29,9 @@ as the network outputs.
 
 The work for one spectrum is the pure function :func:`fit_population`, which
 takes the precomputed `BaselineTemplates` (picklable); the loop over spectra,
-:func:`fit_populations`, is separate so that it can be distributed later.
+:func:`fit_populations`, runs in this process, while
+`~cubesfh.pipeline.run_baseline` spreads the bins over dask workers with
+:func:`fit_grouped` (templates sent to each worker once).
 """
 
 import enum
@@ -56,9 +58,11 @@ __all__ = [
     "BaselineFlag",
     "BaselineTemplates",
     "PopulationFit",
+    "fit_grouped",
     "fit_population",
     "fit_populations",
     "mc_columns",
+    "templates_at",
 ]
 
 log = logging.getLogger(__name__)
@@ -317,6 +321,58 @@ class BaselineTemplates:
 @functools.lru_cache(maxsize=1)
 def _default_templates():
     return BaselineTemplates()
+
+
+@functools.lru_cache(maxsize=4)
+def templates_at(sigma_target):
+    """
+    `BaselineTemplates` at a common dispersion, built once per process.
+
+    The templates of ``ForwardModel(sigma_target=sigma_target)``: what
+    `~cubesfh.pipeline.run_baseline` fits the bins broadened to that
+    dispersion with. Cached (four dispersions), so that the cubes of a survey
+    do not each rebuild them; treat the result as read-only.
+
+    Parameters
+    ----------
+    sigma_target : float
+        Common velocity dispersion in km/s.
+
+    Returns
+    -------
+    templates : `BaselineTemplates`
+    """
+    from .synthesis import ForwardModel
+
+    return BaselineTemplates(ForwardModel(sigma_target=float(sigma_target) * _KMS))
+
+
+def fit_grouped(spectrum, variance, photometry, group, *, templates, **kwargs):
+    """
+    :func:`fit_population` with the templates of the bin's group.
+
+    The per-bin function of `~cubesfh.pipeline.run_baseline`, whose bins are
+    at different common dispersions: ``templates`` maps each group (the
+    dispersion in km/s) to its `BaselineTemplates`, so that one
+    `~cubesfh.parallel.map_bins` call (and one transfer of the templates to
+    each worker) serves all the bins of a cube.
+
+    Parameters
+    ----------
+    spectrum, variance, photometry
+        As in :func:`fit_population`.
+    group : hashable
+        Key of ``templates``.
+    templates : dict
+        `BaselineTemplates` of each group.
+    **kwargs
+        Other options of :func:`fit_population`.
+
+    Returns
+    -------
+    result : `PopulationFit`
+    """
+    return fit_population(spectrum, variance, photometry, templates=templates[group], **kwargs)
 
 
 def _blas_limits(threads):

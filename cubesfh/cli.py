@@ -2,6 +2,7 @@
 """The ``cubesfh`` command line."""
 
 import argparse
+import contextlib
 import logging
 import sys
 import time
@@ -16,21 +17,36 @@ log = logging.getLogger("cubesfh")
 
 def _parse_hst(items):
     """Parse ``BAND=PATH`` arguments into a dict."""
+    from .utils.exceptions import CubeSFHError
+
     out = {}
     for item in items or []:
         if "=" not in item:
             msg = (f"--hst expects BAND=PATH (e.g. F555W=ngc3627_f555w.fits), got {item!r}.")
-            raise SystemExit(msg)
+            raise CubeSFHError(msg)
         band, path = item.split("=", 1)
-        out[band.strip().upper()] = path
+        band = band.strip().upper()
+        if band in out:
+            msg = (f"--hst names band {band} twice ({out[band]} and {path}); give one image "
+                   "per band.")
+            raise CubeSFHError(msg)
+        out[band] = path
     return out
 
 
-def _load_hst(paths, *, allow_other_instrument=False):
+def _load_hst(paths, *, allow_other_instrument=False, force_band=False):
     from .hst import HSTImage
 
-    return {band: HSTImage.read(path, band=band, allow_other_instrument=allow_other_instrument)
+    return {band: HSTImage.read(path, band=band, allow_other_instrument=allow_other_instrument,
+                                force_band=force_band)
             for band, path in paths.items()}
+
+
+def _check_output(path):
+    """Fail before any work if the output cannot be written (folder, permissions)."""
+    from .utils._io import check_writable
+
+    check_writable(path, overwrite=True)
 
 
 def _add_prepare_options(p):
@@ -94,9 +110,10 @@ def _prepare(cube_path, hst_paths, args, output):
     from .preprocess import prepare_observation
 
     t0 = time.perf_counter()
+    _check_output(output)
     kw = {"psf_fwhm": args.psf_fwhm * u.arcsec} if args.psf_fwhm else {}
     cube = Cube.read(cube_path, **kw)
-    hst = _load_hst(hst_paths)
+    hst = _load_hst(hst_paths, force_band=getattr(args, "force_band", False))
     prepared = prepare_observation(cube, hst or None, target_snr=args.target_snr,
                                    min_snr=args.min_snr, regions=args.mask,
                                    kinematics=args.kinematics, redshift=args.redshift,
@@ -142,7 +159,8 @@ def _load_inputs(cube_path, hst_paths, args):
     kw = {"psf_fwhm": args.psf_fwhm * u.arcsec} if args.psf_fwhm else {}
     cube = Cube.read(cube_path, **kw)
     hst = _load_hst(hst_paths, allow_other_instrument=getattr(args, "allow_other_instrument",
-                                                              False))
+                                                              False),
+                    force_band=getattr(args, "force_band", False))
     return cube, hst
 
 
@@ -153,6 +171,7 @@ def _run(cube_path, hst_paths, args, output):
     from .pipeline import run_pipeline
 
     t0 = time.perf_counter()
+    _check_output(output)
     cube, hst = _load_inputs(cube_path, hst_paths, args)
     paths = getattr(args, "model", None)
     model = [SFHModel.load(p) for p in paths] if paths else None
@@ -178,9 +197,64 @@ def _run(cube_path, hst_paths, args, output):
     return maps
 
 
+@contextlib.contextmanager
+def _scheduler_client(args):
+    """Connect to ``--scheduler`` before any work (one-line error if unreachable)."""
+    address = getattr(args, "scheduler", None)
+    if not (getattr(args, "ppxf", False) and isinstance(address, str)) or address == "serial":
+        yield
+        return
+    from .parallel import dask_client
+
+    with dask_client(address) as client:
+        args.scheduler = client
+        try:
+            yield
+        finally:
+            args.scheduler = address
+
+
 def _cmd_run(args):
-    _run(args.cube, _parse_hst(args.hst), args, args.output)
+    with _scheduler_client(args):
+        _run(args.cube, _parse_hst(args.hst), args, args.output)
     return 0
+
+
+def _parse_settings(items):
+    """``KEY=VALUE`` items of ``run-many --set`` as a dict (option names with '_')."""
+    from .utils.exceptions import CubeSFHError
+
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            msg = f"--set expects KEY=VALUE (e.g. ppxf=yes or target_snr=50), got {item!r}."
+            raise CubeSFHError(msg)
+        out[key.strip().replace("-", "_")] = value.strip()
+    return out
+
+
+def _cmd_run_many(args):
+    from .survey import run_survey
+
+    table = run_survey(args.manifest, args.output_dir, defaults=_parse_settings(args.set),
+                       scheduler=args.scheduler, n_workers=args.workers,
+                       parallel_cubes=args.parallel_cubes, cache_dir=args.cache_dir,
+                       overwrite=args.overwrite, summary=args.summary,
+                       progress_bar=not args.no_progress)
+    for row in table:
+        if row["status"] == "ok":
+            age = row["cnn_logage_lw"]
+            state = "up to date" if row["resumed"] else f"{row['t_total'].value:.1f} s"
+            print(f"{row['name']}: ok, {row['n_bins']} bins ({row['n_flagged']} flagged), "
+                  f"median LW log age {age:.2f}, [Z/H] {row['cnn_zh_lw']:+.2f} ({state})")
+        else:
+            print(f"{row['name']}: FAILED: {row['error']}")
+    meta = table.meta
+    print(f"{meta['n_ok']} of {meta['n_cubes']} cubes ok ({meta['n_resumed']} up to date), "
+          f"{meta['n_failed']} failed, in {meta['seconds']:.1f} s; summary "
+          f"{' and '.join(meta['summary_files'])}")
+    return 1 if meta["n_failed"] else 0
 
 
 def _cmd_demo(args):
@@ -192,8 +266,9 @@ def _cmd_demo(args):
     print(f"generated the mock galaxy {obs.cube_path} and {len(obs.hst_paths)} HST images "
           f"in {out}")
     args.plot = True
-    maps = _run(obs.cube_path, {b: str(p) for b, p in obs.hst_paths.items()}, args,
-                out / "demo_maps.fits")
+    with _scheduler_client(args):
+        maps = _run(obs.cube_path, {b: str(p) for b, p in obs.hst_paths.items()}, args,
+                    out / "demo_maps.fits")
     # recovered versus true, per bin
     bmap = maps.bin_map
     nb = maps.n_bins
@@ -401,9 +476,41 @@ def build_parser():
     p.add_argument("--output", "-o", required=True, help="output FITS file")
     p.add_argument("--allow-other-instrument", action="store_true",
                    help="accept non-WFC3/UVIS images (e.g. WFPC2 F814W), with a warning")
+    p.add_argument("--force-band", action="store_true",
+                   help="use the bands given in --hst even where the image headers name "
+                        "another filter (with a warning)")
     _add_prepare_options(p)
     _add_run_options(p)
     p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("run-many", help="run a survey of cubes listed in a manifest",
+                       description="Run 'cubesfh run' on every cube of a YAML or CSV "
+                                   "manifest (cubes, HST images, per-cube options) on one "
+                                   "dask cluster: one maps product per cube and a summary "
+                                   "table (ECSV and FITS). Cubes whose product is up to date "
+                                   "are skipped, a failing cube does not stop the others. "
+                                   "Exit status 1 if any cube failed.")
+    p.add_argument("manifest", help="YAML (.yaml/.yml) or CSV manifest")
+    p.add_argument("--output-dir", "-o", required=True,
+                   help="folder of the products and of the summary")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="option for every cube that does not set it, e.g. ppxf=yes "
+                        "(repeatable)")
+    p.add_argument("--scheduler", metavar="ADDRESS",
+                   help="existing dask scheduler (default: a local cluster)")
+    p.add_argument("--workers", type=int, help="workers of the local dask cluster")
+    p.add_argument("--parallel-cubes", action="store_true",
+                   help="process several cubes at once, one cube per dask task (default: "
+                        "one after the other, pPXF bins spread over the cluster)")
+    p.add_argument("--cache-dir",
+                   help="per-bin pPXF caches, one sub-folder per cube (default: "
+                        "OUTPUT_DIR/cache)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="recompute every cube, even those whose product is up to date")
+    p.add_argument("--summary", default="survey_summary",
+                   help="stem of the summary files (default: survey_summary)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.set_defaults(func=_cmd_run_many)
 
     p = sub.add_parser("prepare", help="bin a cube and build the network inputs",
                        description="Voronoi-bin a MUSE cube, measure the stellar kinematics, "
@@ -417,6 +524,9 @@ def build_parser():
     p.add_argument("--sigma-target", type=float, nargs="+", default=[150.0, 300.0],
                    metavar="KM/S", help="common dispersions; each bin gets the smallest "
                                         "above its own (default: 150 300, the bundled models)")
+    p.add_argument("--force-band", action="store_true",
+                   help="use the bands given in --hst even where the image headers name "
+                        "another filter (with a warning)")
     _add_prepare_options(p)
     p.set_defaults(func=_cmd_prepare)
 
@@ -566,9 +676,17 @@ def main(argv=None):
 
     try:
         return args.func(args)
-    except (CubeSFHError, FileNotFoundError) as exc:
-        print(f"cubesfh {args.command}: error: {exc}", file=sys.stderr)
+    except (CubeSFHError, OSError) as exc:
+        # bad inputs and unwritable outputs: one line, no traceback
+        text = " ".join(str(exc).split()) or type(exc).__name__
+        print(f"cubesfh {args.command}: error: {text}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        note = (" (finished pPXF bins are kept in the --cache-dir: run the same command again "
+                "to resume)" if getattr(args, "cache_dir", None) else "")
+        print(f"cubesfh {args.command}: interrupted; outputs are written atomically, so none "
+              f"is left half-written{note}.", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":  # pragma: no cover

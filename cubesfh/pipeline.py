@@ -141,16 +141,25 @@ UNCERTAINTY_VECTOR_KEYS = tuple(f"mass_fraction_{s}" for s in ("p16", "p84", "p0
 
 
 def run_baseline(prepared, *, scheduler=None, n_workers=None, cache_dir=None, n_mc=0,
-                 progress_bar=True):
+                 chunk_size=None, progress_bar=True):
     """
     Fit the pPXF population baseline to every usable bin, through dask.
+
+    All the usable bins go to the workers in one
+    :func:`~cubesfh.parallel.map_bins` call, whatever their common dispersion:
+    the templates of every dispersion (cached per process,
+    :func:`~cubesfh.baseline.templates_at`) are sent to each worker once, and
+    each task carries only its spectra
+    (:func:`~cubesfh.baseline.fit_grouped`). The fits are deterministic: any
+    scheduler gives the numbers of ``scheduler='serial'``.
 
     Parameters
     ----------
     prepared : `~cubesfh.preprocess.PreparedObservation`
     scheduler : str or `distributed.Client`, optional
-        Existing dask scheduler address or client; default: a local cluster.
-        ``'serial'`` runs without dask.
+        Existing dask scheduler address or client; default: a local cluster
+        (:func:`~cubesfh.parallel.dask_client`). ``'serial'`` runs without
+        dask.
     n_workers : int, optional
         Workers of the local cluster.
     cache_dir : str or `~pathlib.Path`, optional
@@ -158,6 +167,9 @@ def run_baseline(prepared, *, scheduler=None, n_workers=None, cache_dir=None, n_
     n_mc : int, optional
         Monte-Carlo noise realisations refitted per bin for the uncertainties
         (`~cubesfh.baseline.fit_population`); default 0: none.
+    chunk_size : int, optional
+        Bins per dask task (default
+        :func:`~cubesfh.parallel.default_chunk_size`).
     progress_bar : bool, optional
 
     Returns
@@ -166,33 +178,37 @@ def run_baseline(prepared, *, scheduler=None, n_workers=None, cache_dir=None, n_
         Same keys as :func:`predict_bins` plus ``failed`` (bool); with
         ``n_mc > 0`` also ``<name>_p16``, ``<name>_p84`` (Monte-Carlo
         percentiles of the four means and of ``mass_fraction``) and ``n_mc``.
+
+    Raises
+    ------
+    CubeSFHError
+        If the scheduler at a ``scheduler`` address cannot be reached.
     """
-    from .baseline import BaselineFlag, BaselineTemplates, fit_population, mc_columns
+    from .baseline import BaselineFlag, fit_grouped, mc_columns, templates_at
     from .parallel import map_bins
-    from .synthesis import ForwardModel
 
     n = prepared.n_bins
     ok = np.flatnonzero((prepared.flags & UNUSABLE) == 0)
     targets = _bin_targets(prepared)
     spec = prepared.spectra
     var = spec.variance if spec.variance is not None else np.full_like(spec.flux, np.nan)
+    groups = [float(st) for st in np.unique(targets[ok])]
+    # templates at the bins' own dispersion, as the network's inputs
+    templates = {st: templates_at(st) for st in groups}
+    group_of = {k: next(st for st in groups if np.isclose(targets[i], st))
+                for k, i in enumerate(ok)}
+    items = [(spec.flux[i], var[i], prepared.photometry_normalized[i], group_of[k])
+             for k, i in enumerate(ok)]
+    kwargs = {"templates": templates}
+    if n_mc:
+        kwargs["n_mc"] = int(n_mc)
     results = [None] * ok.size
-    for st in np.unique(targets[ok]):
-        # templates at the bins' own dispersion, as the network's inputs
-        templates = BaselineTemplates(ForwardModel(sigma_target=st * (u.km / u.s)))
-        idx = np.flatnonzero(np.isclose(targets[ok], st))
-        items = [(spec.flux[ok[k]], var[ok[k]], prepared.photometry_normalized[ok[k]])
-                 for k in idx]
-        kwargs = {"templates": templates}
-        if n_mc:
-            kwargs["n_mc"] = int(n_mc)
-        res = map_bins(fit_population, items, kwargs=kwargs,
-                       scheduler=scheduler, n_workers=n_workers, cache_dir=cache_dir,
-                       cache_tag=f"ppxf{st:g}" + (f"mc{int(n_mc)}" if n_mc else ""),
-                       progress_bar=progress_bar,
-                       desc=f"pPXF bins ({st:g} km/s)")
-        for k, r in zip(idx, res):
-            results[k] = r
+    if items:
+        results = map_bins(fit_grouped, items, kwargs=kwargs, scheduler=scheduler,
+                           n_workers=n_workers, chunk_size=chunk_size, cache_dir=cache_dir,
+                           cache_tag="ppxf" + "-".join(f"{st:g}" for st in groups)
+                           + (f"mc{int(n_mc)}" if n_mc else ""),
+                           progress_bar=progress_bar, desc="pPXF bins")
     out = {k: np.full((n, 16), np.nan) for k in ("mass_fraction", "metallicity",
                                                   "light_fraction")}
     out.update({k: np.full(n, np.nan) for k in ("logage_lw", "logage_mw", "zh_lw", "zh_mw")})

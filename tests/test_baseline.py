@@ -312,3 +312,27 @@ def test_batch(model, templates):
     with pytest.raises(CubeSFHError, match="photometry"):
         fit_populations(spectra, variances, photometry[:, :3], templates=templates,
                         progress_bar=False)
+
+
+def test_dask_workers_give_the_serial_results(model, templates):
+    """Fits on worker processes (templates scattered once) equal the serial fits exactly."""
+    pytest.importorskip("distributed")
+    from cubesfh.baseline import fit_grouped
+    from cubesfh.parallel import dask_client, map_bins
+
+    rng = np.random.default_rng(5)
+    items = []
+    for bins in ({12: 1.0}, {3: 0.1, 13: 0.9}):
+        spec, phot, _ = _population(model, bins)
+        var = _variance(spec, 50.0)
+        items.append((spec + rng.standard_normal(spec.size) * np.sqrt(var), var, phot))
+    serial = [fit_population(*item, templates=templates, mdegree=4) for item in items]
+    groups = {150.0: templates, 300.0: None}  # only the group named by each item is used
+    with dask_client(n_workers=1) as client:
+        remote = map_bins(fit_grouped, [(*item, 150.0) for item in items],
+                          kwargs={"templates": groups, "mdegree": 4}, scheduler=client,
+                          progress_bar=False)
+    for a, b in zip(serial, remote, strict=True):
+        for name in PopulationFit._fields:
+            if name not in ("seconds", "mc"):
+                np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)

@@ -1,11 +1,13 @@
 # Licensed under a 3-clause BSD style license - see LICENSE
-"""Tests of the dask per-bin mapping: results, failures flagged, cache resume."""
+"""Tests of the dask per-bin mapping: results, failures, cache, scheduler errors, workers."""
+
+import os
 
 import numpy as np
 import pytest
 
 from cubesfh.parallel import map_bins
-from cubesfh.utils import CubeSFHWarning
+from cubesfh.utils import CubeSFHError, CubeSFHWarning
 
 
 def _square_or_fail(x, *, offset=0.0):
@@ -47,3 +49,152 @@ def test_existing_dask_client():
         out = map_bins(_square_or_fail, [(float(i),) for i in range(6)], scheduler=client,
                        progress_bar=False, chunk_size=4)
     np.testing.assert_allclose(out, [0, 1, 4, 9, 16, 25])
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_default_chunk_size():
+    from cubesfh.parallel import default_chunk_size
+
+    assert [default_chunk_size(n) for n in (0, 1, 24, 64, 65, 200, 512, 10_000)] == \
+        [1, 1, 1, 1, 2, 4, 8, 8]
+    with pytest.raises(CubeSFHError, match="chunk_size must be a positive"):
+        map_bins(_square_or_fail, [(1.0,)], scheduler="serial", chunk_size=0,
+                 progress_bar=False)
+
+
+def test_unreachable_scheduler_is_one_clear_error():
+    pytest.importorskip("distributed")
+    import time
+
+    from cubesfh.parallel import dask_client
+
+    address = f"tcp://127.0.0.1:{_free_port()}"
+    t0 = time.perf_counter()
+    with pytest.raises(CubeSFHError) as info, dask_client(address, connect_timeout=1):
+        pass
+    assert time.perf_counter() - t0 < 15
+    msg = str(info.value)
+    assert "\n" not in msg
+    assert f"cannot connect to the dask scheduler at {address}" in msg
+    assert "dask scheduler`" in msg and "omit --scheduler" in msg
+    with pytest.raises(CubeSFHError, match="cannot connect"):
+        map_bins(_square_or_fail, [(1.0,)], scheduler=address, connect_timeout=1,
+                 progress_bar=False)
+
+
+def test_cli_unreachable_scheduler_prints_one_line(monkeypatch, tmp_path, capsys):
+    pytest.importorskip("distributed")
+    from cubesfh import parallel
+    from cubesfh.cli import main as cli_main
+
+    monkeypatch.setattr(parallel, "CONNECT_TIMEOUT", 1.0)
+    address = f"tcp://127.0.0.1:{_free_port()}"
+    # the scheduler is checked before the cube is read: the missing cube never matters
+    rc = cli_main(["run", str(tmp_path / "cube.fits"), "-o", str(tmp_path / "maps.fits"),
+                   "--ppxf", "--scheduler", address])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert len(err.strip().splitlines()) == 1, err
+    assert "Traceback" not in err
+    assert err.startswith(f"cubesfh run: error: cannot connect to the dask scheduler at "
+                          f"{address}")
+    assert not (tmp_path / "maps.fits").exists()
+
+
+def test_shared_kwargs_sent_once():
+    """Each task gets a reference (Future) to the scattered kwargs, not a copy."""
+    distributed = pytest.importorskip("distributed")
+    with distributed.Client(processes=False, n_workers=1, threads_per_worker=2,
+                            dashboard_address=":0") as client:
+        seen = []
+        submit = client.submit
+
+        def spy(func, *args, **kw):
+            seen.append(args)
+            return submit(func, *args, **kw)
+
+        client.submit = spy
+        out = map_bins(_square_or_fail, [(float(i),) for i in range(5)],
+                       kwargs={"offset": 1.0}, scheduler=client, chunk_size=2,
+                       progress_bar=False)
+    assert out == [1.0, 2.0, 5.0, 10.0, 17.0]
+    assert len(seen) == 3
+    shared = {args[-1].key for args in seen}
+    assert len(shared) == 1 and all(isinstance(a[-1], distributed.Future) for a in seen)
+
+
+def test_local_cluster_worker_settings():
+    """The local cluster's workers run without dask's malloc trimming and task profiler."""
+    pytest.importorskip("distributed")
+    from cubesfh.parallel import _startup_environ, dask_client
+
+    def profile_enabled():
+        import dask
+
+        return dask.config.get("distributed.worker.profile.enabled")
+
+    with dask_client(n_workers=1) as client:
+        env = next(iter(client.run(_startup_environ).values()))
+        profile = next(iter(client.run(profile_enabled).values()))
+    assert "MALLOC_TRIM_THRESHOLD_" not in env
+    assert env.get("OPENBLAS_NUM_THREADS") == "1"
+    assert profile is False
+
+
+def test_malloc_guard_avoids_page_faults():
+    """With dask's MALLOC_TRIM_THRESHOLD_, a chunk runs without refaulting its memory."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import resource
+        import numpy as np
+        from cubesfh.parallel import _malloc_settings, _numpy_friendly_malloc
+
+        def faults():
+            r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            for _ in range(200):
+                a = np.ones(200_000)
+                b = a * 2.0
+                del a, b
+            return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0
+
+        plain = faults()
+        with _numpy_friendly_malloc():
+            guarded = faults()
+        print(_malloc_settings() is not None, plain, guarded, faults())
+    """)
+    env = dict(os.environ, MALLOC_TRIM_THRESHOLD_="65536")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True, check=True, timeout=120).stdout.split()
+    active, plain, guarded, after = out[0] == "True", *map(int, out[1:])
+    if not active:
+        pytest.skip("not Linux/glibc")
+    assert guarded < plain / 10
+    assert after > plain / 2  # the thresholds are restored after the block
+
+
+def test_cli_serial_scheduler_stays_serial(monkeypatch):
+    """``--scheduler serial`` must reach run_baseline as 'serial', never start a cluster."""
+    import argparse
+
+    from cubesfh import cli, parallel
+
+    def no_cluster(*args, **kwargs):
+        raise AssertionError("a dask cluster was started for --scheduler serial")
+
+    monkeypatch.setattr(parallel, "dask_client", no_cluster)
+    args = argparse.Namespace(ppxf=True, scheduler="serial")
+    with cli._scheduler_client(args):
+        assert args.scheduler == "serial"
+    args = argparse.Namespace(ppxf=False, scheduler="tcp://127.0.0.1:1")
+    with cli._scheduler_client(args):
+        assert args.scheduler == "tcp://127.0.0.1:1"
