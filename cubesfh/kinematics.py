@@ -9,6 +9,9 @@ Two ways to obtain the kinematics that the rest-frame preparation step needs:
   templates to the MUSE line-spread function and masking the gas emission lines.
   The work for one bin is the pure function :func:`fit_spectrum`; the loop over
   bins is separate, so that it can be distributed (e.g. with dask) later.
+* :func:`fit_spectrum_kinematics` fits one spectrum on any wavelength grid
+  (linear or logarithmic, air or vacuum) with a resolution given as a FWHM or
+  as a resolving power R, e.g. a MaNGA or SDSS spectrum.
 * :func:`read_kinematics_maps` reads existing maps (PHANGS DAP ``MAPS`` files
   or any pair of 2-D FITS maps with a celestial WCS), reprojects them onto the
   cube grid and averages them per bin.
@@ -39,10 +42,12 @@ __all__ = [
     "KinematicsFlag",
     "LogRebinnedSpectra",
     "SpectrumFit",
+    "SpectrumKinematics",
     "check_kinematics",
     "emission_line_mask",
     "fit_kinematics",
     "fit_spectrum",
+    "fit_spectrum_kinematics",
     "log_rebin_spectra",
     "prepare_templates",
     "read_kinematics_maps",
@@ -962,6 +967,489 @@ def check_kinematics(table, *, chi2_factor=3.0, velocity_spread=6.0, min_spread=
     for p in problems:
         warnings.warn(f"Stellar kinematics: {p}.", CubeSFHWarning)
     return problems
+
+
+# --------------------------------------------------------------------------- one spectrum
+
+
+@dataclass(frozen=True)
+class SpectrumKinematics:
+    """
+    Stellar kinematics of one spectrum, made by :func:`fit_spectrum_kinematics`.
+
+    Attributes
+    ----------
+    velocity : `~astropy.units.Quantity`
+        Velocity relative to the given redshift ``z0``, ``c [(1 + z) / (1 + z0) - 1]``,
+        km/s (NaN when the fit failed).
+    velocity_los : `~astropy.units.Quantity`
+        Line-of-sight velocity ``cz``, with ``1 + z = (1 + z0) (1 + velocity / c)``, km/s.
+    sigma : `~astropy.units.Quantity`
+        Intrinsic stellar velocity dispersion (instrumental broadening removed), km/s.
+    velocity_err, sigma_err : `~astropy.units.Quantity`
+        Formal 1-sigma pPXF errors, km/s.
+    chi2 : float
+        Reduced chi^2 of the fit.
+    flag : `KinematicsFlag`
+        Quality bits (0 = good).
+    n_good : int
+        Number of log-rebinned pixels fitted.
+    redshift : float
+        The redshift ``z0`` the velocity is relative to.
+    velscale : `~astropy.units.Quantity`
+        Pixel size of the log-rebinned spectrum, km/s.
+    lsf_excess : `~astropy.units.Quantity`
+        Largest dispersion (km/s) by which the templates remained broader than
+        the data in the fit range (0 with ``lsf_mismatch='broaden'``).
+    broadening : `~astropy.units.Quantity`
+        Largest FWHM (observed frame, Angstrom) of the Gaussian the data were
+        convolved with to reach the template resolution (0 if none).
+    vacuum : bool
+        Whether the input wavelengths were taken as vacuum and converted to air.
+    problems : tuple of str
+        The warnings issued by `check_kinematics` and the resolution check.
+    """
+
+    velocity: u.Quantity
+    velocity_los: u.Quantity
+    sigma: u.Quantity
+    velocity_err: u.Quantity
+    sigma_err: u.Quantity
+    chi2: float
+    flag: KinematicsFlag
+    n_good: int
+    redshift: float
+    velscale: u.Quantity
+    lsf_excess: u.Quantity
+    broadening: u.Quantity
+    vacuum: bool
+    problems: tuple
+
+
+def _truthy(value):
+    """Interpret a FITS-like flag (bool, 'T'/'F', 'vac'/'air', 0/1); None if unknown."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)):
+        return bool(value)
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in ("t", "true", "yes", "y", "1", "vac", "vacuum"):
+            return True
+        if text in ("f", "false", "no", "n", "0", "air"):
+            return False
+    return None
+
+
+def _marked_vacuum(spectrum):
+    """
+    Whether a `~specutils.Spectrum1D` says its wavelengths are in vacuum (None if silent).
+
+    Looked up, in order: ``meta['vacuum']`` (or ``'VACUUM'``, ``'in_vacuum'``),
+    ``meta['AIRORVAC']``, the same keys in ``meta['header']``, and the
+    spectral ``CTYPE`` of a FITS WCS (``'WAVE'``: vacuum, ``'AWAV'``: air,
+    FITS WCS paper III, Greisen et al. 2006).
+    """
+    meta = getattr(spectrum, "meta", None) or {}
+    sources = [meta]
+    header = meta.get("header") if hasattr(meta, "get") else None
+    if header is not None and hasattr(header, "get"):
+        sources.append(header)
+    for src in sources:
+        for key in ("vacuum", "VACUUM", "in_vacuum", "AIRORVAC", "airorvac"):
+            try:
+                value = src.get(key)
+            except (KeyError, TypeError):
+                value = None
+            flag = _truthy(value) if value is not None else None
+            if flag is not None:
+                return flag
+    wcs = getattr(spectrum, "wcs", None)
+    ctypes = getattr(getattr(wcs, "wcs", None), "ctype", None)
+    if ctypes is not None:
+        for ctype in ctypes:
+            head = str(ctype).upper()[:4]
+            if head == "AWAV":
+                return False
+            if head == "WAVE":
+                return True
+    return None
+
+
+def _unitless(value, unit, name):
+    """Plain float array of ``value`` in ``unit`` (``unit`` None: taken as is)."""
+    if isinstance(value, u.Quantity):
+        if unit is None:
+            return np.asarray(value.value, dtype=float)
+        try:
+            return np.asarray(value.to_value(unit), dtype=float)
+        except u.UnitConversionError:
+            msg = f"{name} has unit {value.unit}, not convertible to {unit}."
+            raise CubeSFHError(msg) from None
+    return np.asarray(value, dtype=float)
+
+
+def _spectrum_arrays(spectrum, flux, ivar, noise, mask):
+    """
+    Return wavelength (AA, increasing), flux, variance, bad-pixel mask, vacuum mark and
+    whether the input order was reversed (a decreasing grid, e.g. from frequencies).
+    """
+    marked = None
+    if hasattr(spectrum, "spectral_axis") and hasattr(spectrum, "flux"):
+        if any(a is not None for a in (flux, ivar, noise)):
+            msg = ("Give either a Spectrum1D (with its uncertainty and mask) or the arrays "
+                   "wavelength, flux, ivar=/noise=, not both.")
+            raise CubeSFHError(msg)
+        marked = _marked_vacuum(spectrum)
+        wave_q = u.Quantity(spectrum.spectral_axis)
+        flux_q = u.Quantity(spectrum.flux)
+        unc = spectrum.uncertainty
+        if unc is None:
+            msg = ("The Spectrum1D has no uncertainty; the fit needs the noise of every pixel "
+                   "(give uncertainty=InverseVariance(...) or StdDevUncertainty(...)).")
+            raise CubeSFHError(msg)
+        kind = getattr(unc, "uncertainty_type", None)
+        arr = np.asarray(unc.array, dtype=float)
+        unc_unit = getattr(unc, "unit", None)
+        power = {"ivar": -2, "std": 1, "var": 2}.get(kind)
+        if power is None:
+            msg = (f"Uncertainty of type {type(unc).__name__} is not supported; use "
+                   "InverseVariance, StdDevUncertainty or VarianceUncertainty.")
+            raise CubeSFHError(msg)
+        if unc_unit is not None and flux_q.unit != u.dimensionless_unscaled:
+            arr = _unitless(arr * unc_unit, flux_q.unit**power, "The uncertainty")
+        var = {"ivar": lambda a: 1.0 / a, "std": np.square, "var": lambda a: a}[kind]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            var = var(arr)
+        flux_v = np.asarray(flux_q.value, dtype=float)
+        if spectrum.mask is not None:
+            mask = spectrum.mask if mask is None else np.asarray(mask, bool) | spectrum.mask
+    else:
+        wave_q = spectrum
+        if not isinstance(wave_q, u.Quantity):
+            msg = ("wavelength must be a Quantity with a unit (e.g. wave * u.AA), or pass a "
+                   "specutils Spectrum1D.")
+            raise CubeSFHError(msg)
+        if flux is None:
+            msg = "No flux given: pass fit_spectrum_kinematics(wavelength, flux, ivar=...)."
+            raise CubeSFHError(msg)
+        if (ivar is None) == (noise is None):
+            msg = "Give exactly one of ivar= (inverse variance) or noise= (1-sigma)."
+            raise CubeSFHError(msg)
+        unit = flux.unit if isinstance(flux, u.Quantity) else None
+        flux_v = _unitless(flux, None, "flux")
+        with np.errstate(divide="ignore", invalid="ignore"):
+            if ivar is not None:
+                var = 1.0 / _unitless(ivar, None if unit is None else unit**-2, "ivar")
+            else:
+                var = np.square(_unitless(noise, unit, "noise"))
+    try:
+        wave = np.asarray(wave_q.to_value(u.AA, equivalencies=u.spectral()), dtype=float)
+    except u.UnitConversionError:
+        msg = f"The spectral axis has unit {wave_q.unit}; expected a wavelength (or frequency)."
+        raise CubeSFHError(msg) from None
+    bad = np.zeros(flux_v.shape, bool) if mask is None else np.asarray(mask, dtype=bool)
+    if (wave.ndim != 1 or flux_v.shape != wave.shape or var.shape != wave.shape
+            or bad.shape != wave.shape):
+        msg = (f"Inconsistent shapes: wavelength {wave.shape}, flux {flux_v.shape}, "
+               f"variance {var.shape}, mask {bad.shape}; one spectrum needs four arrays of "
+               "shape (n_lambda,).")
+        raise CubeSFHError(msg)
+    flipped = wave.size > 1 and bool(np.all(np.diff(wave) < 0))
+    if flipped:
+        wave, flux_v, var, bad = wave[::-1], flux_v[::-1], var[::-1], bad[::-1]
+    if not np.all(np.diff(wave) > 0):
+        msg = "The wavelengths must be monotonic."
+        raise CubeSFHError(msg)
+    return wave, flux_v, var, bad, marked, flipped
+
+
+def _data_fwhm(lsf, resolution, wave_q):
+    """FWHM (AA) of the data LSF on the input grid, or None (template resolution)."""
+    if lsf is not None and resolution is not None:
+        msg = "Give the instrumental resolution as lsf= (FWHM) or resolution= (R), not both."
+        raise CubeSFHError(msg)
+    lam = wave_q.to_value(u.AA)
+    if resolution is not None:
+        if isinstance(resolution, u.Quantity):
+            if not resolution.unit.is_equivalent(u.dimensionless_unscaled):
+                msg = (f"resolution= is R = lambda / FWHM (dimensionless), got unit "
+                       f"{resolution.unit}; give a FWHM as lsf= instead.")
+                raise CubeSFHError(msg)
+            resolution = resolution.to_value(u.dimensionless_unscaled)
+        r = np.asarray(resolution, dtype=float)
+        if r.ndim and r.shape != lam.shape:
+            msg = (f"resolution has shape {r.shape}; give one R or one per wavelength "
+                   f"{lam.shape}.")
+            raise CubeSFHError(msg)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            fwhm = np.where(r > 0, lam / r, np.nan)
+        return np.broadcast_to(fwhm, lam.shape).astype(float)
+    if lsf is None:
+        return None
+    value = lsf(wave_q) if callable(lsf) else lsf
+    if not isinstance(value, u.Quantity) or not value.unit.is_equivalent(u.AA):
+        msg = ("lsf must be the FWHM of the line-spread function as a Quantity in length "
+               "units (a number, an array on the wavelength grid or a function of "
+               "wavelength returning one), e.g. 2.5 * u.AA; give a spectral resolution "
+               "R = lambda / FWHM as resolution= instead.")
+        raise CubeSFHError(msg)
+    fwhm = np.asarray(value.to_value(u.AA), dtype=float)
+    if fwhm.ndim and fwhm.shape != lam.shape:
+        msg = f"lsf has shape {fwhm.shape}; give one FWHM or one per wavelength {lam.shape}."
+        raise CubeSFHError(msg)
+    return np.broadcast_to(fwhm, lam.shape).astype(float)
+
+
+def _gaussian_broadening_matrix(wave, sigma):
+    """
+    Sparse matrix convolving a spectrum sampled at ``wave`` with Gaussians of ``sigma``.
+
+    ``sigma`` (same unit as ``wave``, one per output pixel, >= 0) may vary
+    along the spectrum and be smaller than a pixel: each weight is the
+    integral of the Gaussian centred on the output pixel over an input pixel
+    (edges at the midpoints), rows normalised to one, so ``sigma = 0`` is the
+    identity. ``matrix.power(2) @ variance`` is the variance of independent
+    input pixels.
+    """
+    from scipy import sparse
+    from scipy.special import ndtr
+
+    n = wave.size
+    edges = np.empty(n + 1)
+    edges[1:-1] = 0.5 * (wave[1:] + wave[:-1])
+    edges[0] = 1.5 * wave[0] - 0.5 * wave[1]
+    edges[-1] = 1.5 * wave[-1] - 0.5 * wave[-2]
+    step = np.diff(edges)
+    half = int(np.ceil(np.max(5.0 * sigma / step))) + 1
+    rows = np.repeat(np.arange(n), 2 * half + 1)
+    cols = rows + np.tile(np.arange(-half, half + 1), n)
+    inside = (cols >= 0) & (cols < n)
+    rows, cols = rows[inside], cols[inside]
+    s = sigma[rows]
+    point = s <= 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        hi = ndtr((edges[cols + 1] - wave[rows]) / s)
+        lo = ndtr((edges[cols] - wave[rows]) / s)
+    weights = np.where(point, (rows == cols).astype(float), hi - lo)
+    matrix = sparse.csr_matrix((weights, (rows, cols)), shape=(n, n))
+    norm = np.asarray(matrix.sum(axis=1)).ravel()
+    return sparse.diags(1.0 / norm) @ matrix
+
+
+def fit_spectrum_kinematics(spectrum, flux=None, *, ivar=None, noise=None, mask=None,
+                            redshift=0.0, lsf=None, resolution=None, vacuum=None,
+                            templates=None, template_set="binned",
+                            fit_range=(4800, 7000) * u.AA, degree=8, mask_emission=True,
+                            mask_width=800 * _KMS, mask_nad=False, lsf_mismatch="broaden",
+                            start_sigma=100 * _KMS):
+    """
+    Fit the stellar velocity and dispersion of one spectrum on any wavelength grid.
+
+    The spectrum-level counterpart of :func:`fit_kinematics` for spectra that
+    are not MUSE bins (e.g. a MaNGA or SDSS spectrum): the wavelengths may be
+    linearly or logarithmically sampled, in air or in vacuum, and the
+    instrumental resolution is given as a FWHM or as a resolving power. The
+    steps and the result are those of :func:`fit_kinematics`:
+
+    1. vacuum wavelengths (``vacuum=True``, or a spectrum marked so) are
+       converted to air, the frame of the templates, with the IAU standard of
+       Morton (2000) (`cubesfh.templates.build_external.vacuum_to_air`;
+       ``n = 1 + 8.34254e-5 + 2.406147e-2 / (130 - s^2) + 1.5998e-4 / (38.9 - s^2)``,
+       ``s = 1e4 / lambda_vac`` in 1/micron), and the FWHM scaled alike;
+    2. where the data are *sharper* than the templates (FWHM_data <
+       FWHM_templates (1 + z0), observed frame), ``lsf_mismatch='broaden'``
+       convolves the data with a Gaussian of FWHM ``sqrt(FWHM_t^2 -
+       FWHM_data^2)`` (the variance propagated for independent pixels) so that
+       the fitted sigma is not biased low; ``'warn'`` leaves them, as
+       :func:`prepare_templates` does, and warns with the bias bound
+       (``lsf_excess``);
+    3. :func:`log_rebin_spectra` over the rest-frame ``fit_range``,
+       :func:`prepare_templates` (templates convolved to the data LSF where
+       the data are broader), :func:`emission_line_mask` and
+       :func:`fit_spectrum` (pPXF, Gaussian LOSVD, additive Legendre
+       polynomial of ``degree``);
+    4. :func:`check_kinematics` on the result (systemic-offset and
+       chi^2-scale warnings; the per-bin comparisons need many bins and do
+       not apply to one spectrum).
+
+    Parameters
+    ----------
+    spectrum : `~specutils.Spectrum1D` or `~astropy.units.Quantity`
+        A 1-D spectrum with ``uncertainty`` (`~astropy.nddata.InverseVariance`,
+        `~astropy.nddata.StdDevUncertainty` or
+        `~astropy.nddata.VarianceUncertainty`) and optionally ``mask``
+        (`True` = bad); or the observed wavelengths (any length or frequency
+        unit, monotonic), with ``flux`` and ``ivar`` or ``noise``.
+    flux : `~astropy.units.Quantity` or array-like, optional
+        Flux density on ``spectrum``'s wavelengths (with array input).
+    ivar, noise : `~astropy.units.Quantity` or array-like, optional
+        Inverse variance or 1-sigma noise (one of them, with array input), in
+        the unit of ``flux`` to the power -2 or 1; pixels with ``ivar <= 0`` or
+        non-finite values are ignored.
+    mask : array-like of bool, optional
+        `True` for pixels to leave out (the ``numpy.ma`` and specutils
+        convention); combined with ``spectrum.mask``.
+    redshift : float or `~astropy.units.Quantity`, optional
+        Redshift ``z0`` (or ``cz`` in velocity units): the frame of the fit,
+        the reference of ``velocity``, the emission-line mask and the start.
+        The velocity is fitted within +-2000 km/s of it.
+    lsf : `~astropy.units.Quantity` or callable, optional
+        FWHM of the instrumental line-spread function in the frame of the
+        input wavelengths: a scalar, an array on the wavelength grid, or a
+        function of the input wavelengths (Quantity) returning one.
+    resolution : float or array-like, optional
+        Spectral resolution ``R = lambda / FWHM`` instead of ``lsf`` (e.g. the
+        ``SRES`` of MaNGA), scalar or per pixel; pixels with ``R <= 0`` are
+        ignored. With neither ``lsf`` nor ``resolution`` the data are taken to
+        have the resolution of the templates (no matching).
+    vacuum : bool, optional
+        Whether the input wavelengths are in vacuum. `None`: taken from the
+        spectrum (``meta['vacuum']``, ``'VACUUM'``, ``'AIRORVAC'``, or a FITS
+        WCS ``CTYPE`` ``'WAVE'`` (vacuum) / ``'AWAV'`` (air)); air otherwise.
+    templates : `~cubesfh.templates.TemplateLibrary`, optional
+        Template library (default the bundled BC03/MILES one, FWHM 2.5 A,
+        rest-frame air wavelengths 4600-7300 A).
+    template_set : {'binned', 'all'}, optional
+        See :func:`prepare_templates`.
+    fit_range : `~astropy.units.Quantity`, optional
+        Rest-frame interval fitted (default 4800-7000 A; the templates limit it
+        to about 4650-7230 A).
+    degree : int, optional
+        Degree of the additive Legendre polynomial (default 8).
+    mask_emission : bool, optional
+        Mask +-``mask_width`` around the lines of :data:`EMISSION_LINES`.
+    mask_width : `~astropy.units.Quantity`, optional
+        Half-width of each masked window (default 800 km/s).
+    mask_nad : bool, optional
+        Also mask Na I D.
+    lsf_mismatch : {'broaden', 'warn'}, optional
+        What to do where the templates are broader than the data (see step 2).
+    start_sigma : `~astropy.units.Quantity`, optional
+        Starting dispersion (the starting velocity is that of ``redshift``).
+
+    Returns
+    -------
+    result : `SpectrumKinematics`
+        ``velocity``, ``velocity_los``, ``sigma`` and their errors (km/s
+        Quantities), ``chi2``, ``flag`` (`KinematicsFlag`: ``NO_DATA`` for a
+        spectrum with too few valid pixels, ``FIT_FAILED``, ``AT_BOUND``; NaN
+        values for the first two), ``lsf_excess``, ``broadening`` and
+        ``problems``.
+
+    Raises
+    ------
+    CubeSFHError
+        Missing units, inconsistent shapes, missing noise, a fit range
+        outside the data or the templates.
+
+    Warns
+    -----
+    CubeSFHWarning
+        From :func:`check_kinematics` (a velocity more than 250 km/s from
+        ``redshift`` or at a bound: the redshift is probably wrong; a reduced
+        chi^2 outside 0.2-5), and with ``lsf_mismatch='warn'`` when the
+        templates stay broader than the data.
+
+    Examples
+    --------
+    A MaNGA spectrum (vacuum, log-sampled, resolution ``SRES``)::
+
+        from astropy import units as u
+        from astropy.io import fits
+        from cubesfh.kinematics import fit_spectrum_kinematics
+
+        with fits.open("MaNGA_test_spectra.fits.gz") as hdul:
+            wave = hdul["WAVE"].data * u.AA
+            i = 0
+            bad = (hdul["MASK"].data[i] & (1024 | 8)) > 0  # DONOTUSE, FORESTAR
+            kin = fit_spectrum_kinematics(
+                wave, hdul["FLUX"].data[i], ivar=hdul["IVAR"].data[i], mask=bad,
+                redshift=hdul["Z"].data[i], resolution=hdul["SRES"].data[i],
+                vacuum=True)
+        print(kin.velocity, kin.sigma, kin.flag)
+    """
+    from .templates.build_external import vacuum_to_air
+
+    if lsf_mismatch not in ("broaden", "warn"):
+        msg = f"lsf_mismatch={lsf_mismatch!r} is not one of 'broaden', 'warn'."
+        raise CubeSFHError(msg)
+    wave, flx, var, bad, marked, flipped = _spectrum_arrays(spectrum, flux, ivar, noise, mask)
+    z0 = _as_redshift(redshift)
+    if flipped:  # per-pixel lsf / resolution arrays follow the input order
+        fwhm = _data_fwhm(lsf, resolution, wave[::-1] * u.AA)
+        fwhm = None if fwhm is None else fwhm[::-1]
+    else:
+        fwhm = _data_fwhm(lsf, resolution, wave * u.AA)
+    vacuum = bool(marked) if vacuum is None else bool(vacuum)
+    if vacuum:
+        air = vacuum_to_air(wave * u.AA).to_value(u.AA)
+        if fwhm is not None:
+            fwhm = fwhm * air / wave
+        wave = air
+    if templates is None:
+        from .templates import TemplateLibrary
+
+        templates = TemplateLibrary.load()
+    if fwhm is not None:
+        bad = bad | ~(np.isfinite(fwhm) & (fwhm > 0))
+    bad = bad | ~(np.isfinite(flx) & np.isfinite(var) & (var > 0))
+    lo, hi = _wavelength_range(fit_range)
+    obs_fit = (wave >= lo * (1.0 + z0)) & (wave <= hi * (1.0 + z0))
+    lsf_fn = None
+    broadening = 0.0
+    if fwhm is not None and (~bad).any():
+        fwhm = np.interp(wave, wave[~bad], fwhm[~bad])  # fill the bad pixels
+        if lsf_mismatch == "broaden":
+            fwhm_t = _fwhm_values(templates.fwhm, wave / (1.0 + z0)) * (1.0 + z0)
+            diff2 = fwhm_t**2 - fwhm**2
+            if np.any(diff2[obs_fit] > 0):
+                sig = np.sqrt(np.clip(diff2, 0.0, None)) * FWHM_TO_SIGMA
+                kernel = _gaussian_broadening_matrix(wave, sig)
+                flx = kernel @ np.where(bad, 0.0, flx)
+                var = kernel.power(2) @ np.where(bad, 0.0, var)
+                bad = (kernel @ bad.astype(float)) > 1e-6
+                broadening = float(np.sqrt(np.max(np.clip(diff2[obs_fit], 0.0, None))))
+                fwhm = np.maximum(fwhm, fwhm_t)
+                log.info("Data broadened to the template resolution by up to %.2f A FWHM.",
+                         broadening)
+        grid, values = wave.copy(), fwhm.copy()
+
+        def lsf_fn(lam):
+            return np.interp(lam.to_value(u.AA), grid, values) * u.AA
+
+    flx = np.where(bad, np.nan, flx)
+    var = np.where(bad, np.nan, var)
+    spec = log_rebin_spectra(wave * u.AA, flx, var, redshift=z0, fit_range=fit_range)
+    temp = prepare_templates(templates, velscale=spec.velscale, redshift=z0, lsf=lsf_fn,
+                             fit_range=fit_range, template_set=template_set)
+    good = _fit_mask(spec, redshift=z0, mask_emission=mask_emission, mask_width=mask_width,
+                     mask_nad=mask_nad) & spec.valid[0]
+    s0 = u.Quantity(start_sigma, _KMS).value
+    res = fit_spectrum(spec.flux[0], spec.noise[0], spec.lam, temp, mask=good,
+                       start=(0.0, s0), degree=degree)
+
+    factor = np.exp(res.velocity / _C_KMS)
+    table = QTable()
+    table["velocity"] = [_C_KMS * (factor - 1.0)] * _KMS
+    table["velocity_err"] = [res.velocity_err * factor] * _KMS
+    table["chi2"] = [res.chi2]
+    table["flag"] = np.array([res.flag], dtype=np.int16)
+    table.meta["redshift"] = z0
+    problems = check_kinematics(table)
+    if lsf_mismatch == "warn" and temp.lsf_excess > 0:
+        msg = (f"The templates are broader than the data by up to {temp.lsf_excess:.1f} km/s "
+               "(dispersion) in the fit range; sigma is biased low in quadrature by at most "
+               "that; use lsf_mismatch='broaden' to broaden the data instead.")
+        warnings.warn(msg, CubeSFHWarning)
+        problems.append(msg)
+    return SpectrumKinematics(
+        velocity=table["velocity"][0], velocity_los=_C_KMS * ((1.0 + z0) * factor - 1.0) * _KMS,
+        sigma=res.sigma * _KMS, velocity_err=table["velocity_err"][0],
+        sigma_err=res.sigma_err * _KMS, chi2=res.chi2,
+        flag=KinematicsFlag(int(table["flag"][0])), n_good=res.n_good, redshift=z0,
+        velscale=spec.velscale * _KMS, lsf_excess=temp.lsf_excess * _KMS,
+        broadening=broadening * u.AA, vacuum=vacuum, problems=tuple(problems))
 
 
 # --------------------------------------------------------------------------- external maps
