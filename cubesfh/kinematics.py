@@ -955,7 +955,13 @@ def check_kinematics(table, *, chi2_factor=3.0, velocity_spread=6.0, min_spread=
     if out.any():
         problems.append(f"{int(out.sum())} bins have velocities more than {spread:.0f} km/s "
                         f"from the median of the bins (flag VELOCITY_OUTLIER)")
-    n_bound = int(((flag & KinematicsFlag.AT_BOUND) != 0).sum())
+    bound = (flag & KinematicsFlag.AT_BOUND) != 0
+    if "sigma" in table.colnames:
+        # a dispersion at its lower bound is an unresolved one (a cold disc, a
+        # low-resolution spectrum), not a sign of a wrong systemic redshift
+        sig = u.Quantity(table["sigma"], _KMS).value
+        bound &= ~(np.nan_to_num(sig, nan=np.inf) <= _SIGMA_BOUNDS[0] + 1.0)
+    n_bound = int(bound.sum())
     tol = u.Quantity(systemic_tolerance, _KMS).value
     if abs(vmed) > tol or n_bound > n / 3:
         problems.append(f"the bins' median velocity is {vmed:+.0f} km/s from the systemic "

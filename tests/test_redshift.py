@@ -172,6 +172,23 @@ def test_check_kinematics_clean_cube_is_silent():
     assert not np.any(np.asarray(t["flag"]))
 
 
+def test_check_kinematics_bounds():
+    """Velocities at a bound point to a wrong systemic; unresolved dispersions do not."""
+    vel = 50 * np.sin(np.linspace(0, 2 * np.pi, 12))
+    t = _table(vel, np.full(12, 1.1))
+    t["sigma"] = np.full(12, 80.0) * u.km / u.s
+    t["sigma"][:6] = 1.0 * u.km / u.s  # half the fits unresolved, at the 1 km/s bound
+    t["flag"][:6] = KinematicsFlag.AT_BOUND
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert check_kinematics(t) == []
+    t = _table(vel, np.full(12, 1.1))
+    t["sigma"] = np.full(12, 80.0) * u.km / u.s
+    t["flag"][:6] = KinematicsFlag.AT_BOUND  # e.g. velocities at +-2000 km/s
+    with pytest.warns(CubeSFHWarning, match="6 of 12 fits ended at a bound"):
+        check_kinematics(t)
+
+
 def test_command_line_redshift(tmp_path, capsys):
     from cubesfh.cli import main
 
