@@ -163,3 +163,68 @@ def test_fine_tuning_starts_from_given_weights(tmp_path):
     with pytest.raises(CubeSFHError, match="could not start from the weights"):
         train(ts, tmp_path / "bad", seed=4, max_epochs=1, progress_bar=False, threads=1,
               init_weights=ts)
+
+
+def _reference_predict(model, spectra, photometry):
+    """The plain forward of the torch module and the numpy post-processing of cubesfh 0.4."""
+    import torch
+
+    from cubesfh.network import noise_level
+    from cubesfh.network._data import downsample_spectra, photometry_features
+    from cubesfh.network._uncertainty import continuum_pixels
+    from cubesfh.populations import mean_quantities
+
+    spec = downsample_spectra(np.where(np.isfinite(spectra), spectra, 1.0))
+    x = (spec - model._spec_mean) / model._spec_std
+    logf, ok = photometry_features(photometry)
+    p = np.where(ok > 0, (logf - model._phot_mean) / model._phot_std, 0.0).astype(np.float32)
+    net = model._net
+    with torch.no_grad():
+        xt = torch.from_numpy(x)
+        z = net.encode(xt, torch.from_numpy(p), torch.from_numpy(ok))
+        frac, zh = (t.numpy().astype(float) for t in net.decode(z))
+        ls, recon, m2 = (t.numpy() for t in net.heads(z))
+    out = {"mass_fraction": frac, "metallicity": zh, **mean_quantities(frac, zh)}
+    resid = ((x - recon) * model._spec_std)[:, continuum_pixels(x.shape[1])]
+    out["sigma_raw"] = np.exp(np.maximum(ls, np.log(1e-4)))
+    out["ood_latent_raw"] = m2.astype(float)
+    out["ood_recon_raw"] = np.sqrt(np.mean(resid**2, axis=1)) / noise_level(spec)
+    model._apply_calibration(out)
+    for k in ("sigma_raw", "ood_latent_raw", "ood_recon_raw"):
+        out.pop(k)
+    return out
+
+
+def test_fast_inference_matches_plain_forward(model, fm):
+    """The optimised CPU path (issue 12) gives the module's outputs to 1e-5, heads included."""
+    import torch
+
+    from cubesfh.synthesis.trainingset import simulate_samples
+
+    out = simulate_samples(np.random.default_rng(12), np.zeros(300, int), fm)
+    spec, phot = out["spectra"].copy(), out["photometry"].copy()
+    spec[5, 100:110] = np.nan  # cleaned to 1 by both paths
+    phot[::7, 0] = np.nan  # missing bands
+    phot[::11, 2] = -1.0
+    assert model._fast_net() is not None  # the bundled models take the fast path
+    ref = _reference_predict(model, spec, phot)
+    threads = torch.get_num_threads()
+    fast = model.predict(spec, phot, threads=1, batch_size=128)
+    assert torch.get_num_threads() == threads
+    assert "ood_score" in fast and set(fast) == set(ref)
+    for k in ref:
+        assert fast[k].dtype == ref[k].dtype, k
+        if k == "ood":
+            # a flag: only scores within 1e-5 of the threshold could flip
+            near = np.abs(ref["ood_score"] - 1.0) < 1e-4
+            assert np.array_equal(fast[k][~near], ref[k][~near])
+            continue
+        np.testing.assert_allclose(fast[k], ref[k], rtol=1e-5, atol=1e-5, err_msg=k)
+    # the module path of predict (other devices, unusual modules) agrees as well
+    module = model._run_downsampled(spec, phot, None, heads=True, full_resolution=True,
+                                    backend="module")
+    for k in ("mass_fraction", "metallicity", "logage_lw", "zh_mw"):
+        np.testing.assert_allclose(module[k], ref[k], rtol=1e-5, atol=1e-5, err_msg=k)
+    point = model.predict(spec, phot, uncertainty=False)
+    np.testing.assert_allclose(point["logage_mw"], ref["logage_mw"], rtol=1e-5, atol=1e-5)
+    assert "ood_score" not in point

@@ -1,6 +1,7 @@
 # Licensed under a 3-clause BSD style license - see LICENSE
 """Loading the bundled network and predicting star formation histories."""
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -10,7 +11,12 @@ import numpy as np
 
 from ..conventions import HST_BANDS, N_AGE_BINS, OUTPUT_WAVELENGTH
 from ..utils import CubeSFHError, sha256_file
-from ._data import downsample_spectra
+from ._data import BINNING, photometry_features
+
+#: Largest sub-batch of the CPU network path: its intermediate arrays (up to
+#: 7040 floats a spectrum a layer) then stay in the caches (see
+#: :ref:`performance-inference`).
+CPU_CHUNK = 256
 
 __all__ = ["BUNDLED_MODELS", "DEFAULT_MODEL", "SFHModel", "bundled_models", "export_model"]
 
@@ -93,6 +99,49 @@ def export_model(run_dir, stem=DEFAULT_MODEL, *, metrics=None, extra=None):
     meta["meta_sha256"] = _meta_digest(meta)
     stem.with_suffix(".json").write_text(json.dumps(meta, indent=1))
     return weights
+
+
+@contextlib.contextmanager
+def _torch_threads(threads):
+    """Run with ``threads`` torch CPU threads (unchanged when `None`)."""
+    if not threads:
+        yield
+        return
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(int(threads))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def _downsample_chunk(spectra):
+    """`downsample_spectra` of NaN-cleaned 1761-pixel spectra (same values, fewer passes)."""
+    s = np.asarray(spectra, np.float32)
+    if not np.isfinite(s).all():
+        s = np.where(np.isfinite(s), s, np.float32(1.0))
+    m = (s.shape[1] // BINNING) * BINNING
+    # the mean of a pair in float32 is (a + b) / 2, exactly as ndarray.mean computes it
+    out = s[:, 0:m:2] + s[:, 1:m:2]
+    out *= np.float32(0.5)
+    return out
+
+
+def _noise_level(spectra):
+    """`~cubesfh.network.noise_level` of a chunk of spectra (same float64 arithmetic)."""
+    f = np.asarray(spectra, float)
+    d = f[:, 2:-2] * 2.0
+    d -= f[:, :-4]
+    d -= f[:, 4:]
+    np.abs(d, out=d)
+    n = d.shape[1]
+    h = n // 2
+    d.partition(h, axis=1)  # one selection, in place (np.median makes two)
+    # np.median: the mean of the two central values (even n), the central one (odd n)
+    med = d[:, h] if n % 2 else (d[:, :h].max(axis=1) + d[:, h]) / 2.0
+    return 1.482602 / np.sqrt(6.0) * med + 1e-6
 
 
 class SFHModel:
@@ -182,7 +231,7 @@ class SFHModel:
             raise CubeSFHError(msg) from exc
 
     def predict(self, spectra, photometry=None, *, band_mask=None, batch_size=4096,
-                uncertainty=True):
+                uncertainty=True, threads=None):
         """
         Predict the SFH and metallicity history of each spectrum.
 
@@ -199,10 +248,17 @@ class SFHModel:
             ``(n, 5)`` or ``(5,)`` bool: bands to use (default: all finite,
             positive ones).
         batch_size : int, optional
+            Spectra per network call. On CPU the network itself runs on
+            sub-batches of at most `CPU_CHUNK` spectra, whose intermediate
+            arrays stay in the processor caches (see :ref:`performance-inference`).
         uncertainty : bool, optional
             Also return the calibrated uncertainties and the
             out-of-distribution score (models with uncertainty heads only;
             see :ref:`network-uncertainty`).
+        threads : int, optional
+            torch CPU threads for this call (`torch.set_num_threads`; the
+            previous setting is restored afterwards). Default: torch's current
+            setting.
 
         Returns
         -------
@@ -232,10 +288,11 @@ class SFHModel:
                    f"{', '.join(HST_BANDS)} order, got {photometry.shape}.")
             raise CubeSFHError(msg)
         mask = None if band_mask is None else np.broadcast_to(band_mask, photometry.shape)
-        spec = downsample_spectra(np.where(np.isfinite(spectra), spectra, 1.0))
-        out = self._run_downsampled(spec, photometry, mask, batch_size=batch_size,
-                                    heads=self.has_uncertainty and uncertainty)
-        if self.has_uncertainty and uncertainty:
+        heads = self.has_uncertainty and uncertainty
+        with _torch_threads(threads):
+            out = self._run_downsampled(spectra, photometry, mask, batch_size=batch_size,
+                                        heads=heads, full_resolution=True)
+        if heads:
             self._apply_calibration(out)
         for k in ("latent", "sigma_raw", "ood_latent_raw", "ood_recon_raw"):
             out.pop(k, None)
@@ -246,53 +303,99 @@ class SFHModel:
         """Whether the model has calibrated uncertainty and out-of-distribution heads."""
         return "uncertainty" in self.meta and getattr(self._net, "uncertainty", False)
 
+    def _fast_net(self):
+        """The inference rearrangement of the network (`None` where it does not apply)."""
+        if str(self.device) != "cpu":
+            return None
+        from ._fast import FastSFHNet
+        from ._uncertainty import continuum_pixels
+
+        # built for every call: cheap (a copy of 3 MB of weights), and never stale
+        # while fit_uncertainty trains the heads of the same module
+        fast = FastSFHNet(self._net, self._spec_std, continuum_pixels(self._spec_std.size))
+        return fast if fast.supports else None
+
     def _run_downsampled(self, spec, photometry, mask, *, batch_size=4096, latent=False,
-                         heads=False, progress_bar=False):
-        """Network outputs for 880-pixel spectra (prediction and calibration)."""
+                         heads=False, progress_bar=False, full_resolution=False,
+                         backend="auto"):
+        """
+        Network outputs for 880-pixel spectra (prediction and calibration).
+
+        With ``full_resolution`` the spectra are the 1761-pixel inputs of
+        `predict` (non-finite pixels set to 1, then averaged in pairs chunk by
+        chunk). ``backend``: ``'auto'`` (the fast CPU path where it applies),
+        ``'module'`` (the torch module itself, the reference).
+        """
         import torch
 
         from ..populations import mean_quantities
         from ..utils import progress
-        from ._uncertainty import _features, continuum_pixels, noise_level
+        from ._uncertainty import continuum_pixels
 
-        x, p, ok = _features(self, spec, photometry, mask)
-        n = x.shape[0]
-        frac = np.empty((n, N_AGE_BINS))
-        zh = np.empty((n, N_AGE_BINS))
+        n = spec.shape[0]
+        fast = self._fast_net() if backend == "auto" else None
         want_z = latent or heads
+        frac = np.empty((n, N_AGE_BINS), np.float32)
+        zh = np.empty((n, N_AGE_BINS), np.float32)
         z_all = np.empty((n, 40), np.float32) if want_z else None
         if heads:
-            sig = np.empty((n, 4 + N_AGE_BINS))
-            m2 = np.empty(n)
-            rec = np.empty(n)
-        steps = range(0, n, batch_size)
-        cont = continuum_pixels(x.shape[1])
+            log_sig = np.empty((n, 4 + N_AGE_BINS), np.float32)
+            m2 = np.empty(n, np.float32)
+            rec2 = np.empty(n, np.float32)
+            noise = np.empty(n)
+        cont = continuum_pixels(self._spec_std.size)
+        chunk = max(1, int(batch_size))
+        if fast is not None:
+            chunk = min(chunk, CPU_CHUNK)
+        steps = range(0, n, chunk)
+        logf, ok = photometry_features(photometry, mask)
+        p_all = np.where(ok > 0, (logf - self._phot_mean) / self._phot_std,
+                         0.0).astype(np.float32)
+        t_ok, t_p = torch.from_numpy(ok), torch.from_numpy(p_all)
+        outs = [torch.from_numpy(a) for a in (frac, zh)]
+        if want_z:
+            t_z = torch.from_numpy(z_all)
+        if heads:
+            t_ls, t_m2, t_rec = (torch.from_numpy(a) for a in (log_sig, m2, rec2))
         with torch.inference_mode():
             for s in progress(steps, enabled=progress_bar, desc="network", unit="batch"):
-                sl = slice(s, s + batch_size)
-                xb = torch.from_numpy(x[sl]).to(self.device)
-                z = self._net.encode(xb, torch.from_numpy(p[sl]).to(self.device),
-                                     torch.from_numpy(ok[sl]).to(self.device))
-                f, zz = self._net.decode(z)
-                frac[sl] = f.cpu().numpy()
-                zh[sl] = zz.cpu().numpy()
+                sl = slice(s, s + chunk)
+                sb = _downsample_chunk(spec[sl]) if full_resolution else np.asarray(spec[sl])
+                x = (sb.astype(np.float32, copy=False) - self._spec_mean) / self._spec_std
+                xb = torch.from_numpy(x).to(self.device)
+                pb = t_p[sl].to(self.device)
+                okb = t_ok[sl].to(self.device)
+                if fast is not None:
+                    z = fast.encode(xb, pb, okb)
+                    f, zz = fast.decode(z)
+                else:
+                    z = self._net.encode(xb, pb, okb)
+                    f, zz = self._net.decode(z)
+                outs[0][sl] = f
+                outs[1][sl] = zz
                 if want_z:
-                    z_all[sl] = z.cpu().numpy()
+                    t_z[sl] = z
                 if heads:
-                    ls, r, d2 = self._net.heads(z)
-                    sig[sl] = np.exp(np.maximum(ls.cpu().numpy(), np.log(1e-4)))
-                    m2[sl] = d2.cpu().numpy()
-                    resid = ((xb - r).cpu().numpy() * self._spec_std)[:, cont]
-                    rec[sl] = (np.sqrt(np.mean(resid**2, axis=1))
-                               / noise_level(np.asarray(spec[sl], float)))
+                    noise[sl] = _noise_level(sb)
+                    if fast is not None:
+                        ls, d2, r2 = fast.heads(z, xb)
+                    else:
+                        ls, r, d2 = self._net.heads(z)
+                        resid = ((xb - r).cpu().numpy() * self._spec_std)[:, cont]
+                        r2 = torch.from_numpy(np.mean(resid**2, axis=1))
+                    t_ls[sl] = ls
+                    t_m2[sl] = d2
+                    t_rec[sl] = r2
+        frac = frac.astype(float)
+        zh = zh.astype(float)
         out = {"mass_fraction": frac, "metallicity": zh}
         out.update(mean_quantities(frac, zh))
         if want_z:
             out["latent"] = z_all
         if heads:
-            out["sigma_raw"] = sig
-            out["ood_latent_raw"] = m2
-            out["ood_recon_raw"] = rec
+            out["sigma_raw"] = np.exp(np.maximum(log_sig, np.log(1e-4)))
+            out["ood_latent_raw"] = m2.astype(float)
+            out["ood_recon_raw"] = np.sqrt(rec2) / noise
         return out
 
     def _apply_calibration(self, out):
