@@ -19,6 +19,7 @@ from astropy.coordinates import SkyCoord
 from astropy.io import fits
 from astropy.table import QTable
 from astropy.wcs import WCS
+from helpers import rotated_muse_wcs
 
 from cubesfh.conventions import N_AGE_BINS
 from cubesfh.maps import StellarPopulationMaps
@@ -35,20 +36,6 @@ NY, NX = 7, 11  # not square: a transposed axis order would show
 #: centre off the reference pixel and a fractional position.
 PIXELS = ((1.0, 1.0), (3.0, 5.0), (10.5, 6.25))
 MAX_SEPARATION = 0.01 * u.arcsec
-
-
-def make_wcs():
-    """MUSE-like celestial WCS: 0.2 arcsec spaxels, rotated by 30 degrees (CD matrix)."""
-    header = fits.Header()
-    header["CTYPE1"], header["CTYPE2"] = "RA---TAN", "DEC--TAN"
-    header["CUNIT1"], header["CUNIT2"] = "deg", "deg"
-    header["CRPIX1"], header["CRPIX2"] = 5.5, 4.0
-    header["CRVAL1"], header["CRVAL2"] = 150.1, 2.2
-    s, t = 0.2 / 3600, np.deg2rad(30.0)
-    header["CD1_1"], header["CD1_2"] = -s * np.cos(t), s * np.sin(t)
-    header["CD2_1"], header["CD2_2"] = s * np.sin(t), s * np.cos(t)
-    header["RADESYS"] = "ICRS"
-    return WCS(header)
 
 
 def make_maps():
@@ -76,7 +63,7 @@ def make_maps():
     t["velocity"] = np.linspace(-50, 50, n) * u.km / u.s
     t["sigma"] = np.linspace(60, 160, n) * u.km / u.s
     t["snr"] = np.linspace(20, 60, n)
-    return StellarPopulationMaps(bin_map, t, wcs=make_wcs())
+    return StellarPopulationMaps(bin_map, t, wcs=rotated_muse_wcs())
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ import pytest
 from astropy import units as u
 from astropy.io import fits
 from astropy.wcs import WCS
+from helpers import gaussian_broaden
 
 from cubesfh.kinematics import (
     EMISSION_LINES,
@@ -44,20 +45,6 @@ def library():
     return TemplateLibrary.load()
 
 
-def _broaden(ln_lam, flux, sigma_kms, dv):
-    """Brute-force convolution with a Gaussian of per-pixel width ``sigma_kms``."""
-    s_pix = sigma_kms / dv
-    half = int(np.ceil(5 * s_pix.max()))
-    padded = np.pad(flux, half, mode="edge")
-    num = np.zeros_like(flux)
-    den = np.zeros_like(flux)
-    for k in range(-half, half + 1):
-        w = np.exp(-0.5 * (k / s_pix) ** 2)
-        num += w * padded[half + k: half + k + flux.size]
-        den += w
-    return num / den
-
-
 def observe(wave, flux, *, velocity, sigma, snr=50.0, seed=0, lines=(), template_fwhm=2.5,
             lsf=muse_lsf_fwhm, z_sys=Z_SYS):
     """
@@ -77,7 +64,7 @@ def observe(wave, flux, *, velocity, sigma, snr=50.0, seed=0, lines=(), template
     s_data = lsf(lam_obs * u.AA).to_value(u.AA) / lam_obs
     s_temp = template_fwhm / lam_rest
     inst2 = np.clip(s_data**2 - s_temp**2, 0, None) * (C_KMS / np.sqrt(8 * np.log(2))) ** 2
-    fine = _broaden(ln_lam, fine, np.sqrt(sigma**2 + inst2), dv)
+    fine = gaussian_broaden(fine, np.sqrt(sigma**2 + inst2), dv)
     obs = np.interp(MUSE_WAVE, lam_obs, fine)
     obs = obs / np.median(obs)
     for lam0, peak, v_gas, s_gas in lines:

@@ -28,6 +28,7 @@ import specutils
 from astropy import units as u
 from astropy.io import fits
 from astropy.nddata import InverseVariance, StdDevUncertainty
+from helpers import gaussian_broaden
 
 from cubesfh.kinematics import KinematicsFlag, SpectrumKinematics, fit_spectrum_kinematics
 from cubesfh.templates import TemplateLibrary
@@ -51,20 +52,6 @@ def library():
     return TemplateLibrary.load()
 
 
-def _broaden(flux, sigma_kms, dv):
-    """Brute-force convolution with a Gaussian of per-pixel width ``sigma_kms`` (km/s)."""
-    s_pix = sigma_kms / dv
-    half = int(np.ceil(5 * s_pix.max()))
-    padded = np.pad(flux, half, mode="edge")
-    num = np.zeros_like(flux)
-    den = np.zeros_like(flux)
-    for k in range(-half, half + 1):
-        w = np.exp(-0.5 * (k / s_pix) ** 2)
-        num += w * padded[half + k: half + k + flux.size]
-        den += w
-    return num / den
-
-
 def observe_vacuum(library, *, velocity, sigma, fwhm_obs, snr=60.0, seed=0, z0=Z0):
     """
     Mock spectrum on VAC_WAVE of one BC03 template with known kinematics.
@@ -83,7 +70,7 @@ def observe_vacuum(library, *, velocity, sigma, fwhm_obs, snr=60.0, seed=0, z0=Z
     lam_obs = lam_rest * (1 + z_tot)  # air, observed
     fwhm_rest = fwhm_obs(lam_obs) / (1 + z_tot)
     inst2 = (fwhm_rest**2 - 2.5**2) * (FWHM_TO_SIGMA * C_KMS / lam_rest) ** 2
-    fine = _broaden(fine, np.sqrt(sigma**2 + inst2), dv)
+    fine = gaussian_broaden(fine, np.sqrt(sigma**2 + inst2), dv)
     air = vacuum_to_air(VAC_WAVE * u.AA).to_value(u.AA)
     obs = np.interp(air, lam_obs, fine)
     obs /= np.median(obs)
@@ -196,7 +183,7 @@ def test_linear_air_grid_fwhm_forms(library):
     ln_lam = np.arange(np.log(wave[0]), np.log(wave[-1]), dv / C_KMS)
     fine = np.interp(np.exp(ln_lam), wave, library.binned()[3, 12])
     inst2 = ((3.0 / (1 + z)) ** 2 - 2.5**2) * (FWHM_TO_SIGMA * C_KMS / np.exp(ln_lam)) ** 2
-    fine = _broaden(fine, np.sqrt(100.0**2 + inst2), dv)
+    fine = gaussian_broaden(fine, np.sqrt(100.0**2 + inst2), dv)
     flux = np.interp(lam, np.exp(ln_lam) * (1 + z), fine)
     rng = np.random.default_rng(3)
     flux = flux / np.median(flux)

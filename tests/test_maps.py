@@ -11,6 +11,7 @@ from astropy import units as u
 from astropy.io import fits
 from astropy.table import QTable
 from astropy.wcs import WCS
+from helpers import rotated_muse_wcs
 
 from cubesfh.binning import VoronoiBins
 from cubesfh.conventions import AGE_BIN_CENTERS, AGE_BIN_EDGES, HST_BANDS, N_AGE_BINS
@@ -46,20 +47,6 @@ def make_bin_map():
     bin_map[6:8, 6:9] = 5
     bin_map[7, 0] = -1
     return bin_map
-
-
-def make_wcs():
-    """MUSE-like celestial WCS, 0.2 arcsec spaxels, rotated by 30 degrees (CD matrix)."""
-    header = fits.Header()
-    header["CTYPE1"], header["CTYPE2"] = "RA---TAN", "DEC--TAN"
-    header["CUNIT1"], header["CUNIT2"] = "deg", "deg"
-    header["CRPIX1"], header["CRPIX2"] = 5.5, 4.0
-    header["CRVAL1"], header["CRVAL2"] = 150.1, 2.2
-    s, t = 0.2 / 3600, np.deg2rad(30.0)
-    header["CD1_1"], header["CD1_2"] = -s * np.cos(t), s * np.sin(t)
-    header["CD2_1"], header["CD2_2"] = s * np.sin(t), s * np.cos(t)
-    header["RADESYS"] = "ICRS"
-    return WCS(header)
 
 
 def cnn_results():
@@ -103,7 +90,7 @@ def make_prepared():
     bin_map = make_bin_map()
     n_spaxels = np.bincount(bin_map[bin_map >= 0])
     bins = VoronoiBins(bin_map, [5000.0, 5001.25] * u.AA, np.ones((N_BINS, 2)) * UNIT,
-                       snr=30.0 + np.arange(N_BINS), celestial_wcs=make_wcs())
+                       snr=30.0 + np.arange(N_BINS), celestial_wcs=rotated_muse_wcs())
     assert np.array_equal(bins.n_spaxels, n_spaxels)
     kin = QTable()
     kin["bin"] = np.arange(N_BINS)
@@ -208,7 +195,7 @@ def test_bins_table(maps, prepared):
     assert t["x"][2] == pytest.approx((0 + 1 + 2) * 4 / 11 - 0 / 11)
     assert t["y"][2] == pytest.approx((4 * 3 + 5 * 3 + 6 * 3 + 7 * 2) / 11)
     np.testing.assert_array_equal(t["n_spaxels"], [20, 20, 11, 12, 8, 6])
-    sky = make_wcs().pixel_to_world(t["x"], t["y"])
+    sky = rotated_muse_wcs().pixel_to_world(t["x"], t["y"])
     np.testing.assert_allclose(t["ra"].to_value(u.deg), sky.ra.deg, rtol=0, atol=1e-12)
     np.testing.assert_allclose(t["dec"].to_value(u.deg), sky.dec.deg, rtol=0, atol=1e-12)
     np.testing.assert_allclose(t["snr"], 30.0 + np.arange(N_BINS))
@@ -283,7 +270,7 @@ def test_round_trip(maps_ppxf, tmp_path):
     assert back.meta == maps_ppxf.meta
     assert back.meta["model_id"] == "abcdef012345"
     assert back.extension_names == maps_ppxf.extension_names
-    assert_same_sky(back.wcs, make_wcs())
+    assert_same_sky(back.wcs, rotated_muse_wcs())
     for name in back.extension_names:
         a, b = maps_ppxf[name], back[name]
         assert getattr(a, "unit", None) == getattr(b, "unit", None)
@@ -311,7 +298,7 @@ def test_round_trip(maps_ppxf, tmp_path):
 
 def test_every_image_has_the_cube_celestial_wcs(maps_ppxf, tmp_path):
     path = maps_ppxf.write(tmp_path / "maps.fits")
-    reference = make_wcs()
+    reference = rotated_muse_wcs()
     n_images = 0
     with fits.open(path) as hdul:
         for hdu in hdul[1:]:
@@ -475,7 +462,7 @@ def test_direct_construction_and_summary(maps_ppxf):
     t["cnn_mass_fraction"] = np.full((2, N_AGE_BINS), 1 / N_AGE_BINS)
     t["cnn_zh"] = np.zeros((2, N_AGE_BINS))
     bin_map = np.array([[0, 0, 1], [-1, 1, 1]])
-    small = StellarPopulationMaps(bin_map, t, wcs=make_wcs())
+    small = StellarPopulationMaps(bin_map, t, wcs=rotated_muse_wcs())
     assert small.table["cnn_logage_lw"].unit == u.dex(u.yr)
     np.testing.assert_array_equal(small.table["n_spaxels"], [2, 3])
     np.testing.assert_array_equal(small.table["flag"], [0, 0])
@@ -502,15 +489,15 @@ def test_errors(prepared, tmp_path):
         StellarPopulationMaps.from_results(prepared, missing)
     maps = StellarPopulationMaps.from_results(prepared, cnn)
     with pytest.raises(CubeSFHError, match="one row per bin"):
-        StellarPopulationMaps(make_bin_map(), maps.table[:3], wcs=make_wcs())
+        StellarPopulationMaps(make_bin_map(), maps.table[:3], wcs=rotated_muse_wcs())
     with pytest.raises(CubeSFHError, match="no bins"):
-        StellarPopulationMaps(np.full((2, 2), -1), maps.table, wcs=make_wcs())
+        StellarPopulationMaps(np.full((2, 2), -1), maps.table, wcs=rotated_muse_wcs())
     with pytest.raises(CubeSFHError, match="celestial"):
         StellarPopulationMaps(make_bin_map(), maps.table, wcs=None)
     t = maps.table.copy()
     t["ppxf_logage_lw"] = t["cnn_logage_lw"]
     with pytest.raises(CubeSFHError, match="pPXF columns"):
-        StellarPopulationMaps(make_bin_map(), t, wcs=make_wcs())
+        StellarPopulationMaps(make_bin_map(), t, wcs=rotated_muse_wcs())
     with pytest.raises(KeyError, match="LOGAGE_LW"):
         maps["AGE"]
     other = tmp_path / "other.fits"

@@ -1,0 +1,39 @@
+# Licensed under a 3-clause BSD style license - see LICENSE
+"""Helpers shared by several test modules (``pythonpath = ["tests"]`` in pyproject.toml)."""
+
+import numpy as np
+from astropy.io import fits
+from astropy.wcs import WCS
+
+
+def rotated_muse_wcs():
+    """MUSE-like celestial WCS, 0.2 arcsec spaxels, rotated by 30 degrees (CD matrix)."""
+    header = fits.Header()
+    header["CTYPE1"], header["CTYPE2"] = "RA---TAN", "DEC--TAN"
+    header["CUNIT1"], header["CUNIT2"] = "deg", "deg"
+    header["CRPIX1"], header["CRPIX2"] = 5.5, 4.0
+    header["CRVAL1"], header["CRVAL2"] = 150.1, 2.2
+    s, t = 0.2 / 3600, np.deg2rad(30.0)
+    header["CD1_1"], header["CD1_2"] = -s * np.cos(t), s * np.sin(t)
+    header["CD2_1"], header["CD2_2"] = s * np.sin(t), s * np.cos(t)
+    header["RADESYS"] = "ICRS"
+    return WCS(header)
+
+
+def gaussian_broaden(flux, sigma_kms, dv):
+    """
+    Brute-force convolution of a log-sampled spectrum with a Gaussian.
+
+    ``sigma_kms`` (scalar or per pixel) is the Gaussian width and ``dv`` the
+    pixel size, both in km/s; the ends are padded with the edge values.
+    """
+    s_pix = np.atleast_1d(np.asarray(sigma_kms, float) / dv)
+    half = int(np.ceil(5 * s_pix.max()))
+    padded = np.pad(flux, half, mode="edge")
+    num = np.zeros_like(flux)
+    den = np.zeros_like(flux)
+    for k in range(-half, half + 1):
+        w = np.exp(-0.5 * (k / s_pix) ** 2)
+        num += w * padded[half + k: half + k + flux.size]
+        den += w
+    return num / den
