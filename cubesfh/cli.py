@@ -49,6 +49,12 @@ def _check_output(path):
     check_writable(path, overwrite=True)
 
 
+def _add_force_band(p):
+    p.add_argument("--force-band", action="store_true",
+                   help="use the bands given in --hst even where the image headers name "
+                        "another filter (with a warning)")
+
+
 def _add_prepare_options(p):
     p.add_argument("--target-snr", type=float, default=35.0,
                    help="Voronoi target S/N per Angstrom in 5300-5500 A (default: 35)")
@@ -476,9 +482,7 @@ def build_parser():
     p.add_argument("--output", "-o", required=True, help="output FITS file")
     p.add_argument("--allow-other-instrument", action="store_true",
                    help="accept non-WFC3/UVIS images (e.g. WFPC2 F814W), with a warning")
-    p.add_argument("--force-band", action="store_true",
-                   help="use the bands given in --hst even where the image headers name "
-                        "another filter (with a warning)")
+    _add_force_band(p)
     _add_prepare_options(p)
     _add_run_options(p)
     p.set_defaults(func=_cmd_run)
@@ -524,9 +528,7 @@ def build_parser():
     p.add_argument("--sigma-target", type=float, nargs="+", default=[150.0, 300.0],
                    metavar="KM/S", help="common dispersions; each bin gets the smallest "
                                         "above its own (default: 150 300, the bundled models)")
-    p.add_argument("--force-band", action="store_true",
-                   help="use the bands given in --hst even where the image headers name "
-                        "another filter (with a warning)")
+    _add_force_band(p)
     _add_prepare_options(p)
     p.set_defaults(func=_cmd_prepare)
 
