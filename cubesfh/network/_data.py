@@ -27,7 +27,13 @@ def downsample_spectra(spectra):
     """
     s = np.asarray(spectra, dtype=np.float32)
     n = (s.shape[-1] // BINNING) * BINNING
-    return s[..., :n].reshape(*s.shape[:-1], n // BINNING, BINNING).mean(axis=-1)
+    # strided sums in one pass each: the float32 values of ``reshape(...).mean(-1)``
+    # (which adds the BINNING values in order and divides by BINNING), faster
+    out = s[..., 0:n:BINNING].copy()
+    for k in range(1, BINNING):
+        out += s[..., k:n:BINNING]
+    out /= np.float32(BINNING)
+    return out
 
 
 def photometry_features(photometry, mask=None):

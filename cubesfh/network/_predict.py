@@ -11,7 +11,7 @@ import numpy as np
 
 from ..conventions import HST_BANDS, N_AGE_BINS, OUTPUT_WAVELENGTH
 from ..utils import CubeSFHError, sha256_file
-from ._data import BINNING, photometry_features
+from ._data import downsample_spectra, photometry_features
 
 #: Largest sub-batch of the CPU network path: its intermediate arrays (up to
 #: 7040 floats a spectrum a layer) then stay in the caches (see
@@ -115,33 +115,6 @@ def _torch_threads(threads):
         yield
     finally:
         torch.set_num_threads(old)
-
-
-def _downsample_chunk(spectra):
-    """`downsample_spectra` of NaN-cleaned 1761-pixel spectra (same values, fewer passes)."""
-    s = np.asarray(spectra, np.float32)
-    if not np.isfinite(s).all():
-        s = np.where(np.isfinite(s), s, np.float32(1.0))
-    m = (s.shape[1] // BINNING) * BINNING
-    # the mean of a pair in float32 is (a + b) / 2, exactly as ndarray.mean computes it
-    out = s[:, 0:m:2] + s[:, 1:m:2]
-    out *= np.float32(0.5)
-    return out
-
-
-def _noise_level(spectra):
-    """`~cubesfh.network.noise_level` of a chunk of spectra (same float64 arithmetic)."""
-    f = np.asarray(spectra, float)
-    d = f[:, 2:-2] * 2.0
-    d -= f[:, :-4]
-    d -= f[:, 4:]
-    np.abs(d, out=d)
-    n = d.shape[1]
-    h = n // 2
-    d.partition(h, axis=1)  # one selection, in place (np.median makes two)
-    # np.median: the mean of the two central values (even n), the central one (odd n)
-    med = d[:, h] if n % 2 else (d[:, :h].max(axis=1) + d[:, h]) / 2.0
-    return 1.482602 / np.sqrt(6.0) * med + 1e-6
 
 
 class SFHModel:
@@ -330,7 +303,7 @@ class SFHModel:
 
         from ..populations import mean_quantities
         from ..utils import progress
-        from ._uncertainty import continuum_pixels
+        from ._uncertainty import continuum_pixels, noise_level
 
         n = spec.shape[0]
         fast = self._fast_net() if backend == "auto" else None
@@ -360,7 +333,9 @@ class SFHModel:
         with torch.inference_mode():
             for s in progress(steps, enabled=progress_bar, desc="network", unit="batch"):
                 sl = slice(s, s + chunk)
-                sb = _downsample_chunk(spec[sl]) if full_resolution else np.asarray(spec[sl])
+                sb = spec[sl]
+                if full_resolution:
+                    sb = downsample_spectra(np.where(np.isfinite(sb), sb, 1.0))
                 x = (sb.astype(np.float32, copy=False) - self._spec_mean) / self._spec_std
                 xb = torch.from_numpy(x).to(self.device)
                 pb = t_p[sl].to(self.device)
@@ -376,7 +351,7 @@ class SFHModel:
                 if want_z:
                     t_z[sl] = z
                 if heads:
-                    noise[sl] = _noise_level(sb)
+                    noise[sl] = noise_level(sb)
                     if fast is not None:
                         ls, d2, r2 = fast.heads(z, xb)
                     else:
