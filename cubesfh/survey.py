@@ -29,7 +29,6 @@ import datetime
 import difflib
 import functools
 import hashlib
-import importlib.util
 import json
 import logging
 import re
@@ -422,10 +421,10 @@ def _read_csv(path):
 
 @functools.lru_cache(maxsize=1)
 def _bundled_models_digest():
-    spec = importlib.util.find_spec("cubesfh.network")
-    folder = Path(next(iter(spec.submodule_search_locations))) / "data"
+    from .network import BUNDLED_MODELS  # no torch import
+
     h = hashlib.sha256()
-    for f in sorted(folder.glob("*.pt")):
+    for f in sorted(stem.with_suffix(".pt") for stem in BUNDLED_MODELS):
         h.update(f.name.encode())
         h.update(sha256_file(f).encode())
     return h.hexdigest()
