@@ -32,6 +32,7 @@ from astropy import units as u
 from astropy.constants import c as _speed_of_light
 from astropy.table import QTable
 
+from ._spectral import pixel_edges
 from .lsf import FWHM_TO_SIGMA, muse_lsf_fwhm
 from .utils import progress
 from .utils.exceptions import CubeSFHError, CubeSFHWarning
@@ -1222,10 +1223,7 @@ def _gaussian_broadening_matrix(wave, sigma):
     from scipy.special import ndtr
 
     n = wave.size
-    edges = np.empty(n + 1)
-    edges[1:-1] = 0.5 * (wave[1:] + wave[:-1])
-    edges[0] = 1.5 * wave[0] - 0.5 * wave[1]
-    edges[-1] = 1.5 * wave[-1] - 0.5 * wave[-2]
+    edges = pixel_edges(wave)
     step = np.diff(edges)
     half = int(np.ceil(np.max(5.0 * sigma / step))) + 1
     rows = np.repeat(np.arange(n), 2 * half + 1)
@@ -1439,6 +1437,7 @@ def fit_spectrum_kinematics(spectrum, flux=None, *, ivar=None, noise=None, mask=
     table = QTable()
     table["velocity"] = [_C_KMS * (factor - 1.0)] * _KMS
     table["velocity_err"] = [res.velocity_err * factor] * _KMS
+    table["sigma"] = [res.sigma] * _KMS
     table["chi2"] = [res.chi2]
     table["flag"] = np.array([res.flag], dtype=np.int16)
     table.meta["redshift"] = z0
