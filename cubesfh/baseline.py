@@ -47,7 +47,7 @@ import numpy as np
 from astropy import units as u
 from astropy.table import QTable
 
-from .conventions import N_AGE_BINS, NORM_WINDOW
+from .conventions import N_AGE_BINS, NORM_WINDOW, SIGMA_TARGET
 from .kinematics import EMISSION_LINES, emission_line_mask
 from .populations import mean_quantities
 from .utils import progress
@@ -318,9 +318,9 @@ class BaselineTemplates:
         return mass / mass.sum(axis=(-2, -1), keepdims=True)
 
 
-@functools.lru_cache(maxsize=1)
 def _default_templates():
-    return BaselineTemplates()
+    # the same cached object run_baseline uses for its 150 km/s bins
+    return templates_at(SIGMA_TARGET.to_value(_KMS))
 
 
 @functools.lru_cache(maxsize=4)
