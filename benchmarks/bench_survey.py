@@ -23,12 +23,12 @@ the resume. ``--parallel-cubes`` processes the cubes as dask tasks (see
 `cubesfh.survey.run_survey`), ``--workers N`` sizes the local cluster,
 ``--scheduler ADDRESS`` uses an existing one.
 
-Example (the run of ``docs/survey.rst``, ten cubes with pPXF; about 15 minutes
-on two cores)::
+Example (the run of ``docs/survey.rst``, ten cubes with pPXF and a broken one;
+about 4 minutes on two cores)::
 
-    python benchmarks/bench_survey.py --n-cubes 10 --ppxf --json survey.json
+    python benchmarks/bench_survey.py --n-cubes 10 --ppxf --broken --json survey.json
 
-Smoke test (three cubes, no pPXF, about a minute)::
+Smoke test (three cubes, no pPXF, about 25 seconds)::
 
     python benchmarks/bench_survey.py --n-cubes 3
 """
