@@ -118,12 +118,11 @@ def old_predict(model, spectra, photometry, uncertainty=True):
 
 
 STAGES = {  # label -> function names (file suffix, name) whose cumulative times add up
-    "downsample + NaN cleaning": [("_predict.py", "_downsample_chunk"),
-                                  ("_data.py", "downsample_spectra")],
+    "downsample + NaN cleaning": [("_data.py", "downsample_spectra")],
     "network (encode + decode)": [("_fast.py", "encode"), ("_fast.py", "decode"),
                                   ("_model.py", "encode"), ("_model.py", "decode")],
     "uncertainty heads": [("_fast.py", "heads"), ("_model.py", "heads")],
-    "noise level (DER_SNR median)": [("_predict.py", "_noise_level")],
+    "noise level (DER_SNR median)": [("_uncertainty.py", "noise_level")],
     "mean ages / [Z/H]": [("populations.py", "mean_quantities")],
     "calibration": [("_predict.py", "_apply_calibration")],
 }
@@ -173,8 +172,8 @@ def main(argv=None):
     import torch
 
     from cubesfh.baseline import BaselineTemplates, fit_population
-    from cubesfh.network import SFHModel
-    from cubesfh.network._predict import CPU_CHUNK, _downsample_chunk
+    from cubesfh.network import SFHModel, downsample_spectra
+    from cubesfh.network._predict import CPU_CHUNK
     from cubesfh.synthesis import ForwardModel
     from cubesfh.synthesis.trainingset import simulate_samples
 
@@ -209,7 +208,8 @@ def main(argv=None):
 
     from cubesfh.network._predict import photometry_features
 
-    x = (_downsample_chunk(spectra) - model._spec_mean) / model._spec_std
+    x = (downsample_spectra(np.where(np.isfinite(spectra), spectra, 1.0)).astype(np.float32)
+         - model._spec_mean) / model._spec_std
     logf, ok = photometry_features(phot)
     p = np.where(ok > 0, (logf - model._phot_mean) / model._phot_std, 0.0).astype(np.float32)
     t_raw, _ = best_of(raw_forward(model, x, p, ok, batch=CPU_CHUNK), args.repeats)
