@@ -32,7 +32,7 @@ from astropy import units as u
 from astropy.constants import c as _speed_of_light
 from astropy.table import QTable
 
-from ._spectral import pixel_edges
+from ._spectral import gaussian_broadening_matrix
 from .lsf import FWHM_TO_SIGMA, muse_lsf_fwhm
 from .utils import progress
 from .utils.exceptions import CubeSFHError, CubeSFHWarning
@@ -1208,39 +1208,6 @@ def _data_fwhm(lsf, resolution, wave_q):
     return np.broadcast_to(fwhm, lam.shape).astype(float)
 
 
-def _gaussian_broadening_matrix(wave, sigma):
-    """
-    Sparse matrix convolving a spectrum sampled at ``wave`` with Gaussians of ``sigma``.
-
-    ``sigma`` (same unit as ``wave``, one per output pixel, >= 0) may vary
-    along the spectrum and be smaller than a pixel: each weight is the
-    integral of the Gaussian centred on the output pixel over an input pixel
-    (edges at the midpoints), rows normalised to one, so ``sigma = 0`` is the
-    identity. ``matrix.power(2) @ variance`` is the variance of independent
-    input pixels.
-    """
-    from scipy import sparse
-    from scipy.special import ndtr
-
-    n = wave.size
-    edges = pixel_edges(wave)
-    step = np.diff(edges)
-    half = int(np.ceil(np.max(5.0 * sigma / step))) + 1
-    rows = np.repeat(np.arange(n), 2 * half + 1)
-    cols = rows + np.tile(np.arange(-half, half + 1), n)
-    inside = (cols >= 0) & (cols < n)
-    rows, cols = rows[inside], cols[inside]
-    s = sigma[rows]
-    point = s <= 0
-    with np.errstate(divide="ignore", invalid="ignore"):
-        hi = ndtr((edges[cols + 1] - wave[rows]) / s)
-        lo = ndtr((edges[cols] - wave[rows]) / s)
-    weights = np.where(point, (rows == cols).astype(float), hi - lo)
-    matrix = sparse.csr_matrix((weights, (rows, cols)), shape=(n, n))
-    norm = np.asarray(matrix.sum(axis=1)).ravel()
-    return sparse.diags(1.0 / norm) @ matrix
-
-
 def fit_spectrum_kinematics(spectrum, flux=None, *, ivar=None, noise=None, mask=None,
                             redshift=0.0, lsf=None, resolution=None, vacuum=None,
                             templates=None, template_set="binned",
@@ -1409,7 +1376,7 @@ def fit_spectrum_kinematics(spectrum, flux=None, *, ivar=None, noise=None, mask=
             diff2 = fwhm_t**2 - fwhm**2
             if np.any(diff2[obs_fit] > 0):
                 sig = np.sqrt(np.clip(diff2, 0.0, None)) * FWHM_TO_SIGMA
-                kernel = _gaussian_broadening_matrix(wave, sig)
+                kernel = gaussian_broadening_matrix(wave, sig)
                 flx = kernel @ np.where(bad, 0.0, flx)
                 var = kernel.power(2) @ np.where(bad, 0.0, var)
                 bad = (kernel @ bad.astype(float)) > 1e-6

@@ -57,8 +57,8 @@ from pathlib import Path
 import numpy as np
 from astropy import units as u
 from astropy.io import fits
-from scipy.special import ndtr
 
+from .._spectral import gaussian_broadening_matrix
 from ._library import FLUX_UNIT, TemplateLibrary
 from .build import _rebin_flux_conserving
 
@@ -216,32 +216,18 @@ def _smooth_to_fwhm(wave, flux, fwhm_native, fwhm_target):
     Gaussian-smooth spectra (last axis, sampled at ``wave``, possibly
     non-uniform) from the resolution ``fwhm_native`` (A, scalar or per pixel)
     to the constant ``fwhm_target``. The kernel is integrated over each native
-    pixel, so a zero-width kernel leaves the spectrum unchanged.
+    pixel (`~cubesfh._spectral.gaussian_broadening_matrix`, the operator of
+    the kinematics templates), so a zero-width kernel leaves the spectrum
+    unchanged.
     """
     fwhm_native = np.broadcast_to(np.asarray(fwhm_native, float), wave.shape)
     sigma = np.sqrt(np.clip(fwhm_target**2 - fwhm_native**2, 0.0, None)) * _FWHM_TO_SIGMA
+    flux = np.asarray(flux, dtype=float)
     if not np.any(sigma > 0):
-        return np.array(flux, dtype=float)
-    edges = np.concatenate([[1.5 * wave[0] - 0.5 * wave[1]], 0.5 * (wave[1:] + wave[:-1]),
-                            [1.5 * wave[-1] - 0.5 * wave[-2]]])
-    half = int(np.ceil(5.0 * sigma.max() / np.diff(wave).min())) + 1
-    idx = np.arange(wave.size)
-    safe = np.where(sigma > 0, sigma, 1.0)
-    weights, cols = [], []
-    for k in range(-half, half + 1):
-        j = idx + k
-        ok = (j >= 0) & (j < wave.size)
-        jc = np.clip(j, 0, wave.size - 1)
-        wk = ndtr((edges[jc + 1] - wave) / safe) - ndtr((edges[jc] - wave) / safe)
-        wk = np.where(sigma > 0, wk, float(k == 0)) * ok
-        weights.append(wk)
-        cols.append(jc)
-    weights = np.array(weights)
-    weights /= weights.sum(axis=0)
-    out = np.zeros(np.shape(flux))
-    for wk, jc in zip(weights, cols):
-        out += wk * flux[..., jc]
-    return out
+        return np.array(flux)
+    matrix = gaussian_broadening_matrix(np.asarray(wave, float), sigma)
+    flat = flux.reshape(-1, wave.size)
+    return np.asarray(matrix @ flat.T).T.reshape(flux.shape)
 
 
 def _v_band(wave, flux):
