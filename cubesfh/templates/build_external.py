@@ -626,7 +626,7 @@ def _provenance(name, wheel, digest, n_files, *, srcpkg, extra=()):
     spec = EXTERNAL_LIBRARIES.get(name, {})
     h = fits.Header()
     h["ORIGIN"] = ("cubesfh", "built by cubesfh.templates.build_external")
-    h["CSFHVER"] = (__version__, "cubesfh version that built this file")
+    h["CSFHVER"] = (__version__, "cubesfh version of the build")
     h["DATE"] = (datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S"),
                  "UTC build date")
     h["LIBNAME"] = (name, "cubesfh library name")
