@@ -730,6 +730,31 @@ def _estimate_redshift(wave, flux, var, templates_kw, *, lsf, fit_range, degree,
     return z
 
 
+def _kinematics_table(results, z0):
+    """
+    The per-bin table of :func:`fit_kinematics` from `SpectrumFit` results.
+
+    pPXF velocities are ``c ln[(1 + z) / (1 + z0)]``; they are converted to
+    the usual definitions, ``velocity = c [(1 + z) / (1 + z0) - 1]`` and
+    ``velocity_los = cz``.
+    """
+    res = {name: np.array([getattr(r, name) for r in results])
+           for name in SpectrumFit._fields}
+    factor = np.exp(res["velocity"] / _C_KMS)
+    table = QTable()
+    table["bin"] = np.arange(len(results))
+    table["velocity"] = _C_KMS * (factor - 1.0) * _KMS
+    table["velocity_los"] = _C_KMS * ((1.0 + z0) * factor - 1.0) * _KMS
+    table["sigma"] = res["sigma"] * _KMS
+    table["velocity_err"] = res["velocity_err"] * factor * _KMS
+    table["sigma_err"] = res["sigma_err"] * _KMS
+    table["chi2"] = res["chi2"]
+    table["n_good"] = res["n_good"].astype(int)
+    table["flag"] = res["flag"].astype(np.int16)
+    table.meta["redshift"] = z0
+    return table
+
+
 def fit_kinematics(bins=None, *, wavelength=None, spectra=None, variance=None,
                    templates=None, templates_wavelength=None, templates_flux=None,
                    templates_fwhm=None, template_set="binned", redshift=None,
@@ -851,26 +876,11 @@ def fit_kinematics(bins=None, *, wavelength=None, spectra=None, variance=None,
                             mask=common & spec.valid[i], degree=degree)
                for i in progress(range(n_bins), enabled=progress_bar,
                                  desc="Stellar kinematics", unit="bin")]
-    res = {name: np.array([getattr(r, name) for r in results])
-           for name in SpectrumFit._fields}
-
-    # pPXF velocities are c ln[(1 + z) / (1 + z0)]; convert to the usual definitions.
-    factor = np.exp(res["velocity"] / _C_KMS)
-    table = QTable()
-    table["bin"] = np.arange(n_bins)
-    table["velocity"] = _C_KMS * (factor - 1.0) * _KMS
-    table["velocity_los"] = _C_KMS * ((1.0 + z0) * factor - 1.0) * _KMS
-    table["sigma"] = res["sigma"] * _KMS
-    table["velocity_err"] = res["velocity_err"] * factor * _KMS
-    table["sigma_err"] = res["sigma_err"] * _KMS
-    table["chi2"] = res["chi2"]
-    table["n_good"] = res["n_good"].astype(int)
-    table["flag"] = res["flag"].astype(np.int16)
+    table = _kinematics_table(results, z0)
 
     failed = (table["flag"] & (KinematicsFlag.NO_DATA | KinematicsFlag.FIT_FAILED)) > 0
     n_failed = int(failed.sum())
     n_bound = int(((table["flag"] & KinematicsFlag.AT_BOUND) > 0).sum())
-    table.meta["redshift"] = z0
     table.meta["problems"] = check_kinematics(table)
     table.meta.update({"redshift": z0, "velscale": spec.velscale * _KMS, "degree": degree,
                        "fit_range": u.Quantity(fit_range, u.AA),
@@ -1400,14 +1410,7 @@ def fit_spectrum_kinematics(spectrum, flux=None, *, ivar=None, noise=None, mask=
     res = fit_spectrum(spec.flux[0], spec.noise[0], spec.lam, temp, mask=good,
                        start=(0.0, s0), degree=degree)
 
-    factor = np.exp(res.velocity / _C_KMS)
-    table = QTable()
-    table["velocity"] = [_C_KMS * (factor - 1.0)] * _KMS
-    table["velocity_err"] = [res.velocity_err * factor] * _KMS
-    table["sigma"] = [res.sigma] * _KMS
-    table["chi2"] = [res.chi2]
-    table["flag"] = np.array([res.flag], dtype=np.int16)
-    table.meta["redshift"] = z0
+    table = _kinematics_table([res], z0)
     problems = check_kinematics(table)
     if lsf_mismatch == "warn" and temp.lsf_excess > 0:
         msg = (f"The templates are broader than the data by up to {temp.lsf_excess:.1f} km/s "
@@ -1415,11 +1418,11 @@ def fit_spectrum_kinematics(spectrum, flux=None, *, ivar=None, noise=None, mask=
                "that; use lsf_mismatch='broaden' to broaden the data instead.")
         warnings.warn(msg, CubeSFHWarning)
         problems.append(msg)
+    row = table[0]
     return SpectrumKinematics(
-        velocity=table["velocity"][0], velocity_los=_C_KMS * ((1.0 + z0) * factor - 1.0) * _KMS,
-        sigma=res.sigma * _KMS, velocity_err=table["velocity_err"][0],
-        sigma_err=res.sigma_err * _KMS, chi2=res.chi2,
-        flag=KinematicsFlag(int(table["flag"][0])), n_good=res.n_good, redshift=z0,
+        velocity=row["velocity"], velocity_los=row["velocity_los"], sigma=row["sigma"],
+        velocity_err=row["velocity_err"], sigma_err=row["sigma_err"], chi2=res.chi2,
+        flag=KinematicsFlag(int(row["flag"])), n_good=res.n_good, redshift=z0,
         velscale=spec.velscale * _KMS, lsf_excess=temp.lsf_excess * _KMS,
         broadening=broadening * u.AA, vacuum=vacuum, problems=tuple(problems))
 
