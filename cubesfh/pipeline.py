@@ -195,10 +195,8 @@ def run_baseline(prepared, *, scheduler=None, n_workers=None, cache_dir=None, n_
     groups = [float(st) for st in np.unique(targets[ok])]
     # templates at the bins' own dispersion, as the network's inputs
     templates = {st: templates_at(st) for st in groups}
-    group_of = {k: next(st for st in groups if np.isclose(targets[i], st))
-                for k, i in enumerate(ok)}
-    items = [(spec.flux[i], var[i], prepared.photometry_normalized[i], group_of[k])
-             for k, i in enumerate(ok)]
+    items = [(spec.flux[i], var[i], prepared.photometry_normalized[i], float(targets[i]))
+             for i in ok]
     kwargs = {"templates": templates}
     if n_mc:
         kwargs["n_mc"] = int(n_mc)

@@ -66,11 +66,14 @@ def _as_bool(value):
     raise ValueError(msg)
 
 
+def _is_null(value):
+    """None, or a manifest cell that says so ('', 'none', 'null')."""
+    return value is None or (isinstance(value, str)
+                             and value.strip().lower() in ("", "none", "null"))
+
+
 def _as_optional_float(value):
-    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none",
-                                                                                "null")):
-        return None
-    return float(value)
+    return None if _is_null(value) else float(value)
 
 
 def _as_int(value):
@@ -114,10 +117,7 @@ def _as_window(value):
 
 
 def _as_path(value):
-    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none",
-                                                                                "null")):
-        return None
-    return str(value).strip()
+    return None if _is_null(value) else str(value).strip()
 
 
 def _as_paths(value):
