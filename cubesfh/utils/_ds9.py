@@ -227,7 +227,8 @@ class DS9:
 
     # ------------------------------------------------------------------ XPA
 
-    def _xpa(self, cmd, timeout, *, binary=False):
+    def _call(self, cmd, timeout, *, binary=False):
+        """Run ``cmd`` (XPA or X tool) in `env`; its output, or a `DS9Error`."""
         timeout = self.xpa_timeout if timeout is None else timeout
         try:
             out = subprocess.run(cmd, env=self.env, capture_output=True, timeout=timeout)
@@ -257,7 +258,7 @@ class DS9:
         answer : str
             DS9's answer without the trailing newline.
         """
-        return self._xpa(["xpaget", self.title, *map(str, args)], timeout).strip()
+        return self._call(["xpaget", self.title, *map(str, args)], timeout).strip()
 
     def get_fits(self, what="slice", *, timeout=None):
         """
@@ -277,7 +278,7 @@ class DS9:
         """
         from astropy.io import fits
 
-        raw = self._xpa(["xpaget", self.title, "fits", what], timeout, binary=True)
+        raw = self._call(["xpaget", self.title, "fits", what], timeout, binary=True)
         return fits.HDUList.fromstring(raw)
 
     def set(self, *args, timeout=None):
@@ -291,7 +292,7 @@ class DS9:
         timeout : float, optional
             Seconds allowed; default ``xpa_timeout``.
         """
-        self._xpa(["xpaset", "-p", self.title, *map(str, args)], timeout)
+        self._call(["xpaset", "-p", self.title, *map(str, args)], timeout)
 
     # ------------------------------------------------------------------ screen
 
@@ -314,14 +315,8 @@ class DS9:
         path = Path(self._tmp.name) / "screen.xwd"
         # without a window manager the main window is named "SAOImage <title>"
         target = ["-name", f"SAOImage {self.title}"] if window else ["-root"]
-        cmd = ["xwd", "-silent", *target, "-display", self.display, "-out", str(path)]
-        try:
-            out = subprocess.run(cmd, env=self.env, capture_output=True, text=True,
-                                 timeout=self.xpa_timeout)
-        except subprocess.TimeoutExpired as exc:
-            raise DS9Error(f"{' '.join(cmd)!r} did not return in time.") from exc
-        if out.returncode != 0:
-            raise DS9Error(f"{' '.join(cmd)!r} failed: {out.stderr.strip()}")
+        self._call(["xwd", "-silent", *target, "-display", self.display, "-out", str(path)],
+                   self.xpa_timeout)
         return read_xwd(path)
 
 
