@@ -40,8 +40,11 @@ from pathlib import Path
 
 import numpy as np
 
+from cubesfh.conventions import HST_BANDS
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_stages import (
+    SYSTEMIC_VELOCITY_KMS,
     collect_warnings,
     command_line,
     describe_machine,
@@ -53,8 +56,8 @@ from bench_stages import (
     write_json,
 )
 
-BANDS = ("F275W", "F336W", "F438W", "F555W", "F814W")
-REDSHIFT = 0.002335  # the example observation's 700 km/s
+# the example observation's systemic velocity (700 km/s), as written in the manifest
+REDSHIFT = f"{SYSTEMIC_VELOCITY_KMS / 299_792.458:.6f}"
 
 
 def write_survey(workdir, n_cubes, shape, *, target_snr, ppxf, broken):
@@ -62,13 +65,13 @@ def write_survey(workdir, n_cubes, shape, *, target_snr, ppxf, broken):
     from cubesfh.datasets import make_example_observation
 
     t0 = time.perf_counter()
-    lines = ["name,cube," + ",".join(BANDS) + ",target_snr,redshift,register,ppxf"]
+    lines = ["name,cube," + ",".join(HST_BANDS) + ",target_snr,redshift,register,ppxf"]
     first = None
     for i in range(n_cubes):
         obs = make_example_observation(workdir / f"gal{i:02d}", shape=shape, seed=i,
                                        overwrite=True)
         first = first or obs.cube_path
-        cells = ",".join(str(obs.hst_paths[b]) for b in BANDS)
+        cells = ",".join(str(obs.hst_paths[b]) for b in HST_BANDS)
         lines.append(f"gal{i:02d},{obs.cube_path},{cells},{target_snr},{REDSHIFT},no,"
                      f"{'yes' if ppxf else 'no'}")
     if broken:
