@@ -42,13 +42,14 @@ import hashlib
 import logging
 import math
 import os
-import pickle
+import pickle  # only to hash the inputs of a chunk (_chunk_key)
 import sys
 import threading
 import warnings
 from pathlib import Path
 
 from .utils import CubeSFHError, CubeSFHWarning, progress
+from .utils._cache import CacheFormatError, load_entry, save_entry
 
 __all__ = ["CONNECT_TIMEOUT", "dask_client", "default_chunk_size", "map_bins"]
 
@@ -321,8 +322,11 @@ def map_bins(func, items, *, kwargs=None, scheduler=None, n_workers=None, chunk_
     chunk_size : int, optional
         Items per dask task; default :func:`default_chunk_size`.
     cache_dir : str or `~pathlib.Path`, optional
-        Folder where finished chunks are kept; a rerun with the same inputs
-        (and chunk size) reuses them.
+        Folder where finished chunks are kept, one ``.npz`` file each (a
+        data-only format with a checksum, written atomically; see
+        ``cubesfh.utils._cache``); a rerun with the same inputs (and chunk
+        size) reuses them, and a damaged file is computed again with a
+        warning.
     cache_tag : str, optional
         Distinguishes caches of different settings in the same folder.
     progress_bar : bool, optional
@@ -362,24 +366,38 @@ def map_bins(func, items, *, kwargs=None, scheduler=None, n_workers=None, chunk_
             for i, c in enumerate(chunks)] if cache else [None] * len(chunks)
     todo = []
     for i, key in enumerate(keys):
-        path = cache / f"{key}.pkl" if cache else None
+        path = cache / f"{key}.npz" if cache else None
         if path is not None and path.exists():
-            with open(path, "rb") as f:
-                results[i] = pickle.load(f)  # our own cache files, written below
+            try:
+                results[i] = load_entry(path)  # data only: never unpickled
+            except CacheFormatError as exc:
+                msg = (f"the cached chunk {path} is damaged ({exc}); it is computed "
+                       "again.")
+                warnings.warn(msg, CubeSFHWarning)
+                todo.append(i)
+            else:
+                if not isinstance(results[i], list) or len(results[i]) != len(chunks[i]):
+                    msg = (f"the cached chunk {path} does not match its bins; it is "
+                           "computed again.")
+                    warnings.warn(msg, CubeSFHWarning)
+                    results[i] = None
+                    todo.append(i)
         else:
             todo.append(i)
     if cache and len(todo) < len(chunks):
         log.info("reusing %d cached chunks from %s", len(chunks) - len(todo), cache)
     if cache:
         cache.mkdir(parents=True, exist_ok=True)
+        if any(cache.glob("*.pkl")):
+            log.info("%s holds pickle files of an older cubesfh; they are never read", cache)
 
     def store(i, res):
         results[i] = res
         if cache:
-            tmp = cache / f".{keys[i]}.tmp"
-            with open(tmp, "wb") as f:
-                pickle.dump(res, f, protocol=4)
-            os.replace(tmp, cache / f"{keys[i]}.pkl")
+            try:
+                save_entry(cache / f"{keys[i]}.npz", res)
+            except TypeError as exc:  # a result the data-only format cannot hold
+                log.warning("chunk %d not cached: %s", i, exc)
 
     bar = progress(None, enabled=progress_bar, desc=desc, total=len(items), unit="bin")
     pending = set(todo)

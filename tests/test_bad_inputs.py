@@ -899,7 +899,7 @@ def interrupted(obs, tmp_path_factory):
         watchdog = threading.Timer(300, proc.kill)
         watchdog.start()
         try:
-            while proc.poll() is None and len(list(cache.glob("*.pkl"))) < n_cached:
+            while proc.poll() is None and len(list(cache.glob("*.npz"))) < n_cached:
                 time.sleep(0.02)
             finished_early = proc.poll() is not None
             if not finished_early:
@@ -908,8 +908,8 @@ def interrupted(obs, tmp_path_factory):
         finally:
             watchdog.cancel()
         return {"rc": proc.returncode, "err": err.strip(), "early": finished_early,
-                "cached": sorted(p.name for p in cache.glob("*.pkl")),
-                "mtimes": {p.name: p.stat().st_mtime_ns for p in cache.glob("*.pkl")}}
+                "cached": sorted(p.name for p in cache.glob("*.npz")),
+                "mtimes": {p.name: p.stat().st_mtime_ns for p in cache.glob("*.npz")}}
 
     sigint = stopped(d / "a.fits", signal.SIGINT, 1)
     sigint["output"] = (d / "a.fits").exists()

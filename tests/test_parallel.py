@@ -29,14 +29,104 @@ def test_cache_resume(tmp_path):
     items = [(float(i),) for i in range(7)]
     first = map_bins(_square_or_fail, items, scheduler="serial", cache_dir=tmp_path,
                      progress_bar=False, chunk_size=3)
-    cached = sorted(tmp_path.glob("*.pkl"))
+    cached = sorted(tmp_path.glob("*.npz"))
     assert len(cached) == 3
     # remove one chunk: a rerun recomputes only that one, with identical results
     cached[0].unlink()
     again = map_bins(_square_or_fail, items, scheduler="serial", cache_dir=tmp_path,
                      progress_bar=False, chunk_size=3)
     assert again == first == [float(i * i) for i in range(7)]
-    assert len(list(tmp_path.glob("*.pkl"))) == 3
+    assert len(list(tmp_path.glob("*.npz"))) == 3
+
+
+def _fit_like(x):
+    """A result shaped like the pPXF baseline's: a PopulationFit with arrays and a dict."""
+    from cubesfh.baseline import PopulationFit
+
+    v = np.arange(16.0) * x
+    return PopulationFit(mass_fraction=v, zh=v - 1, light_fraction=v / 2,
+                         light_weights=np.ones((16, 6)) * x, mass_weights=np.zeros((16, 6)),
+                         logage_lw=9.0 + x, logage_mw=float("nan"), zh_lw=-0.1, zh_mw=0.2,
+                         av=0.3, chi2=1.1, phot_chi2=float("inf"), noise_scale=1.0,
+                         n_good=1700, n_bands=5, flag=0, seconds=0.5,
+                         mc={"logage_lw_p16": 8.9, "mass_fraction_p84": v + 1, "n_mc": 3})
+
+
+def test_cache_is_data_only_and_round_trips(tmp_path):
+    items = [(1.0,), (2.0,), (-1.0,)]
+    with pytest.warns(CubeSFHWarning, match="1 of 3"):
+        first = map_bins(_fit_like_or_fail, items, scheduler="serial", cache_dir=tmp_path,
+                         progress_bar=False, chunk_size=2)
+    files = sorted(tmp_path.glob("*.npz"))
+    assert len(files) == 2
+    # readable without pickle, and no pickle opcode stream inside
+    for f in files:
+        with np.load(f, allow_pickle=False) as z:
+            assert "structure" in z.files
+    with pytest.warns(CubeSFHWarning, match="1 of 3"):
+        again = map_bins(_fit_like_or_fail, items, scheduler="serial", cache_dir=tmp_path,
+                         progress_bar=False, chunk_size=2)
+    assert again[2] is None and first[2] is None
+    for a, b in zip(first[:2], again[:2]):
+        assert type(b) is type(a)
+        np.testing.assert_array_equal(a.light_weights, b.light_weights)
+        assert b.logage_lw == a.logage_lw and np.isnan(b.logage_mw) and b.phot_chi2 == np.inf
+        assert b.n_good == 1700 and isinstance(b.n_good, int)
+        np.testing.assert_array_equal(b.mc["mass_fraction_p84"], a.mc["mass_fraction_p84"])
+
+
+def _fit_like_or_fail(x):
+    if x < 0:
+        msg = "negative input"
+        raise ValueError(msg)
+    return _fit_like(x)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "garbage", "pickle", "empty"])
+def test_damaged_cache_entry_is_recomputed_with_a_warning(tmp_path, damage):
+    import pickle
+
+    items = [(float(i),) for i in range(4)]
+    first = map_bins(_square_or_fail, items, scheduler="serial", cache_dir=tmp_path,
+                     progress_bar=False, chunk_size=2)
+    victim = sorted(tmp_path.glob("*.npz"))[0]
+    data = victim.read_bytes()
+    if damage == "truncate":
+        victim.write_bytes(data[: len(data) // 2])
+    elif damage == "flip":  # one stored number changed: zip CRC or our SHA-256 sees it
+        i = data.index(b'"f": "') + 6
+        victim.write_bytes(data[:i] + b"7" + data[i + 1:])
+    elif damage == "garbage":
+        victim.write_bytes(b"not a cache file at all")
+    elif damage == "pickle":
+        # someone else's pickle under the cache name: never unpickled, recomputed
+        victim.write_bytes(pickle.dumps([os.system]))
+    else:
+        victim.write_bytes(b"")
+    with pytest.warns(CubeSFHWarning, match=r"cached chunk .* is damaged .* computed again"):
+        again = map_bins(_square_or_fail, items, scheduler="serial", cache_dir=tmp_path,
+                         progress_bar=False, chunk_size=2)
+    assert again == first == [0.0, 1.0, 4.0, 9.0]
+    # the entry was rewritten and is good again
+    assert map_bins(_square_or_fail, items, scheduler="serial", cache_dir=tmp_path,
+                    progress_bar=False, chunk_size=2) == first
+
+
+def test_cache_entry_with_a_type_outside_the_allow_list_is_refused(tmp_path):
+    from cubesfh.utils._cache import CacheFormatError, load_entry, save_entry
+
+    path = tmp_path / "x.npz"
+    save_entry(path, [1.5, {"a": np.arange(3)}])
+    assert load_entry(path)[0] == 1.5
+    with np.load(path) as z:
+        arrays = dict(z)
+    arrays["structure"] = np.frombuffer(
+        b'{"format": "cubesfh-cache-1", "value": {"t": "os.system", "v": {}}}', np.uint8)
+    np.savez(path, **arrays)
+    with pytest.raises(CacheFormatError):
+        load_entry(path)
+    with pytest.raises(TypeError, match="cannot be cached"):
+        save_entry(tmp_path / "y.npz", object())
 
 
 def test_existing_dask_client():

@@ -110,7 +110,7 @@ def test_products_and_summary(first_run, mocks):
     assert list(table["ppxf"]) == [True, False, False, False]
     assert np.isfinite(table["ppxf_logage_lw"][0])
     assert np.isnan(table["ppxf_logage_lw"][1]) and np.isnan(table["t_ppxf"][1])
-    assert list((out / "cache" / "gal0").glob("*.pkl"))
+    assert list((out / "cache" / "gal0").glob("*.npz"))
     # no half-written files left behind
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
 

@@ -5,16 +5,28 @@ rename) and positional block reads of FITS image extensions.
 """
 
 import contextlib
+import errno
+import functools
 import os
+import socket
 import tempfile
+import warnings
 import weakref
 from pathlib import Path
 
 import numpy as np
 
-from .exceptions import CubeSFHError
+from .exceptions import CubeSFHError, CubeSFHWarning
 
-__all__ = ["FileExtension", "atomic_write", "check_writable", "sha256_file"]
+__all__ = ["FileExtension", "atomic_write", "check_not_input", "check_writable",
+           "describe_os_error", "file_digest", "output_lock", "sha256_file"]
+
+#: Input files up to this size are hashed whole for the provenance; larger ones
+#: (PHANGS mosaics of tens of GB) over their first `PARTIAL_HASH_BYTES` bytes.
+WHOLE_HASH_LIMIT = 4 << 30
+
+#: Bytes hashed of an input larger than `WHOLE_HASH_LIMIT`.
+PARTIAL_HASH_BYTES = 64 << 20
 
 # Largest single positional read (bytes); Linux caps one read at ~2 GB.
 _MAX_READ = 1 << 30
@@ -77,15 +89,176 @@ def atomic_write(path, *, overwrite=False):
     try:
         yield tmp
         if tmp.exists():
+            _fsync(tmp)
             # mkstemp creates the file 0600; give the product the mode any other new
             # file would get (0666 less the umask), so colleagues can read it
             mask = os.umask(0)
             os.umask(mask)
             os.chmod(tmp, 0o666 & ~mask)
         os.replace(tmp, path)
+        _fsync(path.parent)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _fsync(path):
+    """Flush a file (or a folder's entries) to disk; best effort where not supported."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+    except OSError:  # pragma: no cover - e.g. folders on Windows
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover - file systems without fsync
+        pass
+    finally:
+        os.close(fd)
+
+
+def check_not_input(output, inputs, *, option="the output"):
+    """
+    Refuse an output path that is one of the inputs (same path, link or inode).
+
+    Parameters
+    ----------
+    output : str or `~pathlib.Path`
+        The file about to be written.
+    inputs : iterable of str or `~pathlib.Path`
+        Files read by the same run (`None` entries are skipped).
+    option : str, optional
+        How the output was given, for the message (e.g. ``'-o/--output'``).
+
+    Raises
+    ------
+    CubeSFHError
+        If writing ``output`` would replace an input.
+    """
+    out = Path(output)
+    for item in inputs:
+        if item is None:
+            continue
+        src = Path(item)
+        same = os.path.abspath(out) == os.path.abspath(src)
+        if not same and out.exists() and src.exists():
+            try:
+                same = os.path.samefile(out, src)
+            except OSError:  # pragma: no cover - vanished between the checks
+                same = False
+        if not same and out.exists() and out.resolve() == src.resolve():
+            same = True
+        if same:
+            msg = (f"{option} {out} is the input file {src}: writing it would replace the "
+                   "input; choose another output file name.")
+            raise CubeSFHError(msg)
+
+
+def _lock_owner_alive(text):
+    """Whether the ``host:pid`` written in a lock file is a running process here."""
+    host, _, pid = text.strip().rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return True  # another machine (shared file system), or unreadable: assume alive
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. EPERM: the process exists under another user
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def output_lock(path):
+    """
+    Hold ``.<name>.lock`` beside ``path`` while a run that will write it works.
+
+    Two runs writing the same product must not both "succeed": the second
+    fails at once with a message naming the first. A lock left by a run that
+    died (its process is gone) is taken over with a warning.
+
+    Parameters
+    ----------
+    path : str or `~pathlib.Path`
+        The product the run will write.
+
+    Raises
+    ------
+    CubeSFHError
+        If another running process holds the lock.
+    """
+    path = Path(path)
+    lock = path.parent / f".{path.name}.lock"
+    me = f"{socket.gethostname()}:{os.getpid()}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                owner = lock.read_text()
+            except OSError:
+                owner = ""
+            if _lock_owner_alive(owner):
+                msg = (f"another cubesfh run ({owner.strip() or 'unknown process'}) is "
+                       f"writing {path}; wait for it to finish, choose another output, or "
+                       f"remove {lock} if that run is no longer running.")
+                raise CubeSFHError(msg) from None
+            msg = f"removing the stale lock {lock} of a run that is gone ({owner.strip()})."
+            warnings.warn(msg, CubeSFHWarning)
+            with contextlib.suppress(FileNotFoundError):
+                lock.unlink()
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(me)
+        break
+    else:  # pragma: no cover - another process took the stale lock in between
+        msg = f"could not take the lock {lock} of {path}; try again."
+        raise CubeSFHError(msg)
+    try:
+        yield lock
+    finally:
+        with contextlib.suppress(OSError):
+            if lock.read_text() == me:
+                lock.unlink()
+
+
+_ERRNO_HINTS = {
+    errno.ENOENT: "check the path",
+    errno.EACCES: "check the permissions or choose another location",
+    errno.EPERM: "check the permissions or choose another location",
+    errno.ENOSPC: "free some space or write to another disk",
+    errno.EDQUOT: "free some space (disk quota exceeded) or write elsewhere",
+    errno.EROFS: "the file system is read-only; write to another location",
+    errno.EISDIR: "give a file name, not a folder",
+    errno.ENOTDIR: "a part of the path is a file, not a folder",
+    errno.EIO: "the disk or network file system reported an input/output error; "
+               "check it and try again",
+    errno.ENAMETOOLONG: "use a shorter file name",
+}
+
+
+def describe_os_error(exc):
+    """
+    One plain sentence for an `OSError`: the file, what happened, what to do.
+
+    Messages that cubesfh wrote itself (no ``errno``) are returned unchanged.
+
+    Parameters
+    ----------
+    exc : `OSError`
+
+    Returns
+    -------
+    text : str
+    """
+    if exc.errno is None or not exc.strerror:
+        return " ".join(str(exc).split()) or type(exc).__name__
+    what = exc.strerror[0].lower() + exc.strerror[1:]
+    where = f"{exc.filename}: " if exc.filename is not None else ""
+    if exc.filename2 is not None:
+        where = f"{exc.filename} -> {exc.filename2}: "
+    hint = _ERRNO_HINTS.get(exc.errno)
+    return f"{where}{what}" + (f"; {hint}." if hint else ".")
 
 
 def check_writable(path, *, overwrite=False):
@@ -144,6 +317,41 @@ def sha256_file(path, *, nbytes=None):
             for block in iter(lambda: f.read(1 << 22), b""):
                 h.update(block)
     return h.hexdigest()
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_digest(path, size, mtime_ns, nbytes):
+    return sha256_file(path, nbytes=nbytes)
+
+
+def file_digest(path):
+    """
+    SHA-256 of an input file for the provenance, and what exactly was hashed.
+
+    Files up to `WHOLE_HASH_LIMIT` bytes are hashed whole; larger ones over
+    their first `PARTIAL_HASH_BYTES` bytes (hashing a 40 GB mosaic would add
+    minutes to a run). The digest is computed once per file version (path,
+    size and modification time) in a process.
+
+    Parameters
+    ----------
+    path : str or `~pathlib.Path`
+
+    Returns
+    -------
+    digest : str
+        The 64 hexadecimal characters of the SHA-256.
+    what : str
+        ``'whole file'`` or ``'first N bytes'``.
+    size : int
+        Size of the file in bytes.
+    """
+    path = os.path.abspath(path)
+    st = os.stat(path)
+    nbytes = None if st.st_size <= WHOLE_HASH_LIMIT else PARTIAL_HASH_BYTES
+    digest = _cached_digest(path, st.st_size, st.st_mtime_ns, nbytes)
+    what = "whole file" if nbytes is None else f"first {nbytes} bytes"
+    return digest, what, int(st.st_size)
 
 
 class FileExtension:
