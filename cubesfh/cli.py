@@ -4,6 +4,8 @@
 import argparse
 import contextlib
 import logging
+import re
+import signal
 import sys
 import time
 from pathlib import Path
@@ -42,11 +44,31 @@ def _load_hst(paths, *, allow_other_instrument=False, force_band=False):
             for band, path in paths.items()}
 
 
-def _check_output(path):
-    """Fail before any work if the output cannot be written (folder, permissions)."""
-    from .utils._io import check_writable
+def _input_paths(args, cube_path=None, hst_paths=None):
+    """Every file a ``run``/``prepare`` command reads (for the output-is-input check)."""
+    paths = [cube_path or getattr(args, "cube", None)]
+    paths += list((hst_paths or {}).values())
+    paths += [getattr(args, "kinematics", None)]
+    paths += list(getattr(args, "mask", None) or [])
+    paths += list(getattr(args, "model", None) or [])
+    return [p for p in paths if p]
 
-    check_writable(path, overwrite=True)
+
+def _check_output(path, args, inputs=()):
+    """
+    Fail before any work if the output cannot be written: it is an input, it exists
+    (without ``--overwrite``), or its folder is not writable.
+    """
+    from .utils._io import check_not_input, check_writable
+
+    overwrite = bool(getattr(args, "overwrite", False))
+    check_not_input(path, inputs, option="the output (-o/--output)")
+    try:
+        check_writable(path, overwrite=overwrite)
+    except FileExistsError:
+        msg = (f"{path} already exists; pass --overwrite to replace it, or choose another "
+               "output file.")
+        raise FileExistsError(msg) from None
 
 
 def _add_force_band(p):
@@ -73,9 +95,11 @@ def _add_prepare_options(p):
     p.add_argument("--snr-window", type=float, nargs=2, metavar=("LO", "HI"),
                    help="observed window (Angstrom) for the binning S/N (default: the "
                         "rest-frame 5300-5500 A at the systemic redshift)")
-    p.add_argument("--psf-fwhm", type=float, metavar="ARCSEC",
+    p.add_argument("--psf-fwhm", type=_positive("--psf-fwhm", "ARCSEC, e.g. 0.8"),
+                   metavar="ARCSEC",
                    help="MUSE PSF FWHM in arcsec when the cube header lacks it")
-    p.add_argument("--max-memory", type=float, default=2.0, metavar="GB",
+    p.add_argument("--max-memory", type=_positive("--max-memory", "GB, e.g. 4"), default=2.0,
+                   metavar="GB",
                    help="memory allowed for reading the cube at once (default: 2 GB)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
@@ -98,8 +122,51 @@ def _add_run_options(p):
     p.add_argument("--plot", action="store_true", help="also write a quick-look PNG")
     p.add_argument("--no-register", dest="register", action="store_false",
                    help="do not measure and correct the MUSE-HST offset")
-    p.add_argument("--max-offset", type=float, default=2.0, metavar="ARCSEC",
+    p.add_argument("--max-offset", type=_positive("--max-offset", "ARCSEC, e.g. 2"),
+                   default=2.0, metavar="ARCSEC",
                    help="largest MUSE-HST offset accepted (default 2 arcsec)")
+
+
+def _positive(option, example):
+    """argparse type: a finite number > 0 (0 is refused, never silently ignored)."""
+
+    def parse(text):
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")
+        if not (np.isfinite(value) and value > 0):
+            msg = f"{option} must be a positive number ({example}); got {text!r}"
+            raise argparse.ArgumentTypeError(msg)
+        return value
+
+    return parse
+
+
+def _add_overwrite(p):
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the output files if they exist (default: refuse)")
+
+
+def _add_cube_and_hst(p):
+    p.add_argument("cube", nargs="?",
+                   help="MUSE cube (DATA/STAT extensions), before or after the --hst "
+                        "images")
+    p.add_argument("--hst", nargs="+", metavar="BAND=PATH",
+                   help="HST images, e.g. F275W=f275w.fits ... F814W=f814w.fits")
+
+
+def _cube_after_hst(parser, args):
+    """``run --hst F555W=f.fits cube.fits``: the cube was taken into --hst; take it back."""
+    if getattr(args, "command", None) not in ("run", "prepare"):
+        return
+    hst = list(args.hst or [])
+    if args.cube is None and hst and "=" not in hst[-1]:
+        args.cube = hst.pop()
+        args.hst = hst
+    if args.cube is None:
+        parser.error(f"{args.command}: the MUSE cube is missing (e.g. cubesfh {args.command} "
+                     "cube.fits --hst F555W=f555w.fits -o maps.fits)")
 
 
 def _snr_window(args):
@@ -116,8 +183,8 @@ def _prepare(cube_path, hst_paths, args, output):
     from .preprocess import prepare_observation
 
     t0 = time.perf_counter()
-    _check_output(output)
-    kw = {"psf_fwhm": args.psf_fwhm * u.arcsec} if args.psf_fwhm else {}
+    _check_output(output, args, _input_paths(args, cube_path, hst_paths))
+    kw = {"psf_fwhm": args.psf_fwhm * u.arcsec} if args.psf_fwhm is not None else {}
     cube = Cube.read(cube_path, **kw)
     hst = _load_hst(hst_paths, force_band=getattr(args, "force_band", False))
     prepared = prepare_observation(cube, hst or None, target_snr=args.target_snr,
@@ -127,7 +194,7 @@ def _prepare(cube_path, hst_paths, args, output):
                                    sigma_target=np.asarray(args.sigma_target) * u.km / u.s,
                                    max_memory=args.max_memory * u.GB,
                                    progress_bar=not args.no_progress)
-    prepared.write(output, overwrite=True)
+    prepared.write(output, overwrite=args.overwrite)
     dt = time.perf_counter() - t0
     print(prepared.summary())
     print(f"wrote {output} in {dt:.1f} s")
@@ -153,7 +220,12 @@ def _cmd_redshift(args):
 
 
 def _cmd_prepare(args):
-    _prepare(args.cube, _parse_hst(args.hst), args, args.output)
+    from .utils._io import output_lock
+
+    hst = _parse_hst(args.hst)
+    _check_output(args.output, args, _input_paths(args, args.cube, hst))
+    with output_lock(args.output):
+        _prepare(args.cube, hst, args, args.output)
     return 0
 
 
@@ -162,7 +234,7 @@ def _load_inputs(cube_path, hst_paths, args):
 
     from .cube import Cube
 
-    kw = {"psf_fwhm": args.psf_fwhm * u.arcsec} if args.psf_fwhm else {}
+    kw = {"psf_fwhm": args.psf_fwhm * u.arcsec} if args.psf_fwhm is not None else {}
     cube = Cube.read(cube_path, **kw)
     hst = _load_hst(hst_paths, allow_other_instrument=getattr(args, "allow_other_instrument",
                                                               False),
@@ -177,7 +249,11 @@ def _run(cube_path, hst_paths, args, output):
     from .pipeline import run_pipeline
 
     t0 = time.perf_counter()
-    _check_output(output)
+    inputs = _input_paths(args, cube_path, hst_paths)
+    _check_output(output, args, inputs)
+    png = Path(output).with_suffix(".png") if args.plot else None
+    if png is not None:
+        _check_output(png, args, inputs)
     cube, hst = _load_inputs(cube_path, hst_paths, args)
     paths = getattr(args, "model", None)
     model = [SFHModel.load(p) for p in paths] if paths else None
@@ -191,14 +267,13 @@ def _run(cube_path, hst_paths, args, output):
                         ebv_galactic=getattr(args, "ebv", 0.0),
                         ppxf_mc=getattr(args, "ppxf_mc", 0),
                         max_memory=args.max_memory * u.GB, progress_bar=not args.no_progress)
-    maps.write(output, overwrite=True)
+    maps.write(output, overwrite=args.overwrite)
     if "registration" in maps.meta:
         print(maps.meta["registration"])
     print(maps.summary())
     print(f"wrote {output} in {time.perf_counter() - t0:.1f} s")
-    if args.plot:
-        png = Path(output).with_suffix(".png")
-        maps.plot(png, overwrite=True)  # replaced like the FITS file above
+    if png is not None:
+        maps.plot(png, overwrite=args.overwrite)  # the same rule as the FITS file
         print(f"wrote {png}")
     return maps
 
@@ -221,8 +296,13 @@ def _scheduler_client(args):
 
 
 def _cmd_run(args):
-    with _scheduler_client(args):
-        _run(args.cube, _parse_hst(args.hst), args, args.output)
+    from .utils._io import output_lock
+
+    hst = _parse_hst(args.hst)
+    # refuse before connecting to a scheduler or reading anything
+    _check_output(args.output, args, _input_paths(args, args.cube, hst))
+    with output_lock(args.output), _scheduler_client(args):
+        _run(args.cube, hst, args, args.output)
     return 0
 
 
@@ -272,6 +352,7 @@ def _cmd_demo(args):
     print(f"generated the mock galaxy {obs.cube_path} and {len(obs.hst_paths)} HST images "
           f"in {out}")
     args.plot = True
+    args.overwrite = True  # the demo folder is the demo's own: regenerated every time
     with _scheduler_client(args):
         maps = _run(obs.cube_path, {b: str(p) for b, p in obs.hst_paths.items()}, args,
                     out / "demo_maps.fits")
@@ -449,12 +530,19 @@ def _cmd_build_templates(args):
     return build_main(argv)
 
 
+def _version_string():
+    from . import __version__
+
+    return f"cubesfh {__version__}"
+
+
 def build_parser():
     """Return the `argparse.ArgumentParser` of the ``cubesfh`` command."""
     parser = argparse.ArgumentParser(
         prog="cubesfh",
         description="Star formation histories from MUSE cubes and HST images.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress messages")
+    parser.add_argument("-V", "--version", action="version", version=_version_string())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
@@ -476,10 +564,9 @@ def build_parser():
                        description="Bin a MUSE cube, measure (or read) the kinematics, prepare "
                                    "the spectra and HST photometry, run the bundled CNN (and "
                                    "optionally pPXF) and write DS9-ready FITS maps.")
-    p.add_argument("cube", help="MUSE cube (DATA/STAT extensions)")
-    p.add_argument("--hst", nargs="+", metavar="BAND=PATH",
-                   help="HST images, e.g. F275W=f275w.fits ... F814W=f814w.fits")
+    _add_cube_and_hst(p)
     p.add_argument("--output", "-o", required=True, help="output FITS file")
+    _add_overwrite(p)
     p.add_argument("--allow-other-instrument", action="store_true",
                    help="accept non-WFC3/UVIS images (e.g. WFPC2 F814W), with a warning")
     _add_force_band(p)
@@ -521,10 +608,9 @@ def build_parser():
                                    "move the spectra to the rest frame at 150 km/s (300 km/s "
                                    "for bins above 150) and average PSF-matched HST images "
                                    "in the bins.")
-    p.add_argument("cube", help="MUSE cube (DATA/STAT extensions)")
-    p.add_argument("--hst", nargs="+", metavar="BAND=PATH",
-                   help="HST images, e.g. F275W=f275w.fits F555W=f555w.fits")
+    _add_cube_and_hst(p)
     p.add_argument("--output", "-o", required=True, help="output FITS file")
+    _add_overwrite(p)
     p.add_argument("--sigma-target", type=float, nargs="+", default=[150.0, 300.0],
                    metavar="KM/S", help="common dispersions; each bin gets the smallest "
                                         "above its own (default: 150 300, the bundled models)")
@@ -668,27 +754,82 @@ def build_parser():
     return parser
 
 
+class _Terminated(BaseException):
+    """Raised by the SIGTERM handler of `main` (a batch system ending the job)."""
+
+
+def _raise_terminated(signum, frame):
+    raise _Terminated
+
+
+# Python keyword arguments named in API messages, and the command-line spelling.
+_API_TO_CLI = (
+    (re.compile(r"\bcorrect=False\b"), "--no-register"),
+    (re.compile(r"\boverwrite=True\b(?: \(or --overwrite\))?"), "--overwrite"),
+    (re.compile(r"\bpass unit= \("), "add a BUNIT keyword to the image header ("),
+    (re.compile(r"\bwith unit= \("), "with a BUNIT keyword in the image header ("),
+    (re.compile(r"\bforce_band=True\b"), "--force-band"),
+    (re.compile(r"\ballow_other_instrument=True\b"), "--allow-other-instrument"),
+)
+_OPTIONS = ("min_snr", "target_snr", "psf_fwhm", "max_offset", "max_memory", "redshift",
+            "snr_window", "ebv", "ppxf_mc", "kinematics", "scheduler", "cache_dir")
+
+
+def _cli_spelling(text):
+    """Replace the Python spelling of options (``min_snr=``) by the command line's."""
+    for pattern, repl in _API_TO_CLI:
+        text = pattern.sub(repl, text)
+    for name in _OPTIONS:
+        text = re.sub(rf"(?<![\w.-]){name}=", "--" + name.replace("_", "-") + " ", text)
+    return text
+
+
+def _from_registration(exc):
+    tb = exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_globals.get("__name__") == "cubesfh.registration":
+            return True
+        tb = tb.tb_next
+    return False
+
+
 def main(argv=None):
     """Entry point of the ``cubesfh`` console script."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    _cube_after_hst(parser, args)
     if args.verbose:
         logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    from .utils._io import describe_os_error
     from .utils.exceptions import CubeSFHError
 
+    previous = None
+    if argv is None:  # the console script: a batch system's SIGTERM ends it cleanly
+        with contextlib.suppress(ValueError):  # not the main thread
+            previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         return args.func(args)
     except (CubeSFHError, OSError) as exc:
         # bad inputs and unwritable outputs: one line, no traceback
-        text = " ".join(str(exc).split()) or type(exc).__name__
+        if isinstance(exc, OSError):
+            text = describe_os_error(exc)
+        else:
+            text = " ".join(str(exc).split()) or type(exc).__name__
+        text = _cli_spelling(text)
+        if _from_registration(exc) and "--no-register" not in text:
+            text += " (or run with --no-register to skip the MUSE-HST registration)"
         print(f"cubesfh {args.command}: error: {text}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, _Terminated) as exc:
         note = (" (finished pPXF bins are kept in the --cache-dir: run the same command again "
                 "to resume)" if getattr(args, "cache_dir", None) else "")
-        print(f"cubesfh {args.command}: interrupted; outputs are written atomically, so none "
+        what = "terminated (SIGTERM)" if isinstance(exc, _Terminated) else "interrupted"
+        print(f"cubesfh {args.command}: {what}; outputs are written atomically, so none "
               f"is left half-written{note}.", file=sys.stderr)
-        return 130
+        return 143 if isinstance(exc, _Terminated) else 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":  # pragma: no cover

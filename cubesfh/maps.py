@@ -299,9 +299,22 @@ def _normalize_inputs(inputs):
     return out
 
 
+def _is_log(unit):
+    """``dex`` or a logarithmic function unit such as ``dex(yr)``."""
+    return isinstance(unit, u.FunctionUnitBase) or (isinstance(unit, u.UnitBase)
+                                                     and unit == u.dex)
+
+
 def _unit_string(unit):
-    """FITS unit string; the generic astropy string for logarithmic units (``dex(yr)``)."""
-    if unit is None or unit == u.dimensionless_unscaled:
+    """
+    FITS unit string (``TUNITn``, ``BUNIT``).
+
+    A logarithmic quantity (``dex``, ``dex(yr)``) is a plain number in FITS: its
+    unit string is empty (no FITS reader can parse ``dex``, and astropy's does
+    not parse the FITS-standard ``log(yr)`` either). The meaning goes into the
+    comment (`_log_note`) and, in ``BINS``, the astropy unit into ``TLOGUn``.
+    """
+    if unit is None or unit == u.dimensionless_unscaled or _is_log(unit):
         return ""
     try:
         return unit.to_string("fits")
@@ -309,8 +322,33 @@ def _unit_string(unit):
         return unit.to_string()
 
 
-def _parse_unit(text):
-    """Inverse of `_unit_string`: FITS first, then the generic astropy format."""
+def _log_note(unit):
+    """What a logarithmic value is, for a comment: 'log10(yr)' or 'dex'."""
+    physical = getattr(unit, "physical_unit", u.dimensionless_unscaled)
+    if physical == u.dimensionless_unscaled:
+        return "dex"
+    return f"log10({physical.to_string('fits')})"
+
+
+def _plot_label(unit):
+    """Colour-bar label of a unit: 'log(age/yr)' for dex(yr), no astropy spellings."""
+    if unit is None or unit == u.dimensionless_unscaled:
+        return ""
+    if _is_log(unit):
+        physical = getattr(unit, "physical_unit", u.dimensionless_unscaled)
+        if physical == u.dimensionless_unscaled:
+            return "dex"
+        name = "age" if physical.physical_type == "time" else "x"
+        return f"log({name}/{physical.to_string()})"
+    if unit == u.AA:
+        return "Å"
+    return unit.to_string()
+
+
+def _parse_unit(text, *, log_unit=None):
+    """Inverse of `_unit_string` (``log_unit``: the ``TLOGUn`` value, if any)."""
+    if log_unit:
+        return u.Unit(str(log_unit))
     text = (text or "").strip()
     if not text:
         return None
@@ -1086,7 +1124,8 @@ class StellarPopulationMaps:
     def _image_header(self, unit, doc, method):
         """Celestial WCS of the cube + BUNIT and a description."""
         header = self.wcs.to_header()
-        _header_card(header, "BUNIT", _unit_string(unit), "unit of the values")
+        _header_card(header, "BUNIT", _unit_string(unit),
+                     f"values are {_log_note(unit)}" if _is_log(unit) else "unit of the values")
         _header_card(header, "METHOD", method, "origin of the values")
         _header_card(header, "CONTENT", doc[:68])
         return header
@@ -1167,18 +1206,26 @@ class StellarPopulationMaps:
         _header_card(h, "MODEL_ID", str(meta.get("model_id", "")), "CNN model identifier")
         _header_card(h, "MODELSHA", str(meta.get("model_sha256", "")),
                      "SHA-256 of the CNN weights")
+        roles = meta.get("input_roles", {}) or {}
+        hashed = meta.get("input_hashed", {}) or {}
         for i, (name, sha) in enumerate(meta.get("inputs", {}).items(), start=1):
             if i > 99:
                 break
             _header_card(h, f"INFILE{i}", name, "input file")
-            _header_card(h, f"INSHA{i}", sha, f"SHA-256 of INFILE{i}")
+            if name in roles:
+                _header_card(h, f"INROLE{i}", str(roles[name]), f"what INFILE{i} is")
+            what = hashed.get(name, "")
+            comment = (f"SHA-256 of the {what} of INFILE{i}" if what.startswith("first")
+                       else f"SHA-256 of INFILE{i} (whole file)" if what
+                       else f"SHA-256 of INFILE{i}")
+            _header_card(h, f"INSHA{i}", sha, comment)
         for key, value in _flatten("", meta.get("parameters", {})):
             _header_card(h, f"HIERARCH CSFH PAR {key}", value)
         for card in meta.get("header_cards", []):
             # ready-made (key, value, comment) cards, e.g. the registration report
             _header_card(h, str(card[0]), card[1], str(card[2]) if len(card) > 2 else "")
         skip = {"date", "versions", "model_id", "model_sha256", "inputs", "parameters",
-                "header_cards", "registration"}
+                "header_cards", "registration", "input_roles", "input_hashed"}
         for key, value in _flatten("", {k: v for k, v in meta.items() if k not in skip}):
             _header_card(h, f"HIERARCH CSFH {key}", value)
         h["PROVJSON"] = (json.dumps(meta, sort_keys=True), "full provenance (JSON)")
@@ -1207,7 +1254,7 @@ class StellarPopulationMaps:
         return hdu
 
     def _bins_hdu(self):
-        cols, docs = [], []
+        cols, docs, logs = [], [], []
         for name in self.table.colnames:
             column = self.table[name]
             unit = getattr(column, "unit", None)
@@ -1233,11 +1280,19 @@ class StellarPopulationMaps:
             unit_str = _unit_string(unit) if unit is not None else None
             cols.append(fits.Column(name=name, format=fmt, unit=unit_str or None, dim=dim,
                                     array=values))
-            docs.append(column.info.description or "")
+            doc = column.info.description or ""
+            if _is_log(unit):
+                tag = f" [{_log_note(unit)}]"
+                doc = doc[:68 - len(tag)] + tag
+                logs.append((len(cols), unit.to_string()))
+            docs.append(doc)
         hdu = fits.BinTableHDU.from_columns(cols, name="BINS")
         for i, doc in enumerate(docs, start=1):
             if doc:
                 hdu.header[f"TCOMM{i}"] = doc[:68]
+        for i, text in logs:
+            # not a FITS unit: restored by StellarPopulationMaps.read, ignored by others
+            hdu.header[f"TLOGU{i}"] = (text, f"astropy logarithmic unit of column {i}")
         hdu.header["COMMENT"] = "One row per Voronoi bin; row k is bin k of BIN_ID."
         return hdu
 
@@ -1360,7 +1415,7 @@ class StellarPopulationMaps:
                                                      "DIFF_LOGAGE_MW_SIG", "DIFF_ZH_LW_SIG")
                                          if n in names]))
         titles = {"LOGAGE_LW": "log age (LW)", "LOGAGE_MW": "log age (MW)",
-                  "ZH_LW": "[Z/H] (LW)", "ZH_MW": "[Z/H] (MW)", "SNR": "S/N per A",
+                  "ZH_LW": "[Z/H] (LW)", "ZH_MW": "[Z/H] (MW)", "SNR": "S/N per Å",
                   "V_STARS": "V stars", "SIGMA_STARS": "sigma stars",
                   "FLAG": "flagged bins", "OOD_SCORE": "OOD score (>1: outside)",
                   "LOGAGE_LW_SIG": "(CNN-pPXF)/sigma log age (LW)",
@@ -1423,8 +1478,7 @@ class StellarPopulationMaps:
                 for c in (lon, lat):
                     c.set_ticklabel(size=7)
                 cbar = fig.colorbar(im, ax=ax, shrink=0.85)
-                unit_label = ("" if name == "FLAG" or unit == u.dimensionless_unscaled
-                              else unit.to_string())
+                unit_label = "" if name == "FLAG" else _plot_label(unit)
                 if name == "FLAG":
                     cbar.set_ticks([0.25, 0.75], labels=["ok", "flagged"])
                 elif unit_label:
@@ -1448,7 +1502,7 @@ def _table_from_hdu(hdu):
         values = np.array(hdu.data[col.name])
         if values.dtype.byteorder not in ("=", "|"):
             values = values.astype(values.dtype.newbyteorder("="))
-        unit = _parse_unit(col.unit)
+        unit = _parse_unit(col.unit, log_unit=header.get(f"TLOGU{i}"))
         table[col.name] = values if unit is None else values * unit
         doc = header.get(f"TCOMM{i}", "")
         if doc:

@@ -20,8 +20,10 @@ from astropy import units as u
 
 from .conventions import HST_BANDS
 from .flags import BinFlag
+from .maps import _versions
 from .photometry._kcorr import K_CORRECT_MIN_Z, k_correct_bins
-from .utils import CubeSFHError, sha256_file
+from .utils import CubeSFHError
+from .utils._io import file_digest
 
 __all__ = ["UNCERTAINTY_KEYS", "UNCERTAINTY_VECTOR_KEYS", "predict_bins", "run_baseline",
            "run_pipeline"]
@@ -347,22 +349,29 @@ def provenance(cube, hst, model, parameters):
     from .network import SFHModel
 
     models = [model] if isinstance(model, SFHModel) else list(model)
-    versions = {}
-    for dep in ("cubesfh", "numpy", "astropy", "photutils", "reproject", "vorbin", "ppxf",
-                "regions", "torch", "dask"):
+    versions = _versions()
+    for dep in ("regions", "specutils", "dask"):
         try:
             versions[dep] = metadata.version(dep)
         except metadata.PackageNotFoundError:
             versions[dep] = "not installed"
-    inputs = {}
+    inputs, roles, hashed = {}, {}, {}
+
+    def add(role, path):
+        digest, what, _ = file_digest(path)
+        key = Path(path).name
+        if key in inputs and inputs[key] != digest:
+            key = str(path)  # two different files of the same name
+        inputs[key], roles[key], hashed[key] = digest, role, what
+
     fn = getattr(cube, "filename", None)
     if fn:
-        inputs["cube"] = {"name": Path(fn).name, "sha256": sha256_file(fn, nbytes=1 << 26)}
+        add("cube", fn)
     images = hst.values() if isinstance(hst, dict) else (hst or [])
     for im in images:
         f = getattr(im, "filename", None)
         if f:
-            inputs[im.band] = {"name": Path(f).name, "sha256": sha256_file(f)}
+            add(im.band, f)
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S"),
         "versions": versions,
@@ -370,8 +379,9 @@ def provenance(cube, hst, model, parameters):
         "model_sha256": models[0].meta["weights_sha256"],
         "models": {f"{m.sigma_target.value:g} km/s": m.model_id for m in models},
         "inputs": inputs,
+        "input_roles": roles,
+        "input_hashed": hashed,
         "bands_used": [b for b in HST_BANDS if b in {getattr(i, "band", None)
                                                      for i in images}],
         "parameters": parameters,
-        "checksum_note": "cube sha256 over its first 64 MiB",
     }

@@ -24,7 +24,8 @@ from astropy.table import QTable
 
 from .conventions import HST_BANDS
 from .flags import BinFlag
-from .utils import CubeSFHError, atomic_write, sha256_file
+from .utils import CubeSFHError, atomic_write
+from .utils._io import file_digest
 
 __all__ = ["PreparedObservation", "check_redshift_coverage", "choose_sigma_target",
            "prepare_observation"]
@@ -397,8 +398,8 @@ def prepare_observation(cube, hst=None, *, target_snr=35.0, min_snr=1.0, regions
     meta = {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S"),
         "cube": Path(fn).name if fn else "",
-        # the first 16 MiB: cheap provenance for cubes of tens of GB
-        "cube_sha": sha256_file(fn, nbytes=1 << 24)[:16] if fn else "",
+        # whole-file SHA-256 (the first 64 MiB of a cube over 4 GiB, see file_digest)
+        "cube_sha": file_digest(fn)[0] if fn else "",
         "target_snr": float(target_snr),
         "min_snr": float(min_snr) if min_snr is not None else -1.0,
         "kinematics": "external" if kinematics is not None else "ppxf",

@@ -367,7 +367,7 @@ def _read_yaml(path):
                "or write the manifest as CSV.")
         raise CubeSFHError(msg) from None
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(_read_text(path))
     except yaml.YAMLError as exc:
         msg = f"{path.name} is not valid YAML: {exc}".replace("\n", " ")
         raise CubeSFHError(msg) from None
@@ -397,9 +397,20 @@ def _read_yaml(path):
     return rows, file_defaults
 
 
+def _read_text(path, *, newline=None):
+    """The manifest's text: UTF-8, with or without the byte-order mark Excel writes."""
+    try:
+        with open(path, encoding="utf-8-sig", newline=newline) as f:
+            return f.read()
+    except UnicodeDecodeError as exc:
+        msg = (f"{path.name} is not UTF-8 text (byte {exc.start} is {exc.object[exc.start]:#x}); "
+               "save the manifest as UTF-8 (in Excel: 'CSV UTF-8').")
+        raise CubeSFHError(msg) from None
+
+
 def _read_csv(path):
-    with open(path, newline="") as f:
-        lines = [line for line in f if line.strip() and not line.lstrip().startswith("#")]
+    lines = [line for line in _read_text(path, newline="").splitlines(keepends=True)
+             if line.strip() and not line.lstrip().startswith("#")]
     reader = csv.DictReader(lines, skipinitialspace=True)
     if reader.fieldnames is None or "cube" not in [c.strip() for c in reader.fieldnames]:
         msg = (f"{path.name}: the first line must name the columns, with at least 'cube' "

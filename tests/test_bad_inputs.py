@@ -834,7 +834,7 @@ def test_cli_existing_output_without_overwrite(obs, tmp_path, capsys):
     assert code == 2
     assert existing.read_bytes() == b"an earlier product"
     assert re.fullmatch(r"cubesfh make-example: error: .*example_muse_cube.fits already "
-                        r"exists; pass overwrite=True \(or --overwrite\) to replace it\.", err)
+                        r"exists; pass --overwrite to replace it\.", err)
 
 
 def test_cli_corrupt_model(obs, tmp_path, capsys):

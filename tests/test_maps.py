@@ -285,9 +285,13 @@ def test_round_trip(maps_ppxf, tmp_path):
                 assert data.dtype == np.dtype(">f4")
                 expected = expected.astype(np.float32)
             np.testing.assert_array_equal(data, expected, err_msg=name)
-        assert u.Unit(hdul["LOGAGE_MW"].header["BUNIT"]) == u.dex(u.yr)
+        # log quantities are plain numbers in FITS (no 'dex' BUNIT, which no FITS
+        # reader parses); the comment says what they are
+        assert hdul["LOGAGE_MW"].header["BUNIT"] == ""
+        assert hdul["LOGAGE_MW"].header.comments["BUNIT"] == "values are log10(yr)"
         assert u.Unit(hdul["V_STARS"].header["BUNIT"], format="fits") == KMS
-        assert u.Unit(hdul["ZH_LW"].header["BUNIT"]) == u.dex
+        assert hdul["ZH_LW"].header["BUNIT"] == ""
+        assert hdul["ZH_LW"].header.comments["BUNIT"] == "values are dex"
     again = StellarPopulationMaps.read(path, format="cubesfh-maps")
     np.testing.assert_array_equal(again["SFH"].value, maps_ppxf["SFH"].value)
     # a second write to the same file needs overwrite=True
@@ -326,14 +330,39 @@ def test_every_image_has_the_cube_celestial_wcs(maps_ppxf, tmp_path):
 
 def test_agebins_table_matches_conventions(maps, tmp_path):
     path = maps.write(tmp_path / "maps.fits")
-    t = QTable.read(path, hdu="AGEBINS", unit_parse_strict="silent")
+    t = QTable.read(path, hdu="AGEBINS")  # no UnitsWarning (warnings are errors here)
     np.testing.assert_array_equal(t["index"], np.arange(N_AGE_BINS))
     assert t["age"].unit == u.Gyr
     np.testing.assert_allclose(t["age"], AGE_BIN_CENTERS)
     np.testing.assert_allclose(t["age_lower"], AGE_BIN_EDGES[:-1])
     np.testing.assert_allclose(t["age_upper"], AGE_BIN_EDGES[1:])
     np.testing.assert_allclose(values(t["logage"]), np.log10(AGE_BIN_CENTERS.to_value(u.yr)))
-    assert fits.getheader(path, "AGEBINS")["TUNIT5"] == "dex(yr)"
+    header = fits.getheader(path, "AGEBINS")
+    assert "TUNIT5" not in header and header["TCOMM5"] == "log10(centre / yr)"
+
+
+def test_bins_table_reads_without_unit_warnings_and_round_trips_dex(maps_ppxf, tmp_path):
+    """Issue 20: Table.read(maps, hdu='BINS') gave ~25 UnitsWarnings ('dex(yr)', 'dex')."""
+    import warnings
+
+    from astropy.table import Table
+
+    path = maps_ppxf.write(tmp_path / "maps.fits")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        t = Table.read(path, hdu="BINS")
+    assert t["cnn_logage_lw"].unit is None and t["cnn_zh_mw"].unit is None
+    header = fits.getheader(path, "BINS")
+    i = t.colnames.index("cnn_logage_lw") + 1
+    assert header[f"TLOGU{i}"] == "dex(yr)" and header[f"TCOMM{i}"].endswith("[log10(yr)]")
+    j = t.colnames.index("cnn_zh_mw") + 1
+    assert header[f"TLOGU{j}"] == "dex" and header[f"TCOMM{j}"].endswith("[dex]")
+    back = StellarPopulationMaps.read(path)
+    assert back.table["cnn_logage_lw"].unit == u.dex(u.yr)
+    assert back.table["cnn_zh_mw"].unit == u.dex
+    assert back.table["ppxf_zh_lw"].unit == u.dex
+    np.testing.assert_array_equal(values(back.table["cnn_logage_lw"]),
+                                  values(maps_ppxf.table["cnn_logage_lw"]))
 
 
 def test_primary_provenance(maps_ppxf, tmp_path):
@@ -375,7 +404,8 @@ def test_ppxf_and_difference_extensions(maps, maps_ppxf, tmp_path):
             diff = hdul["DIFF_" + ext].data
             np.testing.assert_allclose(diff, cnn_map - ppxf_map, atol=1e-6)
             assert hdul["DIFF_" + ext].header["METHOD"] == "CNN-PPXF"
-            assert hdul["DIFF_" + ext].header["BUNIT"] == "dex"
+            assert hdul["DIFF_" + ext].header["BUNIT"] == ""  # dex: a plain number
+            assert hdul["DIFF_" + ext].header.comments["BUNIT"] == "values are dex"
     for ext in ("PPXF_SFH", "PPXF_ZH_AGE", *(f"{p}{e}" for p in ("PPXF_", "DIFF_")
                                             for e in MEAN_EXT)):
         assert ext in names
