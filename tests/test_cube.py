@@ -109,7 +109,8 @@ def arrays():
     """Random flux/variance with a NaN spaxel, a NaN STAT pixel and DQ flags."""
     rng = np.random.default_rng(42)
     data = rng.normal(100.0, 5.0, (NLAM, NY, NX)).astype(np.float32)
-    variance = rng.uniform(1.0, 9.0, (NLAM, NY, NX)).astype(np.float32)
+    # variances of the noise in data (sigma = 5), so that STAT reads as a variance
+    variance = rng.uniform(16.0, 36.0, (NLAM, NY, NX)).astype(np.float32)
     dq = np.zeros((NLAM, NY, NX), dtype=np.int32)
     data[:, 4, 1] = np.nan  # a spaxel outside the field
     variance[10, 2, 2] = np.nan

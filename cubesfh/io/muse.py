@@ -9,7 +9,8 @@ and released by PHANGS-MUSE:
 * ``DATA``: flux cube, FITS axes (x, y, wavelength), i.e. a NumPy array
   ``[wavelength, y, x]``; unit in ``BUNIT``; celestial WCS on axes 1-2 and a
   linear wavelength axis on axis 3 (``CTYPE3`` ``'AWAV'`` or ``'WAVE'``);
-* ``STAT``: variance of ``DATA`` (unit ``BUNIT**2``);
+* ``STAT``: variance of ``DATA`` (unit ``BUNIT**2``; ``HDUCLAS3 = 'MSE'``), or its
+  1-sigma error when ``HDUCLAS3 = 'RMSE'`` (squared on reading);
 * ``DQ`` (optional): data-quality flags, non-zero = bad.
 
 The functions here are registered with the astropy unified I/O registry as
@@ -165,6 +166,63 @@ def _bunit_string(unit):
             return "erg/s/cm**2/Angstrom"
         return f"10**({exponent})*erg/s/cm**2/Angstrom"
     return unit.to_string("fits")
+
+
+def _sigma_unit_factor(stat_bunit, unit):
+    """Factor converting a ``STAT`` of 1-sigma errors (``RMSE``) to ``unit``."""
+    string = str(stat_bunit).strip()
+    try:
+        sig_unit = _parse_unit_string(string)
+    except (ValueError, CubeSFHError):
+        sig_unit = None
+    if sig_unit is None or not sig_unit.is_equivalent(unit):
+        msg = (f"STAT has HDUCLAS3 = 'RMSE' (1-sigma errors) but BUNIT = {string!r} is not "
+               f"the DATA unit {unit.to_string()!r}; the errors are taken in the DATA unit. "
+               "Fix BUNIT in the STAT header.")
+        warnings.warn(msg, CubeSFHWarning)
+        return 1.0
+    return float(sig_unit.to(unit))
+
+
+#: Planes (around the middle of the cube) and spaxels (at most) sampled by
+#: `_stat_looks_like_sigma`.
+_SIGMA_TEST_PLANES = 101
+_SIGMA_TEST_SPAXELS = 4000
+
+
+def _stat_looks_like_sigma(data, stat):
+    """
+    Compare ``STAT`` with the noise measured in ``DATA`` itself.
+
+    The DER_SNR estimate (Stoehr et al. 2008) of the pixel-to-pixel noise of
+    a sample of spectra is set against ``sqrt(STAT)`` (STAT a variance) and
+    ``STAT`` (STAT a 1-sigma error). Returns the median log10 ratios
+    (noise / sqrt(STAT), noise / STAT), or `None` when too few spectra can be
+    used. Reads at most `_SIGMA_TEST_PLANES` planes of at most
+    `_SIGMA_TEST_SPAXELS` spaxels.
+    """
+    nlam, ny, nx = data.shape
+    if nlam < 20:
+        return None
+    n = min(nlam, _SIGMA_TEST_PLANES)
+    l0 = (nlam - n) // 2
+    step = max(1, int(math.ceil(math.sqrt(ny * nx / _SIGMA_TEST_SPAXELS))))
+    d = np.asarray(data[l0:l0 + n, ::step, ::step], dtype=float).reshape(n, -1)
+    v = np.asarray(stat[l0:l0 + n, ::step, ::step], dtype=float).reshape(n, -1)
+    with np.errstate(invalid="ignore"):
+        good = np.all(np.isfinite(d), axis=0) & np.all(np.isfinite(v) & (v > 0), axis=0)
+    if good.sum() < 5:
+        return None
+    d, v = d[:, good], v[:, good]
+    noise = 1.482602 / math.sqrt(6.0) * np.median(
+        np.abs(2.0 * d[2:-2] - d[:-4] - d[4:]), axis=0)
+    level = np.median(v, axis=0)
+    ok = (noise > 0) & (level > 0)
+    if ok.sum() < 5:
+        return None
+    as_var = float(np.median(np.log10(noise[ok] / np.sqrt(level[ok]))))
+    as_sig = float(np.median(np.log10(noise[ok] / level[ok])))
+    return as_var, as_sig
 
 
 def _variance_unit_factor(stat_bunit, unit):
@@ -600,7 +658,17 @@ def read_muse(filename, *, psf_fwhm=None, noise=None, unit=None, memmap=True,
         else:
             unit = parse_flux_unit(unit, what="unit")
         var_factor = 1.0
-        if stat_hdu is not None and "BUNIT" in stat_hdu.header:
+        stat_class = (str(stat_hdu.header.get("HDUCLAS3", "")).strip().upper()
+                      if stat_hdu is not None else "")
+        # ESO data format: HDUCLAS3 = 'MSE' (variance) or 'RMSE' (1-sigma errors)
+        stat_is_sigma = stat_class == "RMSE"
+        if stat_is_sigma:
+            sig_factor = (_sigma_unit_factor(stat_hdu.header["BUNIT"], unit)
+                          if "BUNIT" in stat_hdu.header else 1.0)
+            var_factor = sig_factor**2
+            log.info("%s: STAT holds 1-sigma errors (HDUCLAS3 = 'RMSE'); they are squared "
+                     "into variances", path)
+        elif stat_hdu is not None and "BUNIT" in stat_hdu.header:
             var_factor = _variance_unit_factor(stat_hdu.header["BUNIT"], unit)
 
         psf_source = "psf_fwhm="
@@ -638,10 +706,12 @@ def read_muse(filename, *, psf_fwhm=None, noise=None, unit=None, memmap=True,
 
         # --- arrays ------------------------------------------------------------------
         hdus = {"data": data_hdu, "variance": stat_hdu, "dq": dq_hdu}
-        lazy = memmap and not compressed and not any(
+        lazy = memmap and not compressed and not stat_is_sigma and not any(
             _is_scaled(h) for h in hdus.values() if h is not None)
         if memmap and not lazy:
             reason = ("the file is compressed" if compressed
+                      else "its STAT holds 1-sigma errors (HDUCLAS3 = 'RMSE'), squared in "
+                           "memory" if stat_is_sigma
                       else "an extension is scaled (BSCALE/BZERO/BLANK) or tile-compressed")
         total = sum(_nbytes(h)[0] * (2 if _is_scaled(h) else 1)
                     for h in hdus.values() if h is not None)
@@ -677,7 +747,23 @@ def read_muse(filename, *, psf_fwhm=None, noise=None, unit=None, memmap=True,
                 array = np.asarray(hdu.data)
                 arrays[key] = array.astype(array.dtype.newbyteorder("="), copy=True)
 
-    if var_factor != 1.0:
+    if stat_is_sigma:
+        arrays["variance"] = np.square(arrays["variance"], dtype=np.float64) * var_factor
+        if arrays["data"].dtype == np.float32:
+            arrays["variance"] = arrays["variance"].astype(np.float32)
+    elif stat_hdu is not None and stat_class != "MSE":
+        # no HDUCLAS3 to honour: compare STAT with the noise in DATA
+        ratios = _stat_looks_like_sigma(arrays["data"], arrays["variance"])
+        # noise measured in DATA agrees with STAT taken as sigma, not as a variance
+        if ratios is not None and abs(ratios[1]) < 0.3 and abs(ratios[0]) > abs(ratios[1]) + 0.3:
+            msg = (f"{path}: STAT looks like 1-sigma errors, not variances: the noise "
+                   f"measured in DATA is {10**ratios[1]:.2f} x STAT but {10**ratios[0]:.2f} x "
+                   f"sqrt(STAT) (no HDUCLAS3 says which). If STAT holds "
+                   "errors, set HDUCLAS3 = 'RMSE' in its header (cubesfh then squares it); "
+                   "as it is, the S/N and the binning are wrong.")
+            warnings.warn(msg, CubeSFHWarning)
+
+    if var_factor != 1.0 and not stat_is_sigma:
         if lazy:
             msg = (f"{path}: STAT is in {stat_hdu.header['BUNIT']!r}, not the square of the "
                    "DATA unit; rescaling it needs the whole cube in memory. Read with "
