@@ -40,6 +40,7 @@ __all__ = [
     "NATIVE_INSTRUMENT",
     "SB_UNIT",
     "HSTImage",
+    "check_parity",
     "identify_filter",
     "identify_instrument",
 ]
@@ -233,6 +234,53 @@ def identify_filter(*headers):
                f"which of {HST_BANDS} this image is.")
         raise CubeSFHError(msg)
     return names[0] if names else None
+
+
+def _parity(wcs):
+    """+1 or -1: the sign of the determinant of the celestial pixel-to-sky matrix."""
+    det = float(np.linalg.det(wcs.celestial.pixel_scale_matrix))
+    return 0 if not np.isfinite(det) or det == 0 else int(np.sign(det))
+
+
+def check_parity(cube_wcs, images):
+    """
+    Refuse HST images whose WCS is mirrored with respect to the cube's.
+
+    Every sky image drawn with north up has east on the left (RA increasing to
+    the left), so the celestial pixel-to-sky matrix (``CD``, or ``PC`` times
+    ``CDELT``) of a drizzled HST image and of a MUSE cube has a negative
+    determinant, whatever the rotation. An image whose matrix has the other
+    sign shows the sky mirrored: its WCS (usually a ``CD1_1`` or ``CDELT1`` of
+    the wrong sign, or an array flipped without its WCS) is wrong, and a
+    symmetric galaxy still correlates well with the cube, so registration
+    would not notice.
+
+    Parameters
+    ----------
+    cube_wcs : `~astropy.wcs.WCS`
+        The cube's (celestial) WCS.
+    images : dict or list of `HSTImage`
+
+    Raises
+    ------
+    CubeSFHError
+        If an image's parity differs from the cube's.
+    """
+    cube_parity = _parity(cube_wcs)
+    items = images.values() if isinstance(images, dict) else images
+    for image in items:
+        parity = _parity(image.wcs)
+        if cube_parity and parity and parity != cube_parity:
+            name = image.filename or f"the {image.band} image"
+            matrix = np.round(image.wcs.pixel_scale_matrix * 3600, 5).tolist()
+            which = ("the HST image" if cube_parity < 0 else "the MUSE cube")
+            msg = (f"The WCS of the {image.band} image ({name}) is mirrored with respect to the "
+                   f"cube's: its pixel-to-sky matrix {matrix} arcsec/pixel has a "
+                   f"{'positive' if parity > 0 else 'negative'} determinant, the cube's a "
+                   f"{'positive' if cube_parity > 0 else 'negative'} one, so one of them shows "
+                   f"the sky flipped (most likely {which}: check the sign of CD1_1/CDELT1, or "
+                   "an array flipped without its WCS) and fix its header.")
+            raise CubeSFHError(msg)
 
 
 def _check_instrument(instrument, band, allow_other_instrument):

@@ -75,6 +75,7 @@ _FLAG_COMMENTS = {
     "OUT_OF_DISTRIBUTION": "CNN ood_score > 1: outside training set",
     "DISAGREE": "|CNN - pPXF| > 2 combined sigma in a mean",
     "KINEMATICS_SUSPECT": "kinematic chi2 or velocity an outlier",
+    "SKY_SUSPECT": "negative continuum or low MUSE/HST flux",
     "NOT_BINNED": "spaxel in no bin: maps are NaN",
     "PPXF_FAILED": "pPXF baseline fit failed",
 }

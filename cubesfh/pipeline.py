@@ -284,6 +284,10 @@ def run_pipeline(cube, hst=None, *, target_snr=35.0, min_snr=1.0, regions=None, 
 
     timings = {}
     report = None
+    if hst:
+        from .hst import check_parity
+
+        check_parity(cube.celestial_wcs, hst)
     if hst and register:
         from .registration import DEFAULT_MAX_OFFSET
         from .registration import register as register_images

@@ -258,6 +258,73 @@ def choose_sigma_target(sigma, sigma_target=None):
     return ladder[np.minimum(idx, ladder.size - 1)] * kms
 
 
+#: Width (pixels of 1.25 A) of the running median of `_negative_continuum`.
+_CONTINUUM_WINDOW = 41
+
+#: A bin is flagged ``SKY_SUSPECT`` when its HST / MUSE flux ratio in F555W exceeds
+#: the median ratio of the cube's brighter half of bins by more than this factor.
+SKY_RATIO_LIMIT = 1.6
+
+
+def _negative_continuum(flux):
+    """Bins whose running-median continuum is negative somewhere (rest frame)."""
+    from scipy.ndimage import median_filter
+
+    flux = np.asarray(flux, dtype=float)
+    out = np.zeros(flux.shape[0], dtype=bool)
+    for i, spectrum in enumerate(flux):
+        good = np.isfinite(spectrum)
+        if good.sum() < _CONTINUUM_WINDOW:
+            continue
+        cont = median_filter(spectrum[good], size=_CONTINUUM_WINDOW, mode="nearest")
+        out[i] = bool(np.any(cont < 0))
+    return out
+
+
+def _low_flux_ratio(bins, photometry):
+    """
+    Bins whose MUSE flux in F555W (synthetic photometry of the binned spectrum)
+    is low against the HST F555W flux of the same bin, relative to the ratio of
+    the cube's brighter half of bins. The same band on both sides, so neither
+    the stellar population nor the emission lines enter the ratio; a sky
+    subtracted in excess (additive) lowers the MUSE side most in faint bins.
+    """
+    from .registration import _band_weights
+
+    out = np.zeros(bins.n_bins, dtype=bool)
+    if photometry is None or "F555W" not in photometry.bands:
+        return out
+    wave = u.Quantity(bins.wavelength, u.AA).value
+    weights, coverage = _band_weights("F555W", wave)
+    if coverage < 0.8:
+        return out
+    spectra = np.asarray(getattr(bins.spectra, "value", bins.spectra), dtype=float)
+    finite = np.isfinite(spectra)
+    used = np.abs(weights)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        frac = (finite @ used) / used.sum()
+        muse = (np.where(finite, spectra, 0.0) @ weights) / frac
+        # units differ (per arcsec2 against per spaxel): a constant factor, which the
+        # comparison with the cube's own median ratio removes
+        hst = np.asarray(photometry.flux[:, photometry.bands.index("F555W")].value, float)
+        ratio = hst / muse
+    good = np.isfinite(ratio) & (frac > 0.5) & (hst > 0)
+    if good.sum() < 4:
+        return out
+    bright = good & (muse >= np.median(muse[good]))
+    reference = np.median(ratio[bright if bright.sum() >= 2 else good])
+    if not reference > 0:
+        return out
+    # PSF-matching residuals scatter the ratio of small bins at sharp features by
+    # up to ~40 %; the limit is at least SKY_RATIO_LIMIT and 5 robust sigma of the
+    # bright bins' scatter
+    rel = ratio[bright if bright.sum() >= 2 else good] / reference
+    spread = 1.4826 * np.median(np.abs(rel - 1.0))
+    limit = max(SKY_RATIO_LIMIT, 1.0 + 5.0 * spread)
+    out[good] = (ratio[good] > limit * reference) | (muse[good] <= 0)
+    return out
+
+
 def prepare_observation(cube, hst=None, *, target_snr=35.0, min_snr=1.0, regions=None,
                         mask=None, kinematics=None, redshift=None, snr_window=None,
                         sigma_target=None, ebv_galactic=0.0, r_v=3.1, max_memory=None,
@@ -321,6 +388,10 @@ def prepare_observation(cube, hst=None, *, target_snr=35.0, min_snr=1.0, regions
     from .kinematics import KinematicsFlag, _as_redshift, fit_kinematics, read_kinematics_maps
     from .restframe import PreparationFlag, prepare_spectra
 
+    if hst:
+        from .hst import check_parity
+
+        check_parity(cube.celestial_wcs, hst)  # before any work
     z_estimate = None
     if redshift is None:
         from .binning import region_mask
@@ -372,6 +443,8 @@ def prepare_observation(cube, hst=None, *, target_snr=35.0, min_snr=1.0, regions
         BinFlag.SPECTRUM_FAILED
     flags[(pf & PreparationFlag.MISSING_PIXELS) != 0] |= BinFlag.SPECTRUM_INCOMPLETE
 
+    flags[_negative_continuum(spectra.flux)] |= BinFlag.SKY_SUSPECT
+
     phot_norm = np.full((bins.n_bins, len(HST_BANDS)), np.nan)
     photometry = None
     bands = ()
@@ -393,6 +466,12 @@ def prepare_observation(cube, hst=None, *, target_snr=35.0, min_snr=1.0, regions
         flags[np.asarray(photometry.flags, dtype=bool)] |= BinFlag.PHOTOMETRY_NONPOSITIVE
     else:
         flags |= BinFlag.NO_PHOTOMETRY
+
+    flags[_low_flux_ratio(bins, photometry)] |= BinFlag.SKY_SUSPECT
+    n_sky = int(np.count_nonzero(flags & BinFlag.SKY_SUSPECT))
+    if n_sky:
+        log.warning("%d of %d bins look over-sky-subtracted (negative continuum or low "
+                    "MUSE/HST flux): flagged SKY_SUSPECT", n_sky, bins.n_bins)
 
     fn = getattr(cube, "filename", None)
     meta = {
