@@ -27,8 +27,8 @@ from .flags import BinFlag
 from .utils import CubeSFHError, atomic_write
 from .utils._io import file_digest
 
-__all__ = ["PreparedObservation", "check_redshift_coverage", "choose_sigma_target",
-           "prepare_observation"]
+__all__ = ["SKY_RATIO_LIMIT", "PreparedObservation", "check_redshift_coverage",
+           "choose_sigma_target", "prepare_observation"]
 
 log = logging.getLogger(__name__)
 
@@ -262,7 +262,8 @@ def choose_sigma_target(sigma, sigma_target=None):
 _CONTINUUM_WINDOW = 41
 
 #: A bin is flagged ``SKY_SUSPECT`` when its HST / MUSE flux ratio in F555W exceeds
-#: the median ratio of the cube's brighter half of bins by more than this factor.
+#: the median ratio of the cube's brighter half of bins by more than this factor
+#: (or by 5 robust sigma of their scatter, if that is larger).
 SKY_RATIO_LIMIT = 1.6
 
 
