@@ -1215,11 +1215,11 @@ class StellarPopulationMaps:
             _header_card(h, f"INFILE{i}", name, "input file")
             if name in roles:
                 _header_card(h, f"INROLE{i}", str(roles[name]), f"what INFILE{i} is")
-            what = hashed.get(name, "")
-            comment = (f"SHA-256 of the {what} of INFILE{i}" if what.startswith("first")
-                       else f"SHA-256 of INFILE{i} (whole file)" if what
-                       else f"SHA-256 of INFILE{i}")
-            _header_card(h, f"INSHA{i}", sha, comment)
+            _header_card(h, f"INSHA{i}", sha, f"SHA-256 of INFILE{i}, see INHASH{i}")
+            if name in hashed:
+                # a 64-character SHA-256 leaves no room for this in INSHAn's comment
+                _header_card(h, f"INHASH{i}", str(hashed[name]),
+                             f"bytes of INFILE{i} that INSHA{i} covers")
         for key, value in _flatten("", meta.get("parameters", {})):
             _header_card(h, f"HIERARCH CSFH PAR {key}", value)
         for card in meta.get("header_cards", []):
