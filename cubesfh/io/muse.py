@@ -344,6 +344,12 @@ def _find_data_hdu(hdul, path):
             hdu = cubes[0]
             log.info("%s has no DATA extension; using the 3-D image in HDU %r", path,
                      hdu.name)
+        elif len(cubes) > 1:
+            msg = (f"{path} holds {len(cubes)} 3-D images ({_describe_hdus(hdul)}) but none "
+                   "is named DATA, so which is the flux is unknown; set EXTNAME = 'DATA' on "
+                   "the flux cube and EXTNAME = 'STAT' on the variance (and 'DQ' on the "
+                   "quality flags) and read the file again.")
+            raise CubeSFHError(msg)
     if hdu is None or not _is_image(hdu) or hdu.header.get("NAXIS", 0) != 3:
         msg = (f"{path} is not a data cube: Cube.read needs a 3-D image (a MUSE cube with "
                f"extensions DATA, STAT[, DQ]) but found {_describe_hdus(hdul)}. Give the path "
@@ -393,6 +399,14 @@ def _check_spectral_header(header, path):
         msg = (f"{path}: the third axis has CTYPE3 = {header.get('CTYPE3')!r}, not a "
                "wavelength axis; cubesfh needs CTYPE3 = 'AWAV' (air wavelength, the MUSE "
                "convention) or 'WAVE' (vacuum). Fix the header of the DATA extension.")
+        raise CubeSFHError(msg)
+    if not re.fullmatch(r"(AWAV|WAVE)(-[A-Z0-9]{3})?", ctype3):
+        # WCSLIB only knows the upper-case 4-letter codes (plus an algorithm code such
+        # as '-LOG'): 'WAVELENGTH' or 'awav' would give a WCS without a spectral axis.
+        fixed = "AWAV" if ctype3.upper().startswith("AWAV") else "WAVE"
+        msg = (f"{path}: CTYPE3 = {ctype3!r} is not a FITS spectral axis type (WCSLIB "
+               f"knows 'AWAV' for air and 'WAVE' for vacuum wavelengths, upper case); set "
+               f"CTYPE3 = {fixed!r} in the DATA header (and STAT).")
         raise CubeSFHError(msg)
     cunit3 = header.get("CUNIT3")
     unit = None
