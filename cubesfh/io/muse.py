@@ -340,6 +340,11 @@ def _find_data_hdu(hdul, path):
                    f"{', '.join(sorted(names))} (variance / quality) only; give the full "
                    "MUSE cube file (extensions DATA, STAT[, DQ]).")
             raise CubeSFHError(msg)
+        flux = [h for h in cubes
+                if str(h.name).strip().upper() not in {"STAT", "DQ", "ERROR", "VARIANCE",
+                                                       "QUALITY"}]
+        if len(cubes) > 1 and len(flux) == 1:  # e.g. the flux in PRIMARY, then STAT
+            cubes = flux
         if len(cubes) == 1:
             hdu = cubes[0]
             log.info("%s has no DATA extension; using the 3-D image in HDU %r", path,
