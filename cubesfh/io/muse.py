@@ -446,12 +446,22 @@ def _build_wcs(header, path):
         # Fixes of date and other non-WCS keywords are harmless here.
         warnings.simplefilter("ignore", FITSFixedWarning)
         try:
-            return WCS(header, naxis=3)
+            wcs = WCS(header, naxis=3)
         except Exception as exc:  # WCSLIB raises several exception types
             msg = (f"{path}: the DATA header has no usable WCS ({exc}); the cube needs "
                    "CTYPE1/2 = 'RA---TAN'/'DEC--TAN', CRPIX, CRVAL, CD (or PC + CDELT) and "
                    "CUNIT keywords.")
             raise CubeSFHError(msg) from exc
+    step = (wcs.wcs.get_cdelt()[:, None] * wcs.wcs.get_pc())[2, 2]
+    if not step > 0:
+        step_aa = step * u.Unit(wcs.wcs.cunit[2]).to(u.AA)
+        msg = (f"{path}: the wavelength decreases along the cube (step {step_aa:g} Angstrom "
+               "per plane, from CD3_3 or CDELT3), while cubesfh needs "
+               "increasing wavelengths as the MUSE pipeline writes them; reverse the planes "
+               "of DATA and STAT (data[::-1]) and set CRVAL3 to the first wavelength, CRPIX3 "
+               "= 1 and a positive CD3_3.")
+        raise CubeSFHError(msg)
+    return wcs
 
 
 def _is_scaled(hdu):
