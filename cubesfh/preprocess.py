@@ -233,6 +233,12 @@ def _check_map_systemic(kin, z_sys, source, *, given, tolerance=500.0):
     if abs(offset) <= tolerance:
         return
     origin = "--redshift (redshift=)" if given else "the redshift estimated from the cube"
+    if abs(median) > 0.1 * c_kms and abs(median / 1000.0 - z_sys * c_kms) <= tolerance:
+        msg = (f"The velocities of the kinematics maps {source} have a median of {median:.0f} "
+               f"km/s, 1000 times the systemic cz = {z_sys * c_kms:.0f} km/s of {origin}: "
+               "the maps are in m/s but their header does not say so; set BUNIT = 'm/s' in "
+               "the V_STARS and SIGMA_STARS headers (or convert them to km/s).")
+        raise CubeSFHError(msg)
     msg = (f"The velocities of the kinematics maps {source} have a median of {median:.0f} "
            f"km/s, {offset:+.0f} km/s from the systemic cz = {z_sys * c_kms:.0f} km/s of "
            f"{origin}: cubesfh needs line-of-sight velocities cz in V_STARS, and maps of "
