@@ -213,7 +213,13 @@ def check_redshift_coverage(wavelength, redshift, *, margin=1000.0):
                f"cube covers {lam[0]:.0f}-{lam[-1]:.0f} A. cubesfh can analyse this cube "
                f"only for {lam[0] / rest[0] - 1:.4f} < z < {lam[-1] / rest[-1] - 1:.4f} "
                "(about); check the redshift (z, or cz as a velocity Quantity).")
-        if not isinstance(redshift, u.Quantity) and 30.0 <= z < 0.1 * c_kms:
+        if lam[-1] / lam[0] < rest[-1] / rest[0]:
+            # no redshift can help: a spectral slab or a few planes of a cube
+            msg = (f"The cube covers only {lam[0]:.0f}-{lam[-1]:.0f} A ({lam.size} "
+                   f"wavelength plane{'s' if lam.size != 1 else ''}), too narrow for the "
+                   f"rest-frame {rest[0]:.0f}-{rest[-1]:.0f} A the network needs at any "
+                   "redshift; give the full MUSE cube, not a spectral slab of it.")
+        elif not isinstance(redshift, u.Quantity) and 30.0 <= z < 0.1 * c_kms:
             # --redshift 700: a velocity in km/s given as z
             msg = (f"redshift z = {z:g} looks like a velocity cz in km/s, not a redshift: "
                    f"give z = cz / c = {z / c_kms:.6f} (--redshift {z / c_kms:.6f}), or cz "
