@@ -537,8 +537,12 @@ CLI_VALUE_ERRORS = [
                  id="redshift-nan"),
     pytest.param({"redshift": "0"}, ["median of 699 km/s, \\+699 km/s from the systemic cz = 0"],
                  id="redshift-0-with-cz-maps"),
-    pytest.param({"extra": ["--target-snr", "0"]}, ["target_snr must be positive; got 0.0"],
-                 id="target-snr-0"),
+    pytest.param({"extra": ["--target-snr", "0"]},
+                 ["target_snr must be positive and finite; got 0.0"], id="target-snr-0"),
+    pytest.param({"extra": ["--target-snr", "inf"]},
+                 ["target_snr must be positive and finite; got inf"], id="target-snr-inf"),
+    pytest.param({"extra": ["--min-snr", "nan"]},
+                 ["min_snr must be a finite S/N", "got nan \\(--min-snr\\)"], id="min-snr-nan"),
     pytest.param({"extra": ["--target-snr", "-5"]}, ["target_snr must be positive"],
                  id="target-snr-negative"),
     pytest.param({"extra": ["--target-snr", "1e6"]},
@@ -627,6 +631,57 @@ def test_all_identical_spectra(obs, bad_dir, capsys):
     ages, _ = _ages(out)
     assert ages.size == SHAPE[0] * SHAPE[1]
     assert np.ptp(ages) < 0.3  # the same spectrum everywhere: the same age, to the noise
+
+
+def _spatial_cut(ys, xs, planes=slice(None)):
+    def edit(h):
+        for ext in ("DATA", "STAT"):
+            header = h[ext].header.copy()
+            header["CRPIX1"] -= xs.start
+            header["CRPIX2"] -= ys.start
+            if planes.start:
+                header["CRPIX3"] -= planes.start
+            h[ext] = fits.ImageHDU(h[ext].data[planes, ys, xs].copy(), header, name=ext)
+    return edit
+
+
+@pytest.mark.parametrize("size", [1, 2], ids=["1x1-cube", "2x2-cube"])
+def test_tiny_cube_runs(obs, bad_dir, capsys, size):
+    cut = slice(5, 5 + size)
+    cube = cube_variant(obs, bad_dir, f"tiny{size}", _spatial_cut(cut, cut))
+    out = bad_dir / f"tiny{size}_maps.fits"
+    code, err, _, _ = run_cli(capsys, run_argv(obs, cube, output=out))
+    assert code == 0, err
+    ages, _ = _ages(out)
+    assert ages.size == size * size and np.isfinite(ages).all()
+
+
+def test_single_plane_cube(obs, bad_dir, capsys):
+    cube = cube_variant(obs, bad_dir, "one_plane",
+                        _spatial_cut(slice(0, 12), slice(0, 12), slice(900, 901)))
+    code, err, _, caught = run_cli(capsys, run_argv(obs, cube))
+    assert_cli_error(code, err, ["covers only 5875-5875 A \\(1 wavelength plane\\)",
+                                 "too narrow", "not a spectral slab"])
+    assert any("1 wavelength planes" in m for m in caught)
+
+
+def test_foreground_star_bin_is_out_of_distribution(obs, bad_dir, capsys):
+    """An unmasked bright blue point source in one spaxel: its bin is flagged OOD."""
+    from cubesfh.flags import BinFlag
+
+    def edit(h):
+        lam = 4749.72 + 1.25 * np.arange(1880)
+        star = 1e6 * (lam / 5500.0) ** -4
+        h["DATA"].data[:, 2, 2] += star.astype("f4")
+        h["STAT"].data[:, 2, 2] += (star / 100).astype("f4")
+    out = bad_dir / "star_maps.fits"
+    code, err, _, _ = run_cli(capsys, run_argv(obs, cube_variant(obs, bad_dir, "star", edit),
+                                               output=out))
+    assert code == 0, err
+    with fits.open(out) as h:
+        star_bin = h["BIN_ID"].data[2, 2]
+    _, flags = _ages(out)
+    assert flags[star_bin] & BinFlag.OUT_OF_DISTRIBUTION
 
 
 # ------------------------------------------------------------ run-many manifests
