@@ -213,7 +213,13 @@ def check_redshift_coverage(wavelength, redshift, *, margin=1000.0):
                f"cube covers {lam[0]:.0f}-{lam[-1]:.0f} A. cubesfh can analyse this cube "
                f"only for {lam[0] / rest[0] - 1:.4f} < z < {lam[-1] / rest[-1] - 1:.4f} "
                "(about); check the redshift (z, or cz as a velocity Quantity).")
-        if lam[-1] / lam[0] < rest[-1] / rest[0]:
+        if lam[0] > 3 * 9400.0 or lam[-1] < 4600.0 / 3:
+            # far outside any optical range: the wavelength unit of the header is wrong
+            msg = (f"The cube's wavelengths, {lam[0]:.0f}-{lam[-1]:.0f} A, are not those of "
+                   "an optical cube (MUSE: 4600-9400 A): the unit of the wavelength axis is "
+                   "probably wrong; check CUNIT3 in the DATA header (CRVAL3 and CD3_3 must "
+                   "be in that unit, e.g. CUNIT3 = 'Angstrom' for 4750 and 1.25).")
+        elif lam[-1] / lam[0] < rest[-1] / rest[0]:
             # no redshift can help: a spectral slab or a few planes of a cube
             msg = (f"The cube covers only {lam[0]:.0f}-{lam[-1]:.0f} A ({lam.size} "
                    f"wavelength plane{'s' if lam.size != 1 else ''}), too narrow for the "

@@ -229,16 +229,15 @@ def test_cube_header_variant_error(obs, bad_dir, request, edit, patterns):
     check_error(excinfo, CubeSFHError, patterns)
 
 
-def test_cunit3_nm_with_angstrom_values_reads_wrong_range(obs, bad_dir):
-    """CUNIT3 = 'nm' while CRVAL3/CD3_3 are in Angstrom: the range is 10x too red, and
-    the run stops at the rest-frame coverage check (known gap: no CUNIT3 hint)."""
+def test_cunit3_nm_with_angstrom_values(obs, bad_dir, capsys):
+    """CUNIT3 = 'nm' while CRVAL3/CD3_3 are in Angstrom: the range is 10x too red; the
+    run stops before any work and names CUNIT3."""
     path = cube_variant(obs, bad_dir, "nm_wrong", _both(lambda hd: hd.update(CUNIT3="nm")))
     cube = Cube.read(path)
     assert cube.wavelength.value[0] == pytest.approx(47497.2)
-    from cubesfh.preprocess import check_redshift_coverage
-
-    with pytest.raises(CubeSFHError, match="cube covers 47497-70985 A"):
-        check_redshift_coverage(cube.wavelength, REDSHIFT)
+    code, err, _, _ = run_cli(capsys, run_argv(obs, path))
+    assert_cli_error(code, err, ["wavelengths, 47497-70985 A, are not those of an optical cube",
+                                 "check CUNIT3"])
 
 
 def test_dq_flagging_every_pixel(obs, bad_dir):
