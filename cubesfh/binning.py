@@ -516,8 +516,12 @@ def voronoi_bin(cube, *, target_snr=35.0, window=SNR_WINDOW, per="angstrom", min
         msg = f"method must be one of {_METHODS}; got {method!r}."
         raise CubeSFHError(msg)
     target_snr = float(target_snr)
-    if not target_snr > 0:
-        msg = f"target_snr must be positive; got {target_snr}."
+    if not 0 < target_snr < np.inf:
+        msg = f"target_snr must be positive and finite; got {target_snr}."
+        raise CubeSFHError(msg)
+    if min_snr is not None and not np.isfinite(float(min_snr)):
+        msg = (f"min_snr must be a finite S/N (or None to keep every spaxel); got {min_snr} "
+               "(--min-snr).")
         raise CubeSFHError(msg)
     if covariance is not None and not covariance >= 0:
         msg = f"covariance (alpha of 1 + alpha log10 N) must be >= 0 or None; got {covariance}."

@@ -135,15 +135,21 @@ def _parse_bunit(bunit):
     key = bunit.strip().upper().replace(" ", "")
     if key in _RATE_BUNITS:
         return _RATE_BUNITS[key]
+    candidates = [bunit.strip()]
+    # 'A' is the ampere for astropy; in an HST flux unit ('erg/s/cm2/A') it is Angstrom
+    fixed = re.sub(r"(?<![A-Za-z])A(?![A-Za-z])", "Angstrom", candidates[0])
+    if fixed != candidates[0]:
+        candidates.append(fixed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", u.UnitsWarning)
-        for fmt in ("fits", "generic"):
-            try:
-                unit = u.Unit(bunit.strip(), format=fmt)
-            except ValueError:
-                continue
-            if _unit_kind(unit) is not None:
-                return unit
+        for candidate in candidates:
+            for fmt in ("fits", "generic"):
+                try:
+                    unit = u.Unit(candidate, format=fmt)
+                except ValueError:
+                    continue
+                if _unit_kind(unit) is not None:
+                    return unit
     return None
 
 
@@ -527,7 +533,9 @@ class HSTImage:
                 msg = (f"Unknown band {band!r} for the HST image {path.name}: cubesfh uses the "
                        f"PHANGS-HST bands {', '.join(HST_BANDS)}; give one of these.")
                 raise CubeSFHError(msg)
-        with open_fits(path, what="HST image", memmap=memmap) as hdul:
+        # memmap=None, not True: astropy then still maps the file but also accepts scaled
+        # (BSCALE/BZERO) images, which it refuses to read under memmap=True
+        with open_fits(path, what="HST image", memmap=None if memmap else False) as hdul:
             primary = hdul[0].header
             hdu = cls._science_hdu(hdul, ext, path)
             sci = hdu.header
@@ -645,6 +653,13 @@ class HSTImage:
                 msg = f"{path.name} has no extension {ext!r}; available: {[h.name for h in hdul]}."
                 raise CubeSFHError(msg) from None
         elif "SCI" in hdul:
+            n_sci = sum(str(h.name).strip().upper() == "SCI" for h in hdul)
+            if n_sci > 1:
+                msg = (f"{path.name} has {n_sci} SCI extensions, one per detector chip: it is "
+                       "an un-drizzled exposure (_flt/_flc), whose pixels are distorted and "
+                       "not on the sky grid; give the drizzled product (_drc/_drz, one SCI "
+                       "extension) instead.")
+                raise CubeSFHError(msg)
             hdu = hdul["SCI"]
         elif hdul[0].data is not None:
             hdu = hdul[0]

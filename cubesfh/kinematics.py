@@ -1448,9 +1448,17 @@ def _read_map(path, extension):
             names = [h.name for h in hdul]
             if extension.upper() not in names:
                 present = ", ".join(n or "''" for n in names)
-                msg = (f"{path} has no extension {extension!r} (present: {present}); pass "
-                       "the right extension name (velocity_ext=/sigma_ext=) or the paths "
-                       "of two single maps.")
+                images = [h.name for h in hdul if h.data is not None and h.data.ndim == 2]
+                word = "SIG" if "SIG" in extension.upper() else "V"
+                guess = next((n for n in images if word in n.upper() and "ERR" not in n.upper()
+                              and "IVAR" not in n.upper()), None)
+                hint = (f" (e.g. {guess} -> {extension.upper()}: hdul[{guess!r}].name = "
+                        f"{extension.upper()!r}; check that its velocities are cz, not "
+                        "relative to the systemic velocity)" if guess else "")
+                msg = (f"{path} has no extension {extension!r} (present: {present}); cubesfh "
+                       "reads the stellar kinematics from V_STARS and SIGMA_STARS (the PHANGS "
+                       f"DAP names): rename the extensions in the file{hint}, or pass "
+                       "velocity_ext=/sigma_ext= to read_kinematics_maps.")
                 raise CubeSFHError(msg)
             hdu = hdul[extension]
         if hdu.data is None or hdu.data.ndim != 2:
@@ -1464,10 +1472,14 @@ def _map_unit(header, default=_KMS):
     bunit = header.get("BUNIT", "").strip()
     if not bunit:
         return default
-    try:
-        unit = u.Unit(bunit)
-    except ValueError:
-        unit = None
+    unit = None
+    for candidate in (bunit, bunit.lower()):  # 'KM/S' is common in DAP-like files
+        try:
+            unit = u.Unit(candidate)
+        except ValueError:
+            continue
+        if unit.is_equivalent(_KMS):
+            break
     if unit is None or not unit.is_equivalent(_KMS):
         msg = f"Kinematics map has BUNIT={bunit!r}, not a velocity; expected km/s."
         raise CubeSFHError(msg)
@@ -1504,6 +1516,8 @@ def _per_bin(values, labels, n_bins):
     out = np.full(n_bins, np.nan)
     count = np.zeros(n_bins, dtype=int)
     use = (labels >= 0) & (labels < n_bins) & np.isfinite(values)
+    if not use.any():  # a map that is NaN over every bin
+        return out, count
     lab, val = labels[use], values[use]
     order = np.argsort(lab, kind="stable")
     lab, val = lab[order], val[order]
@@ -1633,6 +1647,13 @@ def read_kinematics_maps(source, bin_map, celestial_wcs=None, *, systemic_veloci
     sigma = values["sigma"]
     nan = np.full(n_bins, np.nan)
     no_data = ~(np.isfinite(v_map) & np.isfinite(sigma))
+    if n_bins and no_data.all():
+        bad = [name for name, v in (("velocity", v_map), ("dispersion", sigma))
+               if not np.isfinite(v).any()]
+        msg = (f"The kinematics maps {origin} have no valid {' or '.join(bad) or 'value'} in "
+               "any bin (NaN over the whole binned field); check the maps, or leave out "
+               "--kinematics (kinematics=) to fit the kinematics from the cube.")
+        raise CubeSFHError(msg)
     table = QTable()
     table["bin"] = np.arange(n_bins)
     table["velocity"] = np.where(no_data, np.nan, v_rel) * _KMS

@@ -214,7 +214,50 @@ def check_redshift_coverage(wavelength, redshift, *, margin=1000.0):
                f"cube covers {lam[0]:.0f}-{lam[-1]:.0f} A. cubesfh can analyse this cube "
                f"only for {lam[0] / rest[0] - 1:.4f} < z < {lam[-1] / rest[-1] - 1:.4f} "
                "(about); check the redshift (z, or cz as a velocity Quantity).")
+        if lam[0] > 3 * 9400.0 or lam[-1] < 4600.0 / 3:
+            # far outside any optical range: the wavelength unit of the header is wrong
+            msg = (f"The cube's wavelengths, {lam[0]:.0f}-{lam[-1]:.0f} A, are not those of "
+                   "an optical cube (MUSE: 4600-9400 A): the unit of the wavelength axis is "
+                   "probably wrong; check CUNIT3 in the DATA header (CRVAL3 and CD3_3 must "
+                   "be in that unit, e.g. CUNIT3 = 'Angstrom' for 4750 and 1.25).")
+        elif lam[-1] / lam[0] < rest[-1] / rest[0]:
+            # no redshift can help: a spectral slab or a few planes of a cube
+            msg = (f"The cube covers only {lam[0]:.0f}-{lam[-1]:.0f} A ({lam.size} "
+                   f"wavelength plane{'s' if lam.size != 1 else ''}), too narrow for the "
+                   f"rest-frame {rest[0]:.0f}-{rest[-1]:.0f} A the network needs at any "
+                   "redshift; give the full MUSE cube, not a spectral slab of it.")
+        elif not isinstance(redshift, u.Quantity) and 30.0 <= z < 0.1 * c_kms:
+            # --redshift 700: a velocity in km/s given as z
+            msg = (f"redshift z = {z:g} looks like a velocity cz in km/s, not a redshift: "
+                   f"give z = cz / c = {z / c_kms:.6f} (--redshift {z / c_kms:.6f}), or cz "
+                   "as a velocity Quantity (e.g. 700 * u.km / u.s).")
         raise CubeSFHError(msg)
+
+
+def _check_map_systemic(kin, z_sys, source, *, given, tolerance=500.0):
+    """Refuse kinematics maps whose velocities are not around the systemic cz (e.g. maps
+    of velocities relative to the systemic velocity, which cubesfh would take as cz)."""
+    c_kms = const.c.to_value(u.km / u.s)
+    v_los = np.asarray(u.Quantity(kin["velocity_los"], u.km / u.s).value, float)
+    if not np.isfinite(v_los).any():
+        return
+    median = float(np.nanmedian(v_los))
+    offset = median - z_sys * c_kms
+    if abs(offset) <= tolerance:
+        return
+    origin = "--redshift (redshift=)" if given else "the redshift estimated from the cube"
+    if abs(median) > 0.1 * c_kms and abs(median / 1000.0 - z_sys * c_kms) <= tolerance:
+        msg = (f"The velocities of the kinematics maps {source} have a median of {median:.0f} "
+               f"km/s, 1000 times the systemic cz = {z_sys * c_kms:.0f} km/s of {origin}: "
+               "the maps are in m/s but their header does not say so; set BUNIT = 'm/s' in "
+               "the V_STARS and SIGMA_STARS headers (or convert them to km/s).")
+        raise CubeSFHError(msg)
+    msg = (f"The velocities of the kinematics maps {source} have a median of {median:.0f} "
+           f"km/s, {offset:+.0f} km/s from the systemic cz = {z_sys * c_kms:.0f} km/s of "
+           f"{origin}: cubesfh needs line-of-sight velocities cz in V_STARS, and maps of "
+           "velocities relative to the systemic one would shift every spectrum. Add the "
+           "systemic velocity to the map (or check the redshift).")
+    raise CubeSFHError(msg)
 
 
 def choose_sigma_target(sigma, sigma_target=None):
@@ -426,6 +469,7 @@ def prepare_observation(cube, hst=None, *, target_snr=35.0, min_snr=1.0, regions
         kin = fit_kinematics(bins, redshift=redshift, progress_bar=progress_bar)
     else:
         kin = read_kinematics_maps(kinematics, bins)
+        _check_map_systemic(kin, z_sys, kinematics, given=z_estimate is None)
     targets = choose_sigma_target(kin["sigma"], sigma_target)
     spectra = prepare_spectra(bins.wavelength, bins.spectra, bins.variance,
                               kin["velocity_los"], kin["sigma"], sigma_target=targets,

@@ -228,6 +228,10 @@ def _safe_name(name, origin):
     return name
 
 
+# CSV column names matched whatever their case (the HST bands are upper-cased later)
+_LOWER_COLUMNS = frozenset({"name", "cube", "output", "hst", *OPTIONS})
+
+
 def _stem(path):
     name = Path(path).name
     for suffix in (".fits.gz", ".fits.fz", ".fits", ".fit", ".fz"):
@@ -409,9 +413,17 @@ def _read_text(path, *, newline=None):
 
 
 def _read_csv(path):
+    """Rows of a CSV manifest as (origin, mapping of column -> cell)."""
     lines = [line for line in _read_text(path, newline="").splitlines(keepends=True)
              if line.strip() and not line.lstrip().startswith("#")]
-    reader = csv.DictReader(lines, skipinitialspace=True)
+    # spreadsheets in many locales save CSV with ';' (or tabs): take the separator of
+    # the header line when it has no comma
+    header = lines[0] if lines else ""
+    delimiter = next((d for d in (",", ";", "\t") if d in header), ",")
+    reader = csv.DictReader(lines, skipinitialspace=True, delimiter=delimiter)
+    if reader.fieldnames is not None:  # 'Cube', 'Name', 'Target_SNR': case does not matter
+        reader.fieldnames = [c.strip().lower() if c.strip().lower() in _LOWER_COLUMNS
+                             else c for c in reader.fieldnames]
     if reader.fieldnames is None or "cube" not in [c.strip() for c in reader.fieldnames]:
         msg = (f"{path.name}: the first line must name the columns, with at least 'cube' "
                "(e.g. name,cube,F555W,F814W,target_snr).")
@@ -422,7 +434,8 @@ def _read_csv(path):
         if None in row:
             msg = f"{origin}: more cells than columns."
             raise CubeSFHError(msg)
-        rows.append((origin, {k.strip(): (v.strip() if isinstance(v, str) else v)
+        # a line with fewer cells than columns: the missing trailing cells are empty
+        rows.append((origin, {k.strip(): (v.strip() if isinstance(v, str) else "")
                               for k, v in row.items() if k is not None}))
     return rows
 

@@ -398,10 +398,21 @@ def _find_data_hdu(hdul, path):
                    f"{', '.join(sorted(names))} (variance / quality) only; give the full "
                    "MUSE cube file (extensions DATA, STAT[, DQ]).")
             raise CubeSFHError(msg)
+        flux = [h for h in cubes
+                if str(h.name).strip().upper() not in {"STAT", "DQ", "ERROR", "VARIANCE",
+                                                       "QUALITY"}]
+        if len(cubes) > 1 and len(flux) == 1:  # e.g. the flux in PRIMARY, then STAT
+            cubes = flux
         if len(cubes) == 1:
             hdu = cubes[0]
             log.info("%s has no DATA extension; using the 3-D image in HDU %r", path,
                      hdu.name)
+        elif len(cubes) > 1:
+            msg = (f"{path} holds {len(cubes)} 3-D images ({_describe_hdus(hdul)}) but none "
+                   "is named DATA, so which is the flux is unknown; set EXTNAME = 'DATA' on "
+                   "the flux cube and EXTNAME = 'STAT' on the variance (and 'DQ' on the "
+                   "quality flags) and read the file again.")
+            raise CubeSFHError(msg)
     if hdu is None or not _is_image(hdu) or hdu.header.get("NAXIS", 0) != 3:
         msg = (f"{path} is not a data cube: Cube.read needs a 3-D image (a MUSE cube with "
                f"extensions DATA, STAT[, DQ]) but found {_describe_hdus(hdul)}. Give the path "
@@ -452,6 +463,14 @@ def _check_spectral_header(header, path):
                "wavelength axis; cubesfh needs CTYPE3 = 'AWAV' (air wavelength, the MUSE "
                "convention) or 'WAVE' (vacuum). Fix the header of the DATA extension.")
         raise CubeSFHError(msg)
+    if not re.fullmatch(r"(AWAV|WAVE)(-[A-Z0-9]{3})?", ctype3):
+        # WCSLIB only knows the upper-case 4-letter codes (plus an algorithm code such
+        # as '-LOG'): 'WAVELENGTH' or 'awav' would give a WCS without a spectral axis.
+        fixed = "AWAV" if ctype3.upper().startswith("AWAV") else "WAVE"
+        msg = (f"{path}: CTYPE3 = {ctype3!r} is not a FITS spectral axis type (WCSLIB "
+               f"knows 'AWAV' for air and 'WAVE' for vacuum wavelengths, upper case); set "
+               f"CTYPE3 = {fixed!r} in the DATA header (and STAT).")
+        raise CubeSFHError(msg)
     cunit3 = header.get("CUNIT3")
     unit = None
     if cunit3 is not None and str(cunit3).strip():
@@ -485,12 +504,22 @@ def _build_wcs(header, path):
         # Fixes of date and other non-WCS keywords are harmless here.
         warnings.simplefilter("ignore", FITSFixedWarning)
         try:
-            return WCS(header, naxis=3)
+            wcs = WCS(header, naxis=3)
         except Exception as exc:  # WCSLIB raises several exception types
             msg = (f"{path}: the DATA header has no usable WCS ({exc}); the cube needs "
                    "CTYPE1/2 = 'RA---TAN'/'DEC--TAN', CRPIX, CRVAL, CD (or PC + CDELT) and "
                    "CUNIT keywords.")
             raise CubeSFHError(msg) from exc
+    step = (wcs.wcs.get_cdelt()[:, None] * wcs.wcs.get_pc())[2, 2]
+    if not step > 0:
+        step_aa = step * u.Unit(wcs.wcs.cunit[2]).to(u.AA)
+        msg = (f"{path}: the wavelength decreases along the cube (step {step_aa:g} Angstrom "
+               "per plane, from CD3_3 or CDELT3), while cubesfh needs "
+               "increasing wavelengths as the MUSE pipeline writes them; reverse the planes "
+               "of DATA and STAT (data[::-1]) and set CRVAL3 to the first wavelength, CRPIX3 "
+               "= 1 and a positive CD3_3.")
+        raise CubeSFHError(msg)
+    return wcs
 
 
 def _is_scaled(hdu):
