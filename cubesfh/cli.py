@@ -771,16 +771,23 @@ _API_TO_CLI = (
     (re.compile(r"\bforce_band=True\b"), "--force-band"),
     (re.compile(r"\ballow_other_instrument=True\b"), "--allow-other-instrument"),
 )
-_OPTIONS = ("min_snr", "target_snr", "psf_fwhm", "max_offset", "max_memory", "redshift",
-            "snr_window", "ebv", "ppxf_mc", "kinematics", "scheduler", "cache_dir")
+# API keyword -> command-line option (run/prepare).
+_OPTIONS = {"min_snr": "--min-snr", "target_snr": "--target-snr", "psf_fwhm": "--psf-fwhm",
+            "max_offset": "--max-offset", "max_memory": "--max-memory",
+            "ebv_galactic": "--ebv", "snr_window": "--snr-window", "ppxf_mc": "--ppxf-mc",
+            "cache_dir": "--cache-dir", "redshift": "--redshift", "kinematics": "--kinematics",
+            "scheduler": "--scheduler"}
 
 
 def _cli_spelling(text):
     """Replace the Python spelling of options (``min_snr=``) by the command line's."""
     for pattern, repl in _API_TO_CLI:
         text = pattern.sub(repl, text)
-    for name in _OPTIONS:
-        text = re.sub(rf"(?<![\w.-]){name}=", "--" + name.replace("_", "-") + " ", text)
+    text = re.sub(r"(?<![\w.-])min_snr=None\b", "--min-snr 0", text)
+    for name, option in _OPTIONS.items():
+        text = re.sub(rf"(?<![\w.-]){name}=", option + " ", text)
+        if "_" in name:  # a bare keyword name (not an English word): 'lower min_snr'
+            text = re.sub(rf"(?<![\w.-]){name}(?![\w(])", option, text)
     return text
 
 

@@ -129,7 +129,7 @@ _FINE_RANGE = 1.0
 _ERODE = 3
 
 _MISSING_METHODS = ("linear", "mean")
-_PER_CHOICES = ("visit", "image", "all")
+_PER_CHOICES = ("band", "visit", "image", "all")
 
 # FWHM of a Gaussian -> number of spaxels per resolution element factor.
 _BEAM_FACTOR = math.pi / (4.0 * math.log(2.0))
@@ -598,6 +598,48 @@ def _fill_nearest(values, valid):
     return values[iy, ix]
 
 
+class _InsufficientOverlap(CubeSFHError):
+    """The valid parts of the two images overlap too little to measure a shift."""
+
+
+def _band_plan(images, coverage, min_coverage):
+    """
+    Order and reference of the per-band offsets: ``[(band, 'cube'|'hst', ref)]``.
+
+    Bands the cube covers are measured against the cube's synthetic image in
+    the same band; every other band against its neighbour in wavelength among
+    the bands already measured (F438W against F555W, F336W against F438W,
+    F275W against F336W), so that one misregistered image cannot carry its
+    offset to the others. Without any covered band, the image closest in
+    wavelength to a band the cube covers is measured against that band's
+    synthetic image first.
+    """
+    bands = list(images)
+    pivot = {b: load_filter(b).pivot.to_value(u.AA) for b in bands}
+    plan = [(b, "cube", b) for b in bands if coverage.get(b, 0.0) >= min_coverage]
+    done = [b for b, _, _ in plan]
+    if not plan:
+        best = None
+        for b in bands:
+            cb = _closest_covered_band(b, coverage, min_coverage)
+            if cb is None:
+                continue
+            gap = abs(pivot[b] - load_filter(cb).pivot.to_value(u.AA))
+            if best is None or gap < best[0]:
+                best = (gap, b, cb)
+        if best is None:
+            return []
+        plan.append((best[1], "cube", best[2]))
+        done.append(best[1])
+    remaining = [b for b in bands if b not in done]
+    while remaining:
+        gap, band, ref = min((abs(pivot[b] - pivot[d]), b, d) for b in remaining for d in done)
+        plan.append((band, "hst", ref))
+        done.append(band)
+        remaining.remove(band)
+    return plan
+
+
 def _fit_shift(reference, hst, pad, *, search, min_overlap=0.5):
     """
     Shift ``(dx, dy)`` (spaxels) that maps the padded HST image onto the
@@ -635,7 +677,7 @@ def _fit_shift(reference, hst, pad, *, search, min_overlap=0.5):
         msg = ("The HST image overlaps too little of the cube (less than half of the valid "
                "spaxels at every trial shift) to measure an offset; check that it covers the "
                "MUSE field.")
-        raise CubeSFHError(msg)
+        raise _InsufficientOverlap(msg)
     j, i = np.unravel_index(np.argmax(corr), corr.shape)
     sx0, sy0 = i - search, j - search
     on_edge = abs(sx0) == search or abs(sy0) == search
@@ -996,6 +1038,11 @@ class RegistrationReport:
         How the part of a band outside the cube was estimated.
     field : str or `None`
         Name of the field (cube).
+    applied : dict
+        ``{band: bool}`` whether the band's offset was applied to its image
+        (`False` for an unreliable offset, or with ``correct=False``).
+    problems : dict
+        ``{band: str}`` why a band's offset was not measured or not applied.
     """
 
     offsets: dict
@@ -1010,6 +1057,8 @@ class RegistrationReport:
     field: str | None = None
     linear_fits: dict = dataclasses.field(default_factory=dict)
     flux_unit: str = ""
+    applied: dict = dataclasses.field(default_factory=dict)
+    problems: dict = dataclasses.field(default_factory=dict)
 
     @property
     def bands(self):
@@ -1123,7 +1172,12 @@ class RegistrationReport:
                 cards += [(f"RDA{key}", num(off.ra.to_value(u.arcsec)),
                            f"[arcsec] {b} dRA cos Dec, HST-MUSE"),
                           (f"RDD{key}", num(off.dec.to_value(u.arcsec)),
-                           f"[arcsec] {b} dDec, HST-MUSE")]
+                           f"[arcsec] {b} dDec, HST-MUSE"),
+                          (f"RRF{key}", f"{off.image_band}/{off.band}",
+                           f"{b} offset: image measured / reference"),
+                          (f"RCC{key}", num(off.correlation), f"{b}: correlation at the shift")]
+            if b in self.applied:
+                cards.append((f"RAP{key}", bool(self.applied[b]), f"{b} offset applied"))
             cards.append((f"COV{key}", num(self.coverage[b]),
                           f"fraction of {b} photon weight in the cube"))
             if b in self.ratios:
@@ -1180,6 +1234,8 @@ class RegistrationReport:
         for b, (slope, offset) in self.linear_fits.items():
             lines.append(f"{b}: per spaxel, MUSE = {slope:.3f} x HST {offset:+.4g} "
                          f"({self.flux_unit}).")
+        for b, why in self.problems.items():
+            lines.append(f"{b}: {why}")
         bad = self.outside_tolerance()
         if bad:
             lines.append(f"WARNING: MUSE/HST flux ratio beyond tolerance in {', '.join(bad)}.")
@@ -1246,7 +1302,7 @@ def _group_reference(group, coverage, min_coverage):
 
 
 def register(cube, images, *, correct=True, max_offset=DEFAULT_MAX_OFFSET,
-             tolerance=DEFAULT_TOLERANCE, per="visit", min_coverage=DEFAULT_MIN_COVERAGE,
+             tolerance=DEFAULT_TOLERANCE, per="band", min_coverage=DEFAULT_MIN_COVERAGE,
              missing="linear", target_psf_fwhm=None, method="exact",
              min_correlation=DEFAULT_MIN_CORRELATION, field=None, tile_size=128,
              max_memory=None, progress_bar=False):
@@ -1255,13 +1311,23 @@ def register(cube, images, *, correct=True, max_offset=DEFAULT_MAX_OFFSET,
 
     1. The cube's synthetic image is made in every HST band it covers
        (`synthetic_band_image`, one pass over the cube).
-    2. For each group of images sharing their astrometry (``per``), the
-       offset is measured (`measure_offset`) on one image: F555W if the
-       group has it, else F814W, else the best-covered band, else (a group
-       of UV/blue images only) the image closest in wavelength to a covered
-       band, compared with that band's synthetic image.
-    3. Unless ``correct=False`` each image's WCS is corrected by its group's
-       offset (`apply_offset`).
+    2. ``per='band'`` (default): every image is measured on its own. A band
+       the cube covers (F555W, F814W) is compared with the cube's synthetic
+       image in the same band; every other band with its neighbour in
+       wavelength among the bands already measured and corrected (F438W
+       with F555W, F336W with F438W, F275W with F336W), both PSF-matched to
+       the cube. One misregistered image thus gets its own offset and
+       cannot pass it on, and an image whose valid part overlaps the cube
+       too little to support a shift is left uncorrected with a warning
+       instead of stopping the run. With ``per='visit'``, ``'image'``,
+       ``'all'`` or a dict, the offset of each group of images is measured
+       on one image of the group (F555W if the group has it, else F814W,
+       else the best-covered band, else the image closest in wavelength to
+       a covered band, against that band's synthetic image) and shared by
+       the group.
+    3. Unless ``correct=False`` each image's WCS is corrected by its offset
+       (`apply_offset`); an offset whose correlation is below
+       ``min_correlation`` is not applied.
     4. For each covered band the ratio of the total fluxes MUSE / HST is
        computed over the common footprint (spaxels valid in both): the
        cube's synthetic image against the HST image PSF-matched to the cube
@@ -1282,8 +1348,10 @@ def register(cube, images, *, correct=True, max_offset=DEFAULT_MAX_OFFSET,
     tolerance : float, optional
         Warn when a flux ratio departs from 1 by more than this (default
         0.05).
-    per : {'visit', 'image', 'all'} or dict, optional
-        Which images share one offset. ``'visit'`` (default): images of the
+    per : {'band', 'visit', 'image', 'all'} or dict, optional
+        Which images share one offset. ``'band'`` (default): none, each
+        image is measured against the cube or its neighbour band (step 2).
+        ``'visit'``: images of the
         same HST visit (same ``PROPOSID`` and first six characters of
         ``ROOTNAME``); images whose headers name no visit form one group
         (e.g. PHANGS-HST mosaics, all aligned to Gaia). ``'image'``: every
@@ -1356,24 +1424,38 @@ def register(cube, images, *, correct=True, max_offset=DEFAULT_MAX_OFFSET,
                     for b in HST_BANDS}
     coverage = {b: coverage_all[b] for b in images}
 
-    groups = _groups(images, per)
-    plan = []  # (group, image band, cube band)
-    for group in groups:
-        img_band, cube_band = _group_reference(group, coverage_all, min_coverage)
-        if img_band is None and not correct:
-            log.info("No band to measure the offset of %s; skipped (correct=False).", group)
-            continue
-        if img_band is None:
+    offsets, applied, problems = {}, {}, {}
+    if per == "band":
+        plan = _band_plan(images, coverage_all, min_coverage)
+        if not plan and correct:
             wave = cube.wavelength.to_value(u.AA)
             msg = (f"The cube ({wave[0]:.0f}-{wave[-1]:.0f} A) covers no HST band well "
                    f"enough (min_coverage={min_coverage:g}) to measure the offset of the "
-                   f"{', '.join(group)} image(s); pass correct=False to skip the "
+                   f"{', '.join(images)} image(s); pass correct=False to skip the "
                    f"registration, or lower min_coverage=.")
             raise CubeSFHError(msg)
-        plan.append((group, img_band, cube_band))
+        cube_bands = {ref for _, kind, ref in plan if kind == "cube"}
+    else:
+        groups = _groups(images, per)
+        plan = []  # (group, image band, cube band)
+        for group in groups:
+            img_band, cube_band = _group_reference(group, coverage_all, min_coverage)
+            if img_band is None and not correct:
+                log.info("No band to measure the offset of %s; skipped (correct=False).",
+                         group)
+                continue
+            if img_band is None:
+                wave = cube.wavelength.to_value(u.AA)
+                msg = (f"The cube ({wave[0]:.0f}-{wave[-1]:.0f} A) covers no HST band well "
+                       f"enough (min_coverage={min_coverage:g}) to measure the offset of the "
+                       f"{', '.join(group)} image(s); pass correct=False to skip the "
+                       f"registration, or lower min_coverage=.")
+                raise CubeSFHError(msg)
+            plan.append((group, img_band, cube_band))
+        cube_bands = {cb for _, _, cb in plan}
 
     ratio_bands = [b for b in images if coverage[b] >= min_coverage]
-    needed = sorted({cb for _, _, cb in plan} | set(ratio_bands), key=HST_BANDS.index)
+    needed = sorted(cube_bands | set(ratio_bands), key=HST_BANDS.index)
     # one pass over the cube per instrument (normally one)
     synthetic = {}
     for inst in sorted({instrument.get(b, "WFC3/UVIS") for b in needed}):
@@ -1381,20 +1463,61 @@ def register(cube, images, *, correct=True, max_offset=DEFAULT_MAX_OFFSET,
         synthetic.update(_synthetic_images(cube, todo, instrument=inst, missing=missing,
                                            max_memory=max_memory, progress_bar=progress_bar))
 
-    offsets, applied = {}, {}
-    steps = progress(plan, enabled=progress_bar, desc="registration", unit="visit")
-    for group, img_band, cube_band in steps:
-        off = _measure(cube, images[img_band], synthetic[cube_band][0], cube_band,
-                       max_offset=max_offset, target_fwhm=target, method=method,
-                       min_correlation=min_correlation, tile_size=tile_size,
-                       weak_note=" and is not applied" if correct else "")
-        reliable = off.correlation >= min_correlation
-        for b in group:
-            offsets[b] = off
-            applied[b] = correct and reliable
-
-    out = {b: (apply_offset(im, offsets[b]) if applied.get(b) else im)
-           for b, im in images.items()}
+    common = {"max_offset": max_offset, "target_fwhm": target, "method": method,
+              "min_correlation": min_correlation, "tile_size": tile_size,
+              "weak_note": " and is not applied" if correct else ""}
+    if per == "band":
+        out = dict(images)
+        steps = progress(plan, enabled=progress_bar, desc="registration", unit="band")
+        for band, kind, ref in steps:
+            if kind == "hst" and ref not in offsets:
+                # the planned neighbour could not be measured: the nearest band that was
+                measured = [b for b in offsets if applied.get(b) or not correct]
+                ref = (min(measured, key=lambda b: abs(load_filter(b).pivot
+                                                       - load_filter(band).pivot))
+                       if measured else None)
+                if ref is None:
+                    cb = _closest_covered_band(band, coverage_all, min_coverage)
+                    if cb is None or cb not in synthetic:
+                        problems[band] = "offset not measured: no band to compare it with"
+                        continue
+                    kind, ref = "cube", cb
+            if kind == "cube":
+                reference, label = synthetic[ref][0], ref
+            else:
+                # the neighbour HST band, already corrected: this offset is absolute too
+                reference = _hst_on_grid(out[ref], cube.celestial_wcs, cube.spatial_shape,
+                                         target_fwhm=target, unit=cube.unit,
+                                         tile_size=tile_size, method=method)
+                label = f"HST {ref}"
+            try:
+                off = _measure(cube, images[band], reference, label, **common)
+            except _InsufficientOverlap as exc:
+                # refuse the offset that this overlap cannot support; the other bands
+                # go on (each is measured on its own)
+                problems[band] = f"offset not measured: {exc}"
+                msg = (f"The offset of the {band} image is not measured and not corrected: "
+                       f"{exc}")
+                warnings.warn(msg, CubeSFHWarning)
+                continue
+            offsets[band] = off
+            applied[band] = correct and off.correlation >= min_correlation
+            if applied[band]:
+                out[band] = apply_offset(images[band], off)
+            elif correct:
+                problems[band] = (f"offset not applied: correlation {off.correlation:.2f} "
+                                  f"< {min_correlation:g}")
+    else:
+        steps = progress(plan, enabled=progress_bar, desc="registration", unit="visit")
+        for group, img_band, cube_band in steps:
+            off = _measure(cube, images[img_band], synthetic[cube_band][0], cube_band,
+                           **common)
+            reliable = off.correlation >= min_correlation
+            for b in group:
+                offsets[b] = off
+                applied[b] = correct and reliable
+        out = {b: (apply_offset(im, offsets[b]) if applied.get(b) else im)
+               for b, im in images.items()}
 
     ratios, n_used, fits_ = {}, {}, {}
     for b in ratio_bands:
@@ -1439,5 +1562,6 @@ def register(cube, images, *, correct=True, max_offset=DEFAULT_MAX_OFFSET,
                                 max_offset=max_offset, tolerance=float(tolerance),
                                 min_coverage=float(min_coverage), missing=missing,
                                 field=None if field is None else str(field),
-                                linear_fits=fits_, flux_unit=cube.unit.to_string())
+                                linear_fits=fits_, flux_unit=cube.unit.to_string(),
+                                applied=applied, problems=problems)
     return out, report

@@ -532,30 +532,29 @@ CLI_VALUE_ERRORS = [
                  id="redshift-negative-0.5"),
     pytest.param({"redshift": "1.5"}, ["At redshift z = 1.50000", "cube covers 4750-7098 A"],
                  id="redshift-1.5"),
-    pytest.param({"redshift": "nan"}, ["redshift=nan is not a valid redshift"],
+    pytest.param({"redshift": "nan"}, ["--redshift nan is not a valid redshift"],
                  id="redshift-nan"),
     pytest.param({"redshift": "0"}, ["median of 699 km/s, \\+699 km/s from the systemic cz = 0"],
                  id="redshift-0-with-cz-maps"),
     pytest.param({"extra": ["--target-snr", "0"]},
-                 ["target_snr must be positive and finite; got 0.0"], id="target-snr-0"),
+                 ["--target-snr must be positive and finite; got 0.0"], id="target-snr-0"),
     pytest.param({"extra": ["--target-snr", "inf"]},
-                 ["target_snr must be positive and finite; got inf"], id="target-snr-inf"),
+                 ["--target-snr must be positive and finite; got inf"], id="target-snr-inf"),
     pytest.param({"extra": ["--min-snr", "nan"]},
-                 ["min_snr must be a finite S/N", "got nan \\(--min-snr\\)"], id="min-snr-nan"),
-    pytest.param({"extra": ["--target-snr", "-5"]}, ["target_snr must be positive"],
+                 ["--min-snr must be a finite S/N", "got nan \\(--min-snr\\)"], id="min-snr-nan"),
+    pytest.param({"extra": ["--target-snr", "-5"]}, ["--target-snr must be positive"],
                  id="target-snr-negative"),
     pytest.param({"extra": ["--target-snr", "1e6"]},
-                 ["No bin can reach target_snr=1e\\+06", "Lower target_snr to at most \\d+"],
+                 ["No bin can reach --target-snr 1e\\+06", "Lower --target-snr to at most \\d+"],
                  id="target-snr-unreachable"),
-    pytest.param({"extra": ["--min-snr", "1e9"]}, ["No spaxel reaches min_snr", "lower min_snr"],
+    pytest.param({"extra": ["--min-snr", "1e9"]},
+                 ["No spaxel reaches --min-snr", "lower --min-snr or pass --min-snr 0"],
                  id="min-snr-unreachable"),
     pytest.param({"extra": ["--snr-window", "9000", "9200"]},
                  ["window 9000-9200 Angstrom contains no pixel", "4749.72-7098.47"],
                  id="snr-window-outside-the-cube"),
-    pytest.param({"extra": ["--ebv", "nan"]}, ["ebv_galactic=nan", "E\\(B-V\\) >= 0"],
+    pytest.param({"extra": ["--ebv", "nan"]}, ["--ebv nan", "E\\(B-V\\) >= 0"],
                  id="ebv-nan"),
-    pytest.param({"extra": ["--max-memory", "0"]}, ["max_memory must be positive"],
-                 id="max-memory-0"),
 ]
 
 
@@ -604,7 +603,7 @@ def test_region_in_image_coordinates_masks_its_spaxels(obs, bad_dir, capsys):
 def test_all_zero_data(obs, bad_dir, capsys):
     cube = cube_variant(obs, bad_dir, "zero_data", lambda h: h["DATA"].data.fill(0.0))
     code, err, _, _ = run_cli(capsys, run_argv(obs, cube))
-    assert_cli_error(code, err, ["No spaxel reaches min_snr=1.0", "highest spaxel S/N is 0"])
+    assert_cli_error(code, err, ["No spaxel reaches --min-snr 1.0", "highest spaxel S/N is 0"])
 
 
 def test_zero_flux_rows_are_not_binned(obs, bad_dir, capsys):

@@ -300,6 +300,10 @@ def test_zero_or_negative_option_is_refused(option, value, capsys):
     ("pass correct=False to skip the registration", "pass --no-register to skip"),
     ("pass overwrite=True (or --overwrite) to replace it", "pass --overwrite to replace it"),
     ("lower min_snr= or raise target_snr=", "lower --min-snr  or raise --target-snr "),
+    ("Lower target_snr to at most 497", "Lower --target-snr to at most 497"),
+    ("lower min_snr or pass min_snr=None.", "lower --min-snr or pass --min-snr 0."),
+    ("ebv_galactic=nan is not", "--ebv nan is not"),
+    ("the redshift is wrong", "the redshift is wrong"),
     ("f.fits has no BUNIT; pass unit= (e.g. 'electron/s')",
      "f.fits has no BUNIT; add a BUNIT keyword to the image header (e.g. 'electron/s')"),
     ("says F814W; using F275W (force_band=True)", "says F814W; using F275W (--force-band)"),
@@ -322,20 +326,15 @@ def test_file_system_errors_in_plain_words(code, hint):
     assert "[Errno" not in text
 
 
-def test_registration_failure_suggests_no_register(obs, tmp_path, capsys):
-    # an HST image of another part of the sky: the offset cannot be measured
-    path = tmp_path / "elsewhere_f555w.fits"
-    with fits.open(obs.hst_paths["F555W"]) as h:
-        for hdu in h:
-            if "CRVAL2" in hdu.header:
-                hdu.header["CRVAL2"] = hdu.header["CRVAL2"] + 1.0 / 3600  # 1 arcsec north
-                hdu.header["CRVAL1"] = hdu.header["CRVAL1"] + 1.5 / 3600
-        h.writeto(path)
-    code, err, _ = run_cli(capsys, ["run", obs.cube_path, "--hst", f"F555W={path}", "-o",
-                                    tmp_path / "m.fits", "--kinematics", obs.kin,
+def test_registration_failure_suggests_no_register(wide, tmp_path, capsys):
+    # an F555W image 1 arcsec off, more than --max-offset 0.5: registration stops the run
+    path = _shifted(wide.hst_paths["F555W"], tmp_path / "off_f555w.fits", ddec_arcsec=1.0)
+    code, err, _ = run_cli(capsys, ["run", wide.cube_path, "--hst", f"F555W={path}", "-o",
+                                    tmp_path / "m.fits", "--max-offset", 0.5,
                                     "--redshift", REDSHIFT, "--no-progress"])
     assert code == 2
-    assert "--no-register" in err, err
+    assert re.search(r"offset from the MUSE cube by .* more than --max-offset 0\.5", err), err
+    assert err.endswith("(or run with --no-register to skip the MUSE-HST registration)"), err
 
 
 def test_sigterm_exits_143_with_a_message(obs, tmp_path):
@@ -390,3 +389,66 @@ def test_provenance_has_one_entry_per_input_file_with_its_sha256(obs, tmp_path, 
         assert h[f"INROLE{i}"] == role
     for key in ("SCPY_VER", "MPL_VER"):
         assert h[key] not in ("unknown", "not installed", "")
+
+
+# ------------------------------------------------------------------ registration per band
+
+def _shifted(path, out, *, ddec_arcsec=0.0, nan_left=0.0):
+    with fits.open(path) as h:
+        sci = h["SCI"].data
+        if ddec_arcsec:
+            h["SCI"].header["CRVAL2"] += ddec_arcsec / 3600.0
+        if nan_left:
+            sci[:, : int(sci.shape[1] * nan_left)] = np.nan
+        h.writeto(out)
+    return out
+
+
+def test_one_misregistered_band_gets_its_own_offset(wide, tmp_path):
+    """F275W 1 arcsec off, the others right: F275W is corrected by 1", the others not."""
+    from cubesfh.registration import register
+
+    cube = Cube.read(wide.cube_path)
+    images = {b: HSTImage.read(p) for b, p in wide.hst_paths.items()}
+    images["F275W"] = HSTImage.read(_shifted(wide.hst_paths["F275W"], tmp_path / "f275w.fits",
+                                             ddec_arcsec=1.0))
+    out, report = register(cube, images)
+    off = report.offsets
+    assert off["F275W"].dec.to_value("arcsec") == pytest.approx(1.0, abs=0.03)
+    assert off["F275W"].band == "HST F336W"
+    for band in ("F336W", "F438W", "F555W", "F814W"):
+        assert abs(off[band].dec.to_value("arcsec")) < 0.03, band
+        assert abs(off[band].ra.to_value("arcsec")) < 0.03, band
+    assert off["F555W"].band == "F555W"  # the cube's synthetic image
+    assert all(report.applied.values())
+    cards = {c[0]: c[1] for c in report.to_header_cards()}
+    assert cards["RDDF275"] == pytest.approx(1.0, abs=0.03)
+    assert cards["RRFF275"] == "F275W/HST F336W" and cards["RAPF275"] is True
+    # the corrected F275W now sits on the cube: its WCS moved by the offset
+    before = images["F275W"].wcs.pixel_to_world(50, 50)
+    after = out["F275W"].wcs.pixel_to_world(50, 50)
+    assert (after.dec - before.dec).to_value("arcsec") == pytest.approx(-1.0, abs=0.03)
+    assert out["F336W"] is not images["F336W"]  # corrected by its own (~0) offset
+    # the visit rule of earlier versions gave every band F555W's offset
+    _, old = register(cube, images, per="visit")
+    assert abs(old.offsets["F275W"].dec.to_value("arcsec")) < 0.03
+
+
+def test_reference_band_without_data_over_half_the_field_is_refused_alone(wide, tmp_path):
+    """F555W empty over half of the cube: its offset is refused, the others are measured."""
+    from cubesfh.registration import register
+
+    cube = Cube.read(wide.cube_path)
+    images = {b: HSTImage.read(p) for b, p in wide.hst_paths.items()}
+    images["F555W"] = HSTImage.read(_shifted(wide.hst_paths["F555W"], tmp_path / "f555w.fits",
+                                             nan_left=0.5))
+    with pytest.warns(CubeSFHWarning, match=r"offset of the F555W image is not measured and "
+                                            r"not corrected: .*overlaps too little"):
+        out, report = register(cube, images)
+    assert "F555W" not in report.offsets and "F555W" in report.problems
+    assert out["F555W"] is images["F555W"]
+    for band in ("F275W", "F336W", "F438W", "F814W"):
+        o = report.offsets[band]
+        assert o.separation.to_value("arcsec") < 0.05, band
+    assert report.offsets["F438W"].band == "F555W"  # the cube's image, not the empty one
+    assert "F555W: offset not measured" in report.summary()

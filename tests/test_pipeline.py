@@ -134,8 +134,13 @@ def test_command_line_run(mock, tmp_path, capsys):
     assert cli_main(argv) == 0
     text = capsys.readouterr().out
     assert "wrote" in text and out.with_suffix(".png").exists()
-    # a second run into the same files replaces both (as the demo does when rerun)
-    assert cli_main(argv) == 0
+    # a second run into the same files is refused (issue 20: a product is never
+    # replaced silently) and replaces both with --overwrite
+    before = out.read_bytes()
+    assert cli_main(argv) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert out.read_bytes() == before
+    assert cli_main([*argv, "--overwrite"]) == 0
     back = StellarPopulationMaps.read(out)
     assert back.meta["bands_used"] == ["F555W", "F814W"]
 

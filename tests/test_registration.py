@@ -293,10 +293,21 @@ def test_register_mock_all_bands(mock):
     assert set(report.ratios) == {"F555W"}
     # +0.5 % from extrapolating f_lambda below 4750 A (see synthetic_band_image)
     assert report.ratios["F555W"] == pytest.approx(1.0, abs=0.015)
-    # one visit (no visit keywords): one offset, measured on F555W, ~0
-    assert len(report.measurements) == 1
-    assert all(off is report.measurements[0] for off in report.offsets.values())
-    assert report.measurements[0].separation < 0.01 * u.arcsec
+    # per band (default): each image measured on its own, F555W against the cube,
+    # the others against their neighbour band; all ~0 on the mock
+    assert len(report.measurements) == 5
+    assert {b: o.band for b, o in report.offsets.items()} == {
+        "F275W": "HST F336W", "F336W": "HST F438W", "F438W": "HST F555W",
+        "F555W": "F555W", "F814W": "HST F555W"}
+    assert report.measurements[0] is report.offsets["F555W"]
+    assert report.offsets["F555W"].separation < 0.01 * u.arcsec
+    assert all(o.separation < 0.03 * u.arcsec for o in report.offsets.values())
+    assert all(report.applied.values()) and not report.problems
+    # per visit (no visit keywords): one offset, measured on F555W, shared by all
+    _, visit = register(cube, images, per="visit")
+    assert len(visit.measurements) == 1
+    assert all(off is visit.measurements[0] for off in visit.offsets.values())
+    assert visit.measurements[0].separation < 0.01 * u.arcsec
 
     cards = report.to_header_cards()
     header = fits.Header()
