@@ -598,6 +598,15 @@ def _fill_nearest(values, valid):
     return values[iy, ix]
 
 
+def _no_covered_band(cube, bands, min_coverage):
+    """The error of a cube that covers no band to measure the offset of ``bands``."""
+    wave = cube.wavelength.to_value(u.AA)
+    msg = (f"The cube ({wave[0]:.0f}-{wave[-1]:.0f} A) covers no HST band well enough "
+           f"(min_coverage={min_coverage:g}) to measure the offset of the {', '.join(bands)} "
+           "image(s); pass correct=False to skip the registration, or lower min_coverage=.")
+    return CubeSFHError(msg)
+
+
 class _InsufficientOverlap(CubeSFHError):
     """The valid parts of the two images overlap too little to measure a shift."""
 
@@ -1428,12 +1437,7 @@ def register(cube, images, *, correct=True, max_offset=DEFAULT_MAX_OFFSET,
     if per == "band":
         plan = _band_plan(images, coverage_all, min_coverage)
         if not plan and correct:
-            wave = cube.wavelength.to_value(u.AA)
-            msg = (f"The cube ({wave[0]:.0f}-{wave[-1]:.0f} A) covers no HST band well "
-                   f"enough (min_coverage={min_coverage:g}) to measure the offset of the "
-                   f"{', '.join(images)} image(s); pass correct=False to skip the "
-                   f"registration, or lower min_coverage=.")
-            raise CubeSFHError(msg)
+            raise _no_covered_band(cube, images, min_coverage)
         cube_bands = {ref for _, kind, ref in plan if kind == "cube"}
     else:
         groups = _groups(images, per)
@@ -1445,12 +1449,7 @@ def register(cube, images, *, correct=True, max_offset=DEFAULT_MAX_OFFSET,
                          group)
                 continue
             if img_band is None:
-                wave = cube.wavelength.to_value(u.AA)
-                msg = (f"The cube ({wave[0]:.0f}-{wave[-1]:.0f} A) covers no HST band well "
-                       f"enough (min_coverage={min_coverage:g}) to measure the offset of the "
-                       f"{', '.join(group)} image(s); pass correct=False to skip the "
-                       f"registration, or lower min_coverage=.")
-                raise CubeSFHError(msg)
+                raise _no_covered_band(cube, group, min_coverage)
             plan.append((group, img_band, cube_band))
         cube_bands = {cb for _, _, cb in plan}
 

@@ -1,9 +1,25 @@
 # Licensed under a 3-clause BSD style license - see LICENSE
 """Helpers shared by several test modules (``pythonpath = ["tests"]`` in pyproject.toml)."""
 
+import re
+
 import numpy as np
 from astropy.io import fits
 from astropy.wcs import WCS
+
+
+def one_line(text):
+    """``text`` as a string, after checking that it is a single line."""
+    assert "\n" not in str(text).strip(), f"not one line: {text!r}"
+    return str(text)
+
+
+def check_error(excinfo, cls, patterns):
+    """Exact class, one line, and every pattern found in the message."""
+    assert type(excinfo.value) is cls, f"{type(excinfo.value).__name__}: {excinfo.value}"
+    text = one_line(excinfo.value)
+    for pattern in patterns:
+        assert re.search(pattern, text), f"{pattern!r} not in {text!r}"
 
 
 def rotated_muse_wcs():
@@ -37,3 +53,23 @@ def gaussian_broaden(flux, sigma_kms, dv):
         num += w * padded[half + k: half + k + flux.size]
         den += w
     return num / den
+
+
+def example_with_kinematics(directory, *, shape=(12, 12), seed=0):
+    """
+    The generated example observation plus ``kin.fits``: DAP-like ``V_STARS`` and
+    ``SIGMA_STARS`` maps of its true kinematics (``example.kin``; ``example.dir``).
+    """
+    from pathlib import Path
+
+    from cubesfh.datasets import make_example_observation
+
+    directory = Path(directory)
+    example = make_example_observation(directory, shape=shape, seed=seed)
+    with fits.open(example.truth_path) as h:
+        vel, sig, head = h["VELOCITY"].data, h["SIGMA"].data, h["VELOCITY"].header
+    fits.HDUList([fits.PrimaryHDU(), fits.ImageHDU(vel, head, name="V_STARS"),
+                  fits.ImageHDU(sig, head, name="SIGMA_STARS")]).writeto(directory / "kin.fits")
+    example.kin = directory / "kin.fits"
+    example.dir = directory
+    return example

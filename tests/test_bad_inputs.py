@@ -31,6 +31,7 @@ import pytest
 from astropy import units as u
 from astropy.io import fits
 from astropy.wcs import WCS
+from helpers import check_error, one_line
 
 from cubesfh import Cube, CubeSFHError, CubeSFHWarning, HSTImage
 from cubesfh.cli import main as cli_main
@@ -39,19 +40,6 @@ from cubesfh.datasets import make_example_observation
 SHAPE = (12, 12)
 REDSHIFT = 700.0 / 299_792.458  # the example's systemic velocity, 700 km/s
 NLAM = 1880  # planes of the example cube (4749.72-7098.47 A)
-
-
-def one_line(text):
-    assert "\n" not in str(text).strip(), f"not one line: {text!r}"
-    return str(text)
-
-
-def check_error(excinfo, cls, patterns):
-    """Exact class, one line, and every pattern found in the message."""
-    assert type(excinfo.value) is cls, f"{type(excinfo.value).__name__}: {excinfo.value}"
-    text = one_line(excinfo.value)
-    for pattern in patterns:
-        assert re.search(pattern, text), f"{pattern!r} not in {text!r}"
 
 
 # --------------------------------------------------------------------- fixtures

@@ -20,41 +20,21 @@ import warnings
 import numpy as np
 import pytest
 from astropy.io import fits
+from helpers import check_error, example_with_kinematics, one_line
 
 from cubesfh import Cube, CubeSFHError, HSTImage
 from cubesfh.cli import main as cli_main
-from cubesfh.datasets import make_example_observation
 
 SHAPE = (12, 12)
 C_KMS = 299_792.458
 REDSHIFT = 700.0 / C_KMS
 
 
-def one_line(text):
-    assert "\n" not in str(text).strip(), f"not one line: {text!r}"
-    return str(text)
-
-
-def check_error(excinfo, cls, patterns):
-    assert type(excinfo.value) is cls, f"{type(excinfo.value).__name__}: {excinfo.value}"
-    text = one_line(excinfo.value)
-    for pattern in patterns:
-        assert re.search(pattern, text), f"{pattern!r} not in {text!r}"
-
-
 # --------------------------------------------------------------------- fixtures
 
 @pytest.fixture(scope="module")
 def obs(tmp_path_factory):
-    d = tmp_path_factory.mktemp("example_more")
-    example = make_example_observation(d, shape=SHAPE, seed=0)
-    with fits.open(example.truth_path) as h:
-        vel, sig, head = h["VELOCITY"].data, h["SIGMA"].data, h["VELOCITY"].header
-    fits.HDUList([fits.PrimaryHDU(), fits.ImageHDU(vel, head, name="V_STARS"),
-                  fits.ImageHDU(sig, head, name="SIGMA_STARS")]).writeto(d / "kin.fits")
-    example.kin = d / "kin.fits"
-    example.dir = d
-    return example
+    return example_with_kinematics(tmp_path_factory.mktemp("example_more"), shape=SHAPE)
 
 
 @pytest.fixture(scope="module")

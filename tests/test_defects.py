@@ -19,6 +19,7 @@ import warnings
 import numpy as np
 import pytest
 from astropy.io import fits
+from helpers import example_with_kinematics
 
 from cubesfh import Cube, CubeSFHError, CubeSFHWarning, HSTImage
 from cubesfh.cli import _cli_spelling
@@ -33,14 +34,7 @@ REDSHIFT = 700.0 / 299_792.458
 
 @pytest.fixture(scope="module")
 def obs(tmp_path_factory):
-    d = tmp_path_factory.mktemp("example")
-    example = make_example_observation(d, shape=SHAPE, seed=0)
-    with fits.open(example.truth_path) as h:
-        vel, sig, head = h["VELOCITY"].data, h["SIGMA"].data, h["VELOCITY"].header
-        fits.HDUList([fits.PrimaryHDU(), fits.ImageHDU(vel, head, name="V_STARS"),
-                      fits.ImageHDU(sig, head, name="SIGMA_STARS")]).writeto(d / "kin.fits")
-    example.kin = d / "kin.fits"
-    return example
+    return example_with_kinematics(tmp_path_factory.mktemp("example"), shape=SHAPE)
 
 
 def run_cli(capsys, argv):

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ._io import _fsync
+
 __all__ = ["CacheFormatError", "load_entry", "save_entry"]
 
 #: Classes a cache entry may hold, by the name stored in the file. Nothing else
@@ -148,24 +150,13 @@ def save_entry(path, value):
              **{f"a{i}": a for i, a in enumerate(arrays)})
     tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
     try:
-        with open(tmp, "wb") as f:
-            f.write(buffer.getvalue())
-            f.flush()
-            os.fsync(f.fileno())
+        tmp.write_bytes(buffer.getvalue())
+        _fsync(tmp)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
-    try:
-        fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:  # pragma: no cover - folders cannot be opened on Windows
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
+    _fsync(path.parent)
 
 
 def load_entry(path):
