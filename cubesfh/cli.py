@@ -768,7 +768,11 @@ _API_TO_CLI = (
     (re.compile(r"\boverwrite=True\b(?: \(or --overwrite\))?"), "--overwrite"),
     (re.compile(r"\bpass unit= \("), "add a BUNIT keyword to the image header ("),
     (re.compile(r"\bwith unit= \("), "with a BUNIT keyword in the image header ("),
-    (re.compile(r"\bforce_band=True\b"), "--force-band"),
+    (re.compile(r"\bforce_band=True\b(?: \(--force-band\))?"), "--force-band"),
+    (re.compile(r"\b(?:supply|pass) photflam= "), "add a PHOTFLAM keyword to the image header "),
+    (re.compile(r"\b(?:supply|pass) photplam= "), "add a PHOTPLAM keyword to the image header "),
+    (re.compile(r"\bpass band= "), "give the band as --hst BAND=PATH "),
+    (re.compile(r"\bPass band= "), "Give the band as --hst BAND=PATH "),
     (re.compile(r"\ballow_other_instrument=True\b"), "--allow-other-instrument"),
 )
 # API keyword -> command-line option (run/prepare).

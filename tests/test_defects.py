@@ -301,6 +301,13 @@ def test_zero_or_negative_option_is_refused(option, value, capsys):
     ("f.fits has no BUNIT; pass unit= (e.g. 'electron/s')",
      "f.fits has no BUNIT; add a BUNIT keyword to the image header (e.g. 'electron/s')"),
     ("says F814W; using F275W (force_band=True)", "says F814W; using F275W (--force-band)"),
+    ("or force_band=True (--force-band) if the header", "or --force-band if the header"),
+    ("PHOTFLAM keyword: supply photflam= (erg / (s cm2 AA)",
+     "PHOTFLAM keyword: add a PHOTFLAM keyword to the image header (erg / (s cm2 AA)"),
+    ("but PHOTPLAM is missing; supply photplam= (Angstrom)",
+     "but PHOTPLAM is missing; add a PHOTPLAM keyword to the image header (Angstrom)"),
+    ("several filters (F555W, F814W); pass band= to say which",
+     "several filters (F555W, F814W); give the band as --hst BAND=PATH to say which"),
 ])
 def test_messages_use_the_command_line_spelling(text, expected):
     assert expected in _cli_spelling(text)
@@ -446,3 +453,21 @@ def test_reference_band_without_data_over_half_the_field_is_refused_alone(wide, 
         assert o.separation.to_value("arcsec") < 0.05, band
     assert report.offsets["F438W"].band == "F555W"  # the cube's image, not the empty one
     assert "F555W: offset not measured" in report.summary()
+
+
+def test_quick_look_labels_are_plain(obs, tmp_path):
+    """Issue 20: the quick-look colour bars read 'dex(yr)' and 'S/N per A'."""
+    from cubesfh.maps import StellarPopulationMaps
+    from cubesfh.pipeline import run_pipeline
+
+    cube = Cube.read(obs.cube_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CubeSFHWarning)
+        maps = run_pipeline(cube, None, kinematics=str(obs.kin), redshift=REDSHIFT,
+                            target_snr=60, progress_bar=False)
+    path = maps.write(tmp_path / "m.fits")
+    fig = StellarPopulationMaps.read(path).plot()
+    texts = [t.get_text() for ax in fig.axes for t in (ax.title, ax.yaxis.label, ax.xaxis.label)]
+    assert "log(age/yr)" in texts and "dex" in texts
+    assert "S/N per Å" in texts
+    assert not any("dex(yr)" in t or "per A" in t.replace("per Å", "") for t in texts)
