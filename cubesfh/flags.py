@@ -27,7 +27,9 @@ class BinFlag(enum.IntFlag):
     KINEMATICS_AT_BOUND = 8
     #: The rest-frame spectrum could not be prepared (bad normalisation, no data).
     SPECTRUM_FAILED = 16
-    #: Part of the 4800-7000 A rest-frame range has no valid data.
+    #: More than `~cubesfh.gaps.INCOMPLETE_LIMIT` (25 %) of the 4800-7000 A
+    #: rest-frame range has no valid data: too little left to trust the bin.
+    #: (Any smaller loss gives `SPECTRAL_GAP`.)
     SPECTRUM_INCOMPLETE = 32
     #: No HST image was given for this band set (spectrum-only input).
     NO_PHOTOMETRY = 64
@@ -55,3 +57,8 @@ class BinFlag(enum.IntFlag):
     #: bins (a sky spectrum subtracted in excess weighs most in faint bins).
     #: The bin is still analysed; its maps (above all [Z/H]) deserve suspicion.
     SKY_SUSPECT = 1024
+    #: Pixels of the 4800-7000 A rest-frame range are missing (the MUSE AO
+    #: laser notch, masked sky lines, detector defects): the fraction is the
+    #: ``gap_fraction`` column of ``BINS``. The network sees them completed by
+    #: a template fit to the bin's valid pixels (`~cubesfh.gaps.fill_gaps`).
+    SPECTRAL_GAP = 2048

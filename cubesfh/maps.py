@@ -70,12 +70,13 @@ _FLAG_COMMENTS = {
     "KINEMATICS_FAILED": "kinematic fit failed or missing",
     "KINEMATICS_AT_BOUND": "kinematic fit at a bound",
     "SPECTRUM_FAILED": "rest-frame spectrum not prepared",
-    "SPECTRUM_INCOMPLETE": "part of 4800-7000 A rest has no data",
+    "SPECTRUM_INCOMPLETE": "over 25 % of 4800-7000 A rest has no data",
     "NO_PHOTOMETRY": "no HST images given",
     "OUT_OF_DISTRIBUTION": "CNN ood_score > 1: outside training set",
     "DISAGREE": "|CNN - pPXF| > 2 combined sigma in a mean",
     "KINEMATICS_SUSPECT": "kinematic chi2 or velocity an outlier",
     "SKY_SUSPECT": "negative continuum or low MUSE/HST flux",
+    "SPECTRAL_GAP": "pixels missing in 4800-7000 A rest (filled)",
     "NOT_BINNED": "spaxel in no bin: maps are NaN",
     "PPXF_FAILED": "pPXF baseline fit failed",
 }
@@ -170,6 +171,7 @@ _COLUMN_DOCS = {
     "sigma_err": "error of sigma",
     "sigma_target": "common dispersion the spectrum was broadened to (selects the model)",
     "norm": "mean rest-frame flux density in 5300-5500 A per spaxel",
+    "gap_fraction": "fraction of 4800-7000 A rest missing (filled by a fit)",
     "flag": "quality bitmask (BinFlag bits + PPXF_FAILED)",
     "ppxf_flag": "BaselineFlag of the pPXF fit",
     "ppxf_av": "Calzetti A_V of the pPXF fit",
@@ -839,6 +841,11 @@ class StellarPopulationMaps:
             u.Quantity(st, _KMS).to_value(_KMS), (n,)).astype(float)) * _KMS
         norm = prepared.spectra.norm
         t["norm"] = norm if isinstance(norm, u.Quantity) else np.asarray(norm, float)
+        flux = getattr(prepared.spectra, "flux", None)
+        if flux is not None and np.shape(flux)[0] == n:
+            from .gaps import gap_fraction
+
+            t["gap_fraction"] = gap_fraction(flux) if n else np.zeros(0)
         phot = prepared.photometry_normalized
         phot = (np.full((n, len(HST_BANDS)), np.nan) if phot is None
                 else np.asarray(phot, float))

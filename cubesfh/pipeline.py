@@ -20,6 +20,7 @@ from astropy import units as u
 
 from .conventions import HST_BANDS
 from .flags import BinFlag
+from .gaps import fill_gaps
 from .maps import _versions
 from .photometry._kcorr import K_CORRECT_MIN_Z, k_correct_bins
 from .utils import CubeSFHError
@@ -114,8 +115,14 @@ def predict_bins(prepared, *, model=None, photometry=True):
     for j, m in enumerate(models):
         sel = ok & np.isclose(targets, m.sigma_target.value)
         if sel.any():
-            res = m.predict(prepared.spectra.flux[sel],
-                            prepared.photometry_normalized[sel] if photometry else None)
+            flux = prepared.spectra.flux[sel]
+            if not np.isfinite(flux).all():
+                # missing pixels (AO notch, masks): completed from the bin's own valid
+                # pixels by a template fit, never a constant (see cubesfh.gaps)
+                var = prepared.spectra.variance
+                flux, _ = fill_gaps(flux, targets[sel],
+                                    variance=None if var is None else var[sel])
+            res = m.predict(flux, prepared.photometry_normalized[sel] if photometry else None)
             for k in keys + ("logage_lw", "logage_mw", "zh_lw", "zh_mw"):
                 out[k][sel] = res[k]
             if with_heads and getattr(m, "has_uncertainty", False):

@@ -24,6 +24,7 @@ from astropy.table import QTable
 
 from .conventions import HST_BANDS
 from .flags import BinFlag
+from .gaps import INCOMPLETE_LIMIT, gap_fraction
 from .utils import CubeSFHError, atomic_write
 from .utils._io import file_digest
 
@@ -486,7 +487,10 @@ def prepare_observation(cube, hst=None, *, target_snr=35.0, min_snr=1.0, regions
     flags[(pf & PreparationFlag.SIGMA_TOO_HIGH) != 0] |= BinFlag.SIGMA_TOO_HIGH
     flags[(pf & (PreparationFlag.BAD_KINEMATICS | PreparationFlag.BAD_NORM)) != 0] |= \
         BinFlag.SPECTRUM_FAILED
-    flags[(pf & PreparationFlag.MISSING_PIXELS) != 0] |= BinFlag.SPECTRUM_INCOMPLETE
+    lost = gap_fraction(spectra.flux)
+    gap = ((pf & PreparationFlag.MISSING_PIXELS) != 0) & (lost < 1.0)
+    flags[gap] |= BinFlag.SPECTRAL_GAP
+    flags[gap & (lost > INCOMPLETE_LIMIT)] |= BinFlag.SPECTRUM_INCOMPLETE
 
     flags[_negative_continuum(spectra.flux)] |= BinFlag.SKY_SUSPECT
 
