@@ -122,3 +122,23 @@ def _with_ones(spectra):
     out = copy.copy(spectra)
     out.flux = np.where(np.isfinite(spectra.flux), spectra.flux, 1.0)
     return out
+
+
+def test_model_predict_completes_gaps_itself():
+    """SFHModel.predict on spectra with NaN: the template completion, unless switched off."""
+    pytest.importorskip("torch")
+    from cubesfh.network import SFHModel
+
+    w, templates = _templates(150.0)
+    rng = np.random.default_rng(5)
+    spec = templates[:, rng.choice(templates.shape[1], (4, 3))].sum(axis=2).T
+    spec /= spec[:, (w >= 5300) & (w <= 5500)].mean(axis=1)[:, None]
+    spec += 0.02 * rng.standard_normal(spec.shape)
+    holed = spec.copy()
+    holed[:, (w >= 5780) & (w <= 6050)] = np.nan
+    model = SFHModel.load()
+    auto = model.predict(holed, uncertainty=False)
+    manual = model.predict(fill_gaps(holed, 150.0)[0], uncertainty=False)
+    ones = model.predict(holed, uncertainty=False, fill_gaps=False)
+    np.testing.assert_allclose(auto["logage_lw"], manual["logage_lw"], atol=1e-5)
+    assert not np.allclose(ones["logage_lw"], auto["logage_lw"], atol=1e-3)

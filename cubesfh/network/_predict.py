@@ -204,15 +204,15 @@ class SFHModel:
             raise CubeSFHError(msg) from exc
 
     def predict(self, spectra, photometry=None, *, band_mask=None, batch_size=4096,
-                uncertainty=True, threads=None):
+                uncertainty=True, threads=None, fill_gaps=True):
         """
         Predict the SFH and metallicity history of each spectrum.
 
         Parameters
         ----------
         spectra : `~numpy.ndarray`
-            ``(n, 1761)`` prepared spectra (NaN pixels are replaced by 1, the
-            normalised continuum level; flag such spectra upstream).
+            ``(n, 1761)`` prepared spectra; NaN pixels are missing (see
+            ``fill_gaps``).
         photometry : `~numpy.ndarray`, optional
             ``(n, 5)`` normalised HST fluxes in F275W, F336W, F438W, F555W,
             F814W order; NaN (or non-positive) for a band that is missing.
@@ -232,6 +232,11 @@ class SFHModel:
             torch CPU threads for this call (`torch.set_num_threads`; the
             previous setting is restored afterwards). Default: torch's current
             setting.
+        fill_gaps : bool, optional
+            Complete the missing pixels of each spectrum by a template fit to
+            its valid pixels (:func:`cubesfh.gaps.fill_gaps`; default). With
+            `False` they are set to 1, the normalisation level (what cubesfh
+            0.3 did; it biases the outputs, see :ref:`network-gaps`).
 
         Returns
         -------
@@ -253,6 +258,10 @@ class SFHModel:
                    f"{self.meta['inputs']['n_pixels']} (4800-7000 A at 1.25 A). Prepare them "
                    "with cubesfh.restframe.prepare_spectra.")
             raise CubeSFHError(msg)
+        if fill_gaps and not np.isfinite(spectra).all():
+            from ..gaps import fill_gaps as complete
+
+            spectra = complete(spectra, self.sigma_target.value)[0].astype(np.float32)
         if photometry is None:
             photometry = np.full((n, len(HST_BANDS)), np.nan, np.float32)
         photometry = np.atleast_2d(np.asarray(photometry, dtype=np.float32))
