@@ -499,6 +499,38 @@ def _cmd_make_mock(args):
     return 0
 
 
+def _cmd_profile(args):
+    from .maps import StellarPopulationMaps
+    from .profiles import DEFAULT_EXCLUDE, plot_profile, write_profile
+    from .utils._io import check_not_input
+
+    out = Path(args.output)
+    check_not_input(out, [args.maps], option="the output (-o/--output)")
+    if args.plot:
+        check_not_input(args.plot, [args.maps], option="--plot")
+    for path in [out] + ([Path(args.plot)] if args.plot else []):
+        if path.exists() and not args.overwrite:
+            msg = (f"{path} already exists; pass --overwrite to replace it, or choose "
+                   "another output file.")
+            raise FileExistsError(msg)
+    maps = StellarPopulationMaps.read(args.maps)
+    profile = maps.radial_profile(tuple(args.center), pa=args.pa,
+                                  inclination=args.inclination, width=args.width,
+                                  re=args.re, distance=args.distance, method=args.method,
+                                  exclude=0 if args.keep_flagged else DEFAULT_EXCLUDE)
+    write_profile(profile, out, overwrite=args.overwrite)
+    print(f"{len(profile)} annuli of {profile.meta['width_arcsec']:.2f} arcsec out to "
+          f"{profile['r_out'][-1].value:.1f} arcsec; wrote {out}")
+    for q, g in profile.meta["gradients"].items():
+        extra = "".join(f", {g[k]:+.4f} per {k[4:]}" for k in ("per_kpc", "per_re") if k in g)
+        print(f"  {q:11s} gradient {g['per_arcsec']:+.4f} +- {g['err_per_arcsec']:.4f} per "
+              f"arcsec{extra}")
+    if args.plot:
+        plot_profile(profile, args.plot, overwrite=args.overwrite)
+        print(f"wrote {args.plot}")
+    return 0
+
+
 def _cmd_info(args):
     from importlib import metadata
 
@@ -740,6 +772,34 @@ def build_parser():
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_make_mock)
+
+    p = sub.add_parser("profile", help="radial profiles of a maps product",
+                       description="Profiles of the mean ages and metallicities and of the "
+                                   "mass fraction younger than 1 and 5 Gyr in deprojected "
+                                   "elliptical annuli (area-weighted medians over the bins, "
+                                   "bootstrap intervals, flagged share, gradients).")
+    p.add_argument("maps", help="maps product of 'cubesfh run'")
+    p.add_argument("--center", type=float, nargs=2, required=True, metavar=("RA", "DEC"),
+                   help="centre of the galaxy (degrees, ICRS)")
+    p.add_argument("--pa", type=float, required=True, metavar="DEG",
+                   help="position angle of the major axis, east of north (degrees)")
+    p.add_argument("--inclination", type=float, required=True, metavar="DEG",
+                   help="inclination (degrees, 0 = face-on)")
+    p.add_argument("--width", type=_positive("--width", "ARCSEC, e.g. 1"), metavar="ARCSEC",
+                   help="annulus width along the major axis (default: 2 spaxels, >= 0.5)")
+    p.add_argument("--re", type=_positive("--re", "ARCSEC, e.g. 30"), metavar="ARCSEC",
+                   help="effective radius: radii and gradients also per R_e")
+    p.add_argument("--distance", type=_positive("--distance", "MPC, e.g. 11.3"),
+                   metavar="MPC", help="distance: radii in kpc and gradients per kpc")
+    p.add_argument("--method", choices=("cnn", "ppxf"), default="cnn",
+                   help="profile the CNN (default) or the pPXF results")
+    p.add_argument("--keep-flagged", action="store_true",
+                   help="keep bins flagged SPECTRUM_FAILED, KINEMATICS_FAILED, "
+                        "SPECTRUM_INCOMPLETE or OUT_OF_DISTRIBUTION (left out by default)")
+    p.add_argument("--output", "-o", required=True, help="profile table (.ecsv or .fits)")
+    p.add_argument("--plot", metavar="PNG", help="also plot the profiles")
+    _add_overwrite(p)
+    p.set_defaults(func=_cmd_profile)
 
     p = sub.add_parser("info", help="versions, template library and filters",
                        description="Print versions and the shipped data files.")

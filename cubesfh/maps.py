@@ -983,6 +983,18 @@ class StellarPopulationMaps:
 
     # ------------------------------------------------------------------ maps
 
+    def radial_profile(self, center, *, pa, inclination, **kwargs):
+        """
+        Radial profiles in deprojected elliptical annuli.
+
+        See `cubesfh.profiles.radial_profile` for the parameters (``width``,
+        ``re``, ``distance``, ``quantities``, ``method``, ``exclude``,
+        ``n_boot``, ``seed``) and the returned `~astropy.table.QTable`.
+        """
+        from .profiles import radial_profile
+
+        return radial_profile(self, center, pa=pa, inclination=inclination, **kwargs)
+
     def _paint(self, values, fill=np.nan):
         values = np.asarray(values)
         inside = self.bin_map >= 0
