@@ -348,7 +348,11 @@ def _cmd_demo(args):
 
     out = Path(args.output_dir)
     obs = mock_observation(out, shape=tuple(args.shape), overwrite=True,
-                           progress_bar=not args.no_progress)
+                           ao_notch=args.ao, progress_bar=not args.no_progress)
+    if args.ao:
+        print("the cube is a MUSE WFM-AO cube: no data over the laser notch (observed "
+              "5780-6050 A); its bins are flagged SPECTRAL_GAP and the network sees the gap "
+              "completed by a template fit (docs: 'Spectral gaps')")
     print(f"generated the mock galaxy {obs.cube_path} and {len(obs.hst_paths)} HST images "
           f"in {out}")
     args.plot = True
@@ -491,7 +495,8 @@ def _cmd_make_mock(args):
 
     obs = mock_observation(args.output_dir, shape=tuple(args.shape), seed=args.seed,
                            snr=args.snr, star=args.star, noise=not args.no_noise,
-                           overwrite=args.overwrite, progress_bar=not args.no_progress)
+                           ao_notch=args.ao, overwrite=args.overwrite,
+                           progress_bar=not args.no_progress)
     print(f"cube: {obs.cube_path}")
     for band, path in obs.hst_paths.items():
         print(f"{band}: {path}")
@@ -590,6 +595,8 @@ def build_parser():
     _add_run_options(p)
     p.add_argument("--no-ppxf", dest="ppxf", action="store_false",
                    help="skip the pPXF baseline (faster)")
+    p.add_argument("--ao", action="store_true",
+                   help="make the mock a MUSE WFM-AO cube (no data over the laser notch)")
     p.set_defaults(func=_cmd_demo, ppxf=True)
 
     p = sub.add_parser("run", help="stellar-population maps of a cube (CNN, optionally pPXF)",
@@ -769,6 +776,8 @@ def build_parser():
                    help="S/N per Angstrom of the brightest spaxel (default 50)")
     p.add_argument("--star", action="store_true", help="add a foreground star")
     p.add_argument("--no-noise", action="store_true", help="write the noise-free model")
+    p.add_argument("--ao", action="store_true",
+                   help="a MUSE WFM-AO cube: NaN over the laser notch (observed 5780-6050 A)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_make_mock)

@@ -142,3 +142,18 @@ def test_model_predict_completes_gaps_itself():
     ones = model.predict(holed, uncertainty=False, fill_gaps=False)
     np.testing.assert_allclose(auto["logage_lw"], manual["logage_lw"], atol=1e-5)
     assert not np.allclose(ones["logage_lw"], auto["logage_lw"], atol=1e-3)
+
+
+def test_mock_ao_cube_has_the_notch(tmp_path):
+    from cubesfh.synthesis import mock_observation
+    from cubesfh.synthesis.mock import AO_NOTCH
+
+    obs = mock_observation(tmp_path, shape=(6, 6), ao_notch=True, progress_bar=False)
+    cube = Cube.read(obs.cube_path)
+    wave = cube.wavelength.to_value("AA")
+    lo, hi = AO_NOTCH.to_value("AA")
+    notch = (wave >= lo) & (wave <= hi)
+    data = cube._read("data")
+    assert np.isnan(data[notch]).all() and np.isfinite(data[~notch]).all()
+    assert np.isnan(cube._read("variance")[notch]).all()
+    assert cube.meta["HIERARCH ESO INS MODE"] == "WFM-AO-E"

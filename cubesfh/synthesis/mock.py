@@ -69,6 +69,7 @@ from .model import ForwardModel, metallicity_history
 from .sfh import SFHParameters, gp_sfh, skewnormal_sfh
 
 __all__ = [
+    "AO_NOTCH",
     "MOCK_COMPONENTS",
     "MockComponent",
     "MockObservation",
@@ -462,10 +463,16 @@ def _check_component(name, comp, n_age):
 # Main entry point
 # ----------------------------------------------------------------------------
 
+#: Observed wavelengths blocked by the sodium laser notch filter of MUSE WFM-AO
+#: (the WFM-AO-E setting; WFM-AO-N blocks a slightly narrower range).
+AO_NOTCH = [5780.0, 6050.0] * u.AA
+
+
 def mock_observation(directory, *, shape=(40, 40), seed=0, snr=50.0, distance=10 * u.Mpc,
                      systemic_velocity=700 * u.km / u.s, muse_psf_fwhm=0.7 * u.arcsec,
                      hst_psf_fwhm=None, bands=HST_BANDS, components=MOCK_COMPONENTS,
-                     star=False, noise=True, overwrite=False, progress_bar=True):
+                     star=False, noise=True, ao_notch=False, overwrite=False,
+                     progress_bar=True):
     """
     Write a mock MUSE cube, HST images and truth file of a small galaxy.
 
@@ -538,6 +545,10 @@ def mock_observation(directory, *, shape=(40, 40), seed=0, snr=50.0, distance=10
         Add noise to the cube and the images. With `False` the files hold
         the noise-free model (``STAT`` is still the variance the noise would
         have).
+    ao_notch : bool, optional
+        Write the cube as a MUSE WFM-AO cube: no data (NaN in ``DATA`` and
+        ``STAT``) over the sodium laser notch, observed `AO_NOTCH` (5780-6050
+        A, the WFM-AO-E filter), in every spaxel.
     overwrite : bool, optional
         Replace existing files.
     progress_bar : bool, optional
@@ -660,6 +671,12 @@ def mock_observation(directory, *, shape=(40, 40), seed=0, snr=50.0, distance=10
         data = model_cube
     data = data.reshape(wave.size, ny, nx)
     variance = variance.reshape(wave.size, ny, nx)
+    if ao_notch:
+        lo, hi = AO_NOTCH.to_value(u.AA)
+        notch = (wave.to_value(u.AA) >= lo) & (wave.to_value(u.AA) <= hi)
+        data = np.array(data, copy=True)  # not a view of the model
+        data[notch] = np.nan
+        variance[notch] = np.nan
 
     w3 = _muse_wcs(shape, scale=MUSE_SCALE, wave0=wave[0].to_value(u.AA))
     celestial = w3.celestial
@@ -676,6 +693,9 @@ def mock_observation(directory, *, shape=(40, 40), seed=0, snr=50.0, distance=10
         ("CSFHSNR", snr, "S/N per A (5300-5500 A), brightest spaxel"),
         ("CSFHNOIS", bool(noise), "noise added to DATA"),
     ]
+    if ao_notch:
+        cards += [("HIERARCH ESO INS MODE", "WFM-AO-E", "MUSE mode (laser notch)"),
+                  ("CSFHAO", True, "NaN over the AO notch, observed 5780-6050 A")]
     _write_muse_cube(paths["cube"], data, variance, w3, psf_fwhm=muse_fwhm * u.arcsec,
                      object_name="cubesfh mock galaxy", truth_name=paths["truth"].name,
                      extra_cards=cards, overwrite=overwrite)
