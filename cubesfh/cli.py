@@ -512,7 +512,7 @@ def _cmd_profile(args):
     out = Path(args.output)
     check_not_input(out, [args.maps], option="the output (-o/--output)")
     if args.plot:
-        check_not_input(args.plot, [args.maps], option="--plot")
+        check_not_input(args.plot, [args.maps, out], option="--plot")
     for path in [out] + ([Path(args.plot)] if args.plot else []):
         if path.exists() and not args.overwrite:
             msg = (f"{path} already exists; pass --overwrite to replace it, or choose "
@@ -852,22 +852,45 @@ _OPTIONS = {"min_snr": "--min-snr", "target_snr": "--target-snr", "psf_fwhm": "-
             "scheduler": "--scheduler"}
 
 
-def _cli_spelling(text):
-    """Replace the Python spelling of options (``min_snr=``) by the command line's."""
+def _cli_spelling(text, args=None):
+    """
+    Replace the Python spelling of options (``min_snr=``) by the command line's,
+    for the options the command has (all of them when ``args`` is `None`). Path
+    components (``/data/min_snr/cube.fits``) are left alone.
+    """
+    def has(dest):
+        return args is None or hasattr(args, dest)
+
     for pattern, repl in _API_TO_CLI:
+        if "--no-register" in repl and not has("register"):
+            continue
+        if "--allow-other-instrument" in repl and not has("allow_other_instrument"):
+            continue
+        if "--force-band" in repl and not has("force_band"):
+            continue
+        if "--hst" in repl and not has("hst"):
+            continue
+        if "--overwrite" in repl and not has("overwrite"):
+            continue
         text = pattern.sub(repl, text)
-    text = re.sub(r"(?<![\w.-])min_snr=None\b", "--min-snr 0", text)
+    if has("min_snr"):
+        text = re.sub(r"(?<![\w./-])min_snr=None\b", "--min-snr 0", text)
     for name, option in _OPTIONS.items():
-        text = re.sub(rf"(?<![\w.-]){name}=", option + " ", text)
+        if not has(name if name != "ebv_galactic" else "ebv"):
+            continue
+        text = re.sub(rf"(?<![\w./-]){name}=(?!/)", option + " ", text)
         if "_" in name:  # a bare keyword name (not an English word): 'lower min_snr'
-            text = re.sub(rf"(?<![\w.-]){name}(?![\w(])", option, text)
+            text = re.sub(rf"(?<![\w./-]){name}(?![\w(/=.-])", option, text)
     return text
 
 
 def _from_registration(exc):
+    """Whether ``exc`` came out of `cubesfh.registration.register` itself."""
     tb = exc.__traceback__
     while tb is not None:
-        if tb.tb_frame.f_globals.get("__name__") == "cubesfh.registration":
+        frame = tb.tb_frame
+        if (frame.f_globals.get("__name__") == "cubesfh.registration"
+                and frame.f_code.co_name == "register"):
             return True
         tb = tb.tb_next
     return False
@@ -891,12 +914,14 @@ def main(argv=None):
         return args.func(args)
     except (CubeSFHError, OSError) as exc:
         # bad inputs and unwritable outputs: one line, no traceback
-        if isinstance(exc, OSError):
-            text = describe_os_error(exc)
+        if isinstance(exc, OSError) and exc.errno is not None:
+            text = describe_os_error(exc)  # paths: never rewritten
         else:
             text = " ".join(str(exc).split()) or type(exc).__name__
-        text = _cli_spelling(text)
-        if _from_registration(exc) and "--no-register" not in text:
+            if args.command in ("run", "prepare", "demo", "redshift"):
+                text = _cli_spelling(text, args)  # run-many keeps the manifest's names
+        if (hasattr(args, "register") and _from_registration(exc)
+                and "--no-register" not in text):
             text += " (or run with --no-register to skip the MUSE-HST registration)"
         print(f"cubesfh {args.command}: error: {text}", file=sys.stderr)
         return 2

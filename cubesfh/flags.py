@@ -52,7 +52,8 @@ class BinFlag(enum.IntFlag):
     KINEMATICS_SUSPECT = 512
     #: The bin's spectrum looks over-sky-subtracted: its continuum (running
     #: median over 51 A) is negative somewhere in 4800-7000 A rest, or its
-    #: MUSE flux at 5300-5500 A is below the HST F555W flux by more than
+    #: MUSE flux through the F555W band (synthetic photometry of the binned
+    #: spectrum) is below the binned HST F555W flux by more than
     #: `~cubesfh.preprocess.SKY_RATIO_LIMIT` relative to the cube's bright
     #: bins (a sky spectrum subtracted in excess weighs most in faint bins).
     #: The bin is still analysed; its maps (above all [Z/H]) deserve suspicion.

@@ -243,9 +243,15 @@ def identify_filter(*headers):
 
 
 def _parity(wcs):
-    """+1 or -1: the sign of the determinant of the celestial pixel-to-sky matrix."""
-    det = float(np.linalg.det(wcs.celestial.pixel_scale_matrix))
-    return 0 if not np.isfinite(det) or det == 0 else int(np.sign(det))
+    """
+    +1 or -1: the sign of the determinant of the celestial pixel-to-(RA, Dec)
+    matrix (0 if undefined). Axes stored as (Dec, RA) swap the sign back.
+    """
+    cel = wcs.celestial
+    det = float(np.linalg.det(cel.pixel_scale_matrix))
+    if not np.isfinite(det) or det == 0:
+        return 0
+    return int(np.sign(det)) * (-1 if cel.wcs.lng == 1 else 1)
 
 
 def check_parity(cube_wcs, images):

@@ -396,8 +396,14 @@ def map_bins(func, items, *, kwargs=None, scheduler=None, n_workers=None, chunk_
         if cache:
             try:
                 save_entry(cache / f"{keys[i]}.npz", res)
-            except TypeError as exc:  # a result the data-only format cannot hold
-                log.warning("chunk %d not cached: %s", i, exc)
+            except (TypeError, OSError) as exc:
+                # a result the data-only format cannot hold, or a full/unwritable disk:
+                # the cache is only a shortcut, the run goes on
+                msg = f"chunk {i} of {desc} not cached in {cache}: {exc}"
+                if isinstance(exc, OSError):
+                    warnings.warn(msg, CubeSFHWarning)
+                else:
+                    log.warning(msg)
 
     bar = progress(None, enabled=progress_bar, desc=desc, total=len(items), unit="bin")
     pending = set(todo)

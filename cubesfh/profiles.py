@@ -32,8 +32,8 @@ from .conventions import AGE_BIN_EDGES
 from .flags import BinFlag
 from .utils import CubeSFHError
 
-__all__ = ["DEFAULT_EXCLUDE", "PROFILE_QUANTITIES", "plot_profile", "radial_profile",
-           "write_profile", "younger_fraction"]
+__all__ = ["DEFAULT_EXCLUDE", "FLAGGED_BITS", "PROFILE_QUANTITIES", "plot_profile",
+           "radial_profile", "write_profile", "younger_fraction"]
 
 #: Quantities of `radial_profile` by default: name -> (BINS column or callable, label).
 PROFILE_QUANTITIES = ("logage_lw", "logage_mw", "zh_lw", "zh_mw", "young_1gyr", "young_5gyr")
@@ -42,6 +42,10 @@ PROFILE_QUANTITIES = ("logage_lw", "logage_mw", "zh_lw", "zh_mw", "young_1gyr", 
 #: spectrum lost more than 25 % or lies outside the training distribution.
 DEFAULT_EXCLUDE = int(BinFlag.SPECTRUM_FAILED | BinFlag.KINEMATICS_FAILED
                       | BinFlag.SPECTRUM_INCOMPLETE | BinFlag.OUT_OF_DISTRIBUTION)
+
+#: Bits that count in ``flagged_fraction``: the excluded ones and the "suspect" ones
+#: (informational bits such as NO_PHOTOMETRY or SPECTRAL_GAP do not count).
+FLAGGED_BITS = DEFAULT_EXCLUDE | int(BinFlag.SKY_SUSPECT | BinFlag.KINEMATICS_SUSPECT)
 
 _FITS_CODES = {"logage_lw": "AGLW", "logage_mw": "AGMW", "zh_lw": "ZHLW", "zh_mw": "ZHMW",
                "young_1gyr": "Y1G", "young_5gyr": "Y5G"}
@@ -174,16 +178,18 @@ def radial_profile(maps, center, *, pa, inclination, width=None, re=None, distan
     profile : `~astropy.table.QTable`
         One row per annulus: ``r_in``, ``r_out``, ``r_mid`` (arcsec), with
         ``r_mid_kpc`` and ``r_mid_re`` when given ``distance``/``re``;
-        ``n_bins``, ``n_spaxels``, ``flagged_fraction``; per quantity ``q``:
+        ``n_bins``, ``n_spaxels``, ``flagged_fraction`` (share of the area
+        in bins with any of `FLAGGED_BITS`); per quantity ``q``:
         ``q`` (area-weighted median over the bins), ``q_p16``, ``q_p84``
         (their area-weighted spread), ``q_boot_p16``, ``q_boot_p84``
         (bootstrap interval of the median) and, for maps with intervals,
         ``q_err_bins`` (uncertainty of the area-weighted mean from the
         per-bin 68 % intervals, taken as independent). ``meta`` holds the
-        geometry and ``gradients``: per quantity the slope of a weighted
-        straight-line fit of the medians, in ``dex_per_arcsec`` (per arcsec
-        for the mass fractions), ``dex_per_kpc``, ``dex_per_re`` and its
-        error ``err_per_arcsec``.
+        geometry and ``gradients``: per quantity the slope of a straight line
+        fitted to the bins (each once, at the area-weighted radius of its
+        spaxels) in ``per_arcsec`` (dex, or fraction,
+        per arcsec), ``per_kpc``, ``per_re``, and ``err_per_arcsec`` from
+        bootstrapping the bins.
 
     Raises
     ------
@@ -259,7 +265,7 @@ def radial_profile(maps, center, *, pa, inclination, width=None, re=None, distan
         if not inside.any():
             continue
         area_all = np.bincount(bins[inside], minlength=maps.n_bins).astype(float)
-        flagged = float(area_all[flags != 0].sum() / area_all.sum())
+        flagged = float(area_all[(flags & FLAGGED_BITS) != 0].sum() / area_all.sum())
         area = np.where(keep_bin, area_all, 0.0)
         row = {"r_in": r_in, "r_out": r_out, "r_mid": 0.5 * (r_in + r_out),
                "n_spaxels": int(area.sum()), "flagged_fraction": flagged}
@@ -300,18 +306,27 @@ def radial_profile(maps, center, *, pa, inclination, width=None, re=None, distan
         order += [q + k for k in ("", "_p16", "_p84", "_boot_p16", "_boot_p84", "_err_bins")]
     table = table[order]
 
+    # gradients: one straight line through the bins themselves (each once, at the
+    # area-weighted radius of its spaxels), so that a large outer bin spread over
+    # many annuli counts once; the error from bootstrapping the bins
+    kept = keep_bin[bins] & (radius <= edges[-1])
+    area_b = np.bincount(bins[kept], minlength=maps.n_bins).astype(float)
+    r_b = np.bincount(bins[kept], weights=radius[kept], minlength=maps.n_bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r_b = r_b / area_b
     gradients = {}
-    r = table["r_mid"].to_value(u.arcsec)
     for q in quantities:
-        y = np.asarray(table[q], float)
-        sig = 0.5 * (np.asarray(table[q + "_boot_p84"]) - np.asarray(table[q + "_boot_p16"]))
-        ok = np.isfinite(y) & np.isfinite(sig)
-        if ok.sum() < 2:
+        values = per_bin[q][0]
+        idx = np.flatnonzero((area_b > 0) & np.isfinite(values) & np.isfinite(r_b))
+        if idx.size < 3 or np.ptp(r_b[idx]) == 0:
             continue
-        sig = np.maximum(sig[ok], 1e-3)
-        coef, cov = np.polyfit(r[ok], y[ok], 1, w=1.0 / sig, cov="unscaled")
-        g = {"per_arcsec": float(coef[0]), "err_per_arcsec": float(np.sqrt(cov[0, 0])),
-             "intercept": float(coef[1])}
+        x, y = r_b[idx], values[idx]
+        coef = np.polyfit(x, y, 1)
+        draws = rng.integers(0, idx.size, (int(n_boot), idx.size))
+        slopes = [np.polyfit(x[d], y[d], 1)[0] for d in draws if np.ptp(x[d]) > 0]
+        g = {"per_arcsec": float(coef[0]),
+             "err_per_arcsec": float(np.std(slopes, ddof=1)) if len(slopes) > 1 else np.nan,
+             "intercept": float(coef[1]), "n_bins": int(idx.size)}
         if kpc_per_arcsec is not None:
             g["per_kpc"] = g["per_arcsec"] / kpc_per_arcsec
         if re_as is not None:
@@ -326,8 +341,8 @@ def radial_profile(maps, center, *, pa, inclination, width=None, re=None, distan
         "comments": ["radii deprojected in elliptical annuli (major-axis radius)",
                      "q: area-weighted median over bins; q_p16/q_p84 their spread; "
                      "q_boot_*: bootstrap interval of the median",
-                     "gradients: weighted straight-line fit of the medians; ages and "
-                     "[Z/H] in dex, mass fractions as fractions"]})
+                     "gradients: straight line through the bins (each bin once), "
+                     "bootstrap errors; ages and [Z/H] in dex, mass fractions as fractions"]})
     return table
 
 

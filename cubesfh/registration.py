@@ -1467,14 +1467,17 @@ def register(cube, images, *, correct=True, max_offset=DEFAULT_MAX_OFFSET,
               "weak_note": " and is not applied" if correct else ""}
     if per == "band":
         out = dict(images)
+        # images moved onto the cube by a reliable offset: the only ones a neighbour
+        # band is measured against, whether or not the corrections are applied, so
+        # that every offset is HST - MUSE
+        aligned = {}
         steps = progress(plan, enabled=progress_bar, desc="registration", unit="band")
         for band, kind, ref in steps:
-            if kind == "hst" and ref not in offsets:
-                # the planned neighbour could not be measured: the nearest band that was
-                measured = [b for b in offsets if applied.get(b) or not correct]
-                ref = (min(measured, key=lambda b: abs(load_filter(b).pivot
-                                                       - load_filter(band).pivot))
-                       if measured else None)
+            if kind == "hst" and ref not in aligned:
+                # the planned neighbour has no reliable offset: the nearest band that has
+                ref = (min(aligned, key=lambda b: abs(load_filter(b).pivot
+                                                      - load_filter(band).pivot))
+                       if aligned else None)
                 if ref is None:
                     cb = _closest_covered_band(band, coverage_all, min_coverage)
                     if cb is None or cb not in synthetic:
@@ -1484,8 +1487,7 @@ def register(cube, images, *, correct=True, max_offset=DEFAULT_MAX_OFFSET,
             if kind == "cube":
                 reference, label = synthetic[ref][0], ref
             else:
-                # the neighbour HST band, already corrected: this offset is absolute too
-                reference = _hst_on_grid(out[ref], cube.celestial_wcs, cube.spatial_shape,
+                reference = _hst_on_grid(aligned[ref], cube.celestial_wcs, cube.spatial_shape,
                                          target_fwhm=target, unit=cube.unit,
                                          tile_size=tile_size, method=method)
                 label = f"HST {ref}"
@@ -1500,12 +1502,15 @@ def register(cube, images, *, correct=True, max_offset=DEFAULT_MAX_OFFSET,
                 warnings.warn(msg, CubeSFHWarning)
                 continue
             offsets[band] = off
-            applied[band] = correct and off.correlation >= min_correlation
+            reliable = off.correlation >= min_correlation
+            if reliable:
+                aligned[band] = apply_offset(images[band], off)
+            applied[band] = correct and reliable
             if applied[band]:
-                out[band] = apply_offset(images[band], off)
-            elif correct:
-                problems[band] = (f"offset not applied: correlation {off.correlation:.2f} "
-                                  f"< {min_correlation:g}")
+                out[band] = aligned[band]
+            elif not reliable:
+                problems[band] = (f"offset not {'applied' if correct else 'reliable'}: "
+                                  f"correlation {off.correlation:.2f} < {min_correlation:g}")
     else:
         steps = progress(plan, enabled=progress_bar, desc="registration", unit="visit")
         for group, img_band, cube_band in steps:

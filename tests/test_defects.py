@@ -122,21 +122,37 @@ def test_second_run_to_the_same_output_refuses_while_the_first_holds_it(obs, tmp
     assert not lock.exists()
 
 
-def test_stale_lock_of_a_dead_run_is_taken_over(obs, tmp_path, capsys):
+def test_lock_left_by_a_killed_run_does_not_block(obs, tmp_path, capsys):
+    """A lock file whose process is gone (killed) holds no lock: the next run goes on."""
     import socket
 
     out = tmp_path / "prep.fits"
     proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True, check=True)
-    dead = int(proc.stdout)  # a process that has exited
-    (tmp_path / ".prep.fits.lock").write_text(f"{socket.gethostname()}:{dead}")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        code = cli_main([str(a) for a in prepare_argv(obs, out)])
-    err = capsys.readouterr().err
-    assert any("removing the stale lock" in str(w.message) for w in caught)
+    (tmp_path / ".prep.fits.lock").write_text(f"{socket.gethostname()}:{int(proc.stdout)}")
+    code, err, _ = run_cli(capsys, prepare_argv(obs, out))
     assert code == 0, err
     assert out.exists() and not (tmp_path / ".prep.fits.lock").exists()
+
+
+def test_lock_held_by_another_process_refuses(obs, tmp_path, capsys):
+    out = tmp_path / "prep.fits"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from cubesfh.utils._io import output_lock\n"
+         f"with output_lock({str(out)!r}):\n    print('held', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        code, err, _ = run_cli(capsys, prepare_argv(obs, out))
+        assert code == 2
+        assert re.search(rf"another cubesfh run \(.*:{holder.pid}\) is writing", err), err
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()
+    # the kernel released the killed holder's lock: the run goes on
+    code, err, _ = run_cli(capsys, prepare_argv(obs, out))
+    assert code == 0, err
 
 
 # ------------------------------------------------------------------ STAT as sigma
@@ -471,3 +487,20 @@ def test_quick_look_labels_are_plain(obs, tmp_path):
     assert "log(age/yr)" in texts and "dex" in texts
     assert "S/N per Å" in texts
     assert not any("dex(yr)" in t or "per A" in t.replace("per Å", "") for t in texts)
+
+
+def test_per_band_offsets_are_relative_to_the_cube_without_correction(wide, tmp_path):
+    """correct=False: F438W (measured against F555W) still reports HST - MUSE."""
+    from cubesfh.registration import register
+
+    cube = Cube.read(wide.cube_path)
+    images = {b: HSTImage.read(wide.hst_paths[b]) for b in ("F438W", "F555W")}
+    for band in images:  # both 0.5 arcsec off (shared astrometry)
+        images[band] = HSTImage.read(_shifted(wide.hst_paths[band], tmp_path / f"{band}.fits",
+                                              ddec_arcsec=0.5))
+    out, report = register(cube, images, correct=False)
+    assert out["F438W"] is images["F438W"]
+    for band in images:
+        assert report.offsets[band].dec.to_value("arcsec") == pytest.approx(0.5, abs=0.03)
+    assert report.offsets["F438W"].band == "HST F555W"
+    assert not any(report.applied.values())

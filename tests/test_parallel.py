@@ -288,3 +288,55 @@ def test_cli_serial_scheduler_stays_serial(monkeypatch):
     args = argparse.Namespace(ppxf=False, scheduler="tcp://127.0.0.1:1")
     with cli._scheduler_client(args):
         assert args.scheduler == "tcp://127.0.0.1:1"
+
+
+@pytest.mark.parametrize("structure", [
+    '{"format": "cubesfh-cache-1", "value": {"f": "abc"}}',
+    '{"format": "cubesfh-cache-1", "value": {"a": "x"}}',
+    '{"format": "cubesfh-cache-1", "value": {"d": [1]}}',
+    '{"format": "cubesfh-cache-1", "value": {"t": "Failed", "v": []}}',
+    '[' * 100_000,
+])
+def test_cache_entry_with_a_valid_checksum_but_bad_structure(tmp_path, structure):
+    """Anyone who can write the file can give it a valid SHA-256: still never a crash."""
+    import hashlib
+
+    from cubesfh.utils._cache import CacheFormatError, load_entry
+
+    path = tmp_path / "x.npz"
+    raw = structure.encode()
+    np.savez(path, structure=np.frombuffer(raw, np.uint8),
+             sha256=np.frombuffer(hashlib.sha256(raw).hexdigest().encode(), np.uint8))
+    with pytest.raises(CacheFormatError):
+        load_entry(path)
+
+
+def test_cache_keeps_0d_arrays_and_refuses_lossy_values(tmp_path):
+    from collections import namedtuple
+
+    from cubesfh.utils._cache import load_entry, save_entry
+
+    path = tmp_path / "x.npz"
+    save_entry(path, {"s": np.array(3.0), "v": np.arange(3)[::2]})
+    back = load_entry(path)
+    assert back["s"].shape == () and back["s"] == 3.0
+    np.testing.assert_array_equal(back["v"], [0, 2])
+    with pytest.raises(TypeError, match="masked"):
+        save_entry(path, np.ma.masked_array([1.0, 2.0], mask=[0, 1]))
+    with pytest.raises(TypeError, match="named tuples"):
+        save_entry(path, namedtuple("P", "a")(1))
+
+
+def test_full_disk_for_the_cache_warns_and_the_run_goes_on(tmp_path, monkeypatch):
+    import errno
+
+    import cubesfh.parallel
+
+    def full(path, value):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(cubesfh.parallel, "save_entry", full)
+    with pytest.warns(CubeSFHWarning, match="not cached .*No space left"):
+        out = map_bins(_square_or_fail, [(2.0,)], scheduler="serial", cache_dir=tmp_path,
+                       progress_bar=False)
+    assert out == [4.0]

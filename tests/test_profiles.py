@@ -163,3 +163,26 @@ def test_command_line_profile(disc, tmp_path, capsys):
     assert header["GAGLW"] == pytest.approx(AGE_GRADIENT, abs=2e-3)
     assert header["GZHMW"] == pytest.approx(ZH_GRADIENT, abs=1e-3)
     assert abs(header["GAGMW"]) < 1e-6
+
+
+def test_one_large_outer_bin_counts_once_in_the_gradient(disc):
+    """A big outer Voronoi bin spans many annuli: it must not dominate the gradient."""
+    maps, r, _ = disc
+    rng = np.random.default_rng(4)
+    t = maps.table[["cnn_logage_lw", "cnn_logage_mw", "cnn_zh_lw", "cnn_zh_mw",
+                    "cnn_mass_fraction", "cnn_zh"]].copy()
+    bin_map = np.arange(r.size)
+    outer = r > 6.0
+    bin_map[outer] = bin_map[outer][0]  # one bin for everything beyond 6 arcsec
+    keep = np.unique(bin_map)
+    renumber = np.searchsorted(keep, bin_map)
+    t = t[keep]
+    t["cnn_logage_lw"] = (9.8 + AGE_GRADIENT * r[keep] + 0.1 * rng.standard_normal(keep.size)
+                          ) * u.dex(u.yr)
+    t["cnn_logage_lw"][-1] = 10.1 * u.dex(u.yr) if outer[keep[-1]] else t["cnn_logage_lw"][-1]
+    t["flag"] = np.zeros(keep.size, np.int32)
+    big = StellarPopulationMaps(renumber.reshape(N, N), t, wcs=maps.wcs)
+    prof = big.radial_profile(CENTER, pa=PA, inclination=INC, width=0.6)
+    g = prof.meta["gradients"]["logage_lw"]
+    assert g["per_arcsec"] == pytest.approx(AGE_GRADIENT, abs=0.01)
+    assert g["err_per_arcsec"] > 0.001  # from the bins, not from 30 annuli of one bin

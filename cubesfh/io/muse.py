@@ -199,7 +199,11 @@ def _stat_looks_like_sigma(data, stat):
     ``STAT`` (STAT a 1-sigma error). Returns the median log10 ratios
     (noise / sqrt(STAT), noise / STAT), or `None` when too few spectra can be
     used. Reads at most `_SIGMA_TEST_PLANES` planes of at most
-    `_SIGMA_TEST_SPAXELS` spaxels.
+    `_SIGMA_TEST_SPAXELS` spaxels. The two readings can only be told apart
+    when sigma is far from 1 in the DATA unit: the caller warns for sigma
+    below about 0.25 or above about 4 (a sigma-valued STAT of a cube in
+    1e-20 erg/s/cm2/A with sigma of 1-4 is not detected; only HDUCLAS3 can
+    say so).
     """
     nlam, ny, nx = data.shape
     if nlam < 20:
@@ -777,9 +781,13 @@ def read_muse(filename, *, psf_fwhm=None, noise=None, unit=None, memmap=True,
                 arrays[key] = array.astype(array.dtype.newbyteorder("="), copy=True)
 
     if stat_is_sigma:
-        arrays["variance"] = np.square(arrays["variance"], dtype=np.float64) * var_factor
-        if arrays["data"].dtype == np.float32:
-            arrays["variance"] = arrays["variance"].astype(np.float32)
+        v = arrays["variance"]  # a private in-memory copy here (not memory-mapped)
+        if v.dtype.kind != "f":
+            v = v.astype(np.float32)
+        np.square(v, out=v)  # in place: no second copy of a large cube
+        if var_factor != 1.0:
+            v *= v.dtype.type(var_factor)
+        arrays["variance"] = v
     elif stat_hdu is not None and stat_class != "MSE":
         # no HDUCLAS3 to honour: compare STAT with the noise in DATA
         ratios = _stat_looks_like_sigma(arrays["data"], arrays["variance"])

@@ -66,11 +66,15 @@ def _encode(value, arrays):
         return bool(value)
     if isinstance(value, (float, np.floating)):
         return {"f": repr(float(value))}  # exact, and NaN/inf survive strict JSON
+    if isinstance(value, np.ma.MaskedArray):
+        msg = "masked arrays cannot be cached (the mask would be lost)"
+        raise TypeError(msg)
     if isinstance(value, np.ndarray):
         if value.dtype.hasobject:
             msg = "object arrays cannot be cached"
             raise TypeError(msg)
-        arrays.append(np.ascontiguousarray(value))
+        # np.ascontiguousarray would turn a 0-d array into a 1-d one
+        arrays.append(value if value.flags.c_contiguous else value.copy(order="C"))
         return {"a": len(arrays) - 1}
     name = _type_name(value)
     if name == "Failed":
@@ -82,6 +86,9 @@ def _encode(value, arrays):
             msg = "only dicts with string keys can be cached"
             raise TypeError(msg)
         return {"d": {k: _encode(v, arrays) for k, v in value.items()}}
+    if isinstance(value, tuple) and hasattr(value, "_fields"):
+        msg = f"named tuples of type {type(value).__name__} cannot be cached (not allowed)"
+        raise TypeError(msg)
     if isinstance(value, (list, tuple)):
         return {"l" if isinstance(value, list) else "u": [_encode(v, arrays) for v in value]}
     msg = f"values of type {type(value).__name__} cannot be cached"
@@ -177,7 +184,11 @@ def load_entry(path):
         If the file is damaged (truncated, checksum mismatch), of another
         format, or names a type outside the allow-list.
     """
-    data = Path(path).read_bytes()  # read whole: np.load leaks the file on a bad archive
+    try:
+        data = Path(path).read_bytes()  # read whole: np.load leaks the file on a bad archive
+    except OSError as exc:
+        msg = f"cannot be read ({exc.strerror or exc})"
+        raise CacheFormatError(msg) from None
     try:
         with np.load(io.BytesIO(data), allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
@@ -196,7 +207,7 @@ def load_entry(path):
         raise CacheFormatError(msg)
     try:
         doc = json.loads(structure)
-    except ValueError:
+    except (ValueError, RecursionError):
         msg = "malformed structure"
         raise CacheFormatError(msg) from None
     if not isinstance(doc, dict) or doc.get("format") != _FORMAT:
@@ -204,6 +215,8 @@ def load_entry(path):
         raise CacheFormatError(msg)
     try:
         return _decode(doc["value"], arrays)
-    except (KeyError, TypeError) as exc:
-        msg = f"malformed structure ({exc})"
+    except CacheFormatError:
+        raise
+    except Exception as exc:  # any structure the encoder never writes
+        msg = f"malformed structure ({type(exc).__name__}: {exc})"
         raise CacheFormatError(msg) from None

@@ -167,14 +167,25 @@ def _lock_owner_alive(text):
     return True
 
 
+def _busy(path, lock, owner):
+    msg = (f"another cubesfh run ({owner.strip() or 'unknown process'}) is writing {path}; "
+           f"wait for it to finish, choose another output, or remove {lock} if that run is "
+           "no longer running.")
+    return CubeSFHError(msg)
+
+
 @contextlib.contextmanager
 def output_lock(path):
     """
     Hold ``.<name>.lock`` beside ``path`` while a run that will write it works.
 
     Two runs writing the same product must not both "succeed": the second
-    fails at once with a message naming the first. A lock left by a run that
-    died (its process is gone) is taken over with a warning.
+    fails at once with a message naming the first. Where the system has
+    ``flock`` (Linux, macOS) the lock is an advisory lock on that file, which
+    the kernel releases when the process ends however it ends, so a run that
+    was killed leaves no stale lock; the file is removed on release.
+    Elsewhere the file is created exclusively and a lock whose process is
+    gone is taken over with a warning.
 
     Parameters
     ----------
@@ -190,6 +201,45 @@ def output_lock(path):
     lock = path.parent / f".{path.name}.lock"
     me = f"{socket.gethostname()}:{os.getpid()}"
     path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        fcntl = None
+    if fcntl is None:  # pragma: no cover - Windows
+        with _exclusive_file_lock(path, lock, me):
+            yield lock
+        return
+    while True:
+        fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            try:
+                owner = os.pread(fd, 256, 0).decode(errors="replace")
+            finally:
+                os.close(fd)
+            raise _busy(path, lock, owner) from None
+        # the file may have been released and removed between open and flock:
+        # hold the lock only on the file that is still at that path
+        try:
+            same = os.stat(lock).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, me.encode(), 0)
+        yield lock
+    finally:
+        with contextlib.suppress(OSError):
+            lock.unlink()  # still holding the lock: nobody else can have it now
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _exclusive_file_lock(path, lock, me):  # pragma: no cover - systems without flock
     for _ in range(2):
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -199,10 +249,7 @@ def output_lock(path):
             except OSError:
                 owner = ""
             if _lock_owner_alive(owner):
-                msg = (f"another cubesfh run ({owner.strip() or 'unknown process'}) is "
-                       f"writing {path}; wait for it to finish, choose another output, or "
-                       f"remove {lock} if that run is no longer running.")
-                raise CubeSFHError(msg) from None
+                raise _busy(path, lock, owner) from None
             msg = f"removing the stale lock {lock} of a run that is gone ({owner.strip()})."
             warnings.warn(msg, CubeSFHWarning)
             with contextlib.suppress(FileNotFoundError):
@@ -211,7 +258,7 @@ def output_lock(path):
         with os.fdopen(fd, "w") as f:
             f.write(me)
         break
-    else:  # pragma: no cover - another process took the stale lock in between
+    else:
         msg = f"could not take the lock {lock} of {path}; try again."
         raise CubeSFHError(msg)
     try:
