@@ -918,8 +918,8 @@ def main(argv=None):
             text = describe_os_error(exc)  # paths: never rewritten
         else:
             text = " ".join(str(exc).split()) or type(exc).__name__
-            if args.command in ("run", "prepare", "demo", "redshift"):
-                text = _cli_spelling(text, args)  # run-many keeps the manifest's names
+            if args.command != "run-many":  # run-many keeps the manifest's names
+                text = _cli_spelling(text, args)
         if (hasattr(args, "register") and _from_registration(exc)
                 and "--no-register" not in text):
             text += " (or run with --no-register to skip the MUSE-HST registration)"
