@@ -101,6 +101,18 @@ def _angle(value, name, lo, hi):
     return float(q)
 
 
+def _positive(value, unit, name, what):
+    """``value`` in ``unit`` as a float, or a `CubeSFHError` unless finite and > 0."""
+    try:
+        q = float(u.Quantity(value, unit).to_value(unit))
+    except (TypeError, ValueError, u.UnitsError):
+        q = np.nan
+    if not (np.isfinite(q) and q > 0):
+        msg = f"{name} must be a positive {what}; got {value!r}."
+        raise CubeSFHError(msg)
+    return q
+
+
 def _weighted_percentiles(values, weights, qs):
     order = np.argsort(values)
     v, w = values[order], weights[order]
@@ -209,26 +221,11 @@ def radial_profile(maps, center, *, pa, inclination, width=None, re=None, distan
         msg = f"unknown quantities {unknown}; choose among {list(PROFILE_QUANTITIES)}."
         raise CubeSFHError(msg)
     scale = float(np.sqrt(np.abs(np.linalg.det(maps.wcs.celestial.pixel_scale_matrix)))) * 3600
-    if width is None:
-        width_as = max(0.5, 2.0 * scale)
-    else:
-        width_as = float(u.Quantity(width, u.arcsec).to_value(u.arcsec))
-        if not (np.isfinite(width_as) and width_as > 0):
-            msg = f"width must be a positive angle in arcsec; got {width!r}."
-            raise CubeSFHError(msg)
-    kpc_per_arcsec = None
-    if distance is not None:
-        d_mpc = float(u.Quantity(distance, u.Mpc).to_value(u.Mpc))
-        if not (np.isfinite(d_mpc) and d_mpc > 0):
-            msg = f"distance must be a positive distance in Mpc; got {distance!r}."
-            raise CubeSFHError(msg)
-        kpc_per_arcsec = d_mpc * 1e3 * np.pi / (180.0 * 3600.0)
-    re_as = None
-    if re is not None:
-        re_as = float(u.Quantity(re, u.arcsec).to_value(u.arcsec))
-        if not (np.isfinite(re_as) and re_as > 0):
-            msg = f"re must be a positive angle in arcsec; got {re!r}."
-            raise CubeSFHError(msg)
+    width_as = (max(0.5, 2.0 * scale) if width is None
+                else _positive(width, u.arcsec, "width", "angle in arcsec"))
+    d_mpc = None if distance is None else _positive(distance, u.Mpc, "distance", "distance in Mpc")
+    kpc_per_arcsec = None if d_mpc is None else d_mpc * 1e3 * np.pi / (180.0 * 3600.0)
+    re_as = None if re is None else _positive(re, u.arcsec, "re", "angle in arcsec")
 
     # --- geometry of every binned spaxel
     bin_map = np.asarray(maps.bin_map)
@@ -336,7 +333,7 @@ def radial_profile(maps, center, *, pa, inclination, width=None, re=None, distan
         "center_ra": float(c0.ra.deg), "center_dec": float(c0.dec.deg), "pa": pa_deg,
         "inclination": inc_deg, "width_arcsec": width_as, "method": method,
         "exclude": int(exclude), "n_boot": int(n_boot),
-        "distance_mpc": None if kpc_per_arcsec is None else d_mpc, "re_arcsec": re_as,
+        "distance_mpc": d_mpc, "re_arcsec": re_as,
         "gradients": gradients,
         "comments": ["radii deprojected in elliptical annuli (major-axis radius)",
                      "q: area-weighted median over bins; q_p16/q_p84 their spread; "

@@ -7,8 +7,9 @@ spectra without it, for the template completion of :mod:`cubesfh.gaps` and for
 the constant 1.0 that cubesfh 0.3 used:
 
 1. the project's mock galaxy (``cubesfh make-mock``, BC03, 40 x 40 spaxels)
-   with NaN over observed 5800-5970 A in every spaxel of DATA and STAT, at the
-   true kinematics, with and without the five HST bands;
+   and the same mock as a MUSE WFM-AO cube (``make-mock --ao``: NaN over the
+   laser notch, observed 5780-6050 A, in every spaxel of DATA and STAT), at
+   the true kinematics, with and without the five HST bands;
 2. N spectra of the held-out E-MILES library (the leave-one-library-out set of
    ``cubesfh evaluate --heldout``, seed 2026), with the notch (observed
    5780-6050 A) at a redshift drawn uniformly in 0-0.03 per spectrum.
@@ -59,29 +60,22 @@ def own_mock():
     from cubesfh.preprocess import prepare_observation
     from cubesfh.synthesis import mock_observation
 
+    prepared = []
     with tempfile.TemporaryDirectory() as tmp:
-        d = Path(tmp)
-        obs = mock_observation(d, progress_bar=False)
-        with fits.open(obs.truth_path) as h:
-            fits.HDUList([fits.PrimaryHDU(),
-                          fits.ImageHDU(h["V"].data, h["V"].header, name="V_STARS"),
-                          fits.ImageHDU(h["SIGMA"].data, h["V"].header, name="SIGMA_STARS")]
-                         ).writeto(d / "kin.fits")
-        with fits.open(obs.cube_path) as h:
-            head = h["DATA"].header
-            wave = head["CRVAL3"] + head["CD3_3"] * (np.arange(h["DATA"].data.shape[0]) + 1
-                                                     - head["CRPIX3"])
-            notch = (wave >= 5800) & (wave <= 5970)
-            h["DATA"].data[notch] = np.nan
-            h["STAT"].data[notch] = np.nan
-            h.writeto(d / "ao_cube.fits")
-        hst = {b: HSTImage.read(obs.hst_paths[b]) for b in HST_BANDS}
-        prepared = []
-        for path in (obs.cube_path, d / "ao_cube.fits"):
+        for ao in (False, True):
+            d = Path(tmp) / ("ao" if ao else "full")
+            obs = mock_observation(d, ao_notch=ao, progress_bar=False)
+            with fits.open(obs.truth_path) as h:
+                fits.HDUList([fits.PrimaryHDU(),
+                              fits.ImageHDU(h["V"].data, h["V"].header, name="V_STARS"),
+                              fits.ImageHDU(h["SIGMA"].data, h["V"].header, name="SIGMA_STARS")]
+                             ).writeto(d / "kin.fits")
+            hst = {b: HSTImage.read(obs.hst_paths[b]) for b in HST_BANDS}
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", CubeSFHWarning)
-                prepared.append(prepare_observation(Cube.read(path), hst, kinematics=str(
-                    d / "kin.fits"), target_snr=35, progress_bar=False))
+                prepared.append(prepare_observation(Cube.read(obs.cube_path), hst,
+                                                    kinematics=str(d / "kin.fits"),
+                                                    target_snr=35, progress_bar=False))
     full, ao = prepared
     result = {"n_bins": int(ao.n_bins),
               "gap_fraction_median": float(np.median(gap_fraction(ao.spectra.flux)))}
@@ -110,8 +104,7 @@ def heldout(n):
     from cubesfh.gaps import fill_gaps
     from cubesfh.network import SFHModel
     from cubesfh.synthesis import ForwardModel
-    from cubesfh.synthesis.trainingset import (_family_plan, simulate_samples,
-                                               with_young_from_bc03)
+    from cubesfh.synthesis.trainingset import _family_plan, simulate_samples, with_young_from_bc03
     from cubesfh.templates import load_heldout_library
 
     model = SFHModel.load()
