@@ -369,7 +369,7 @@ def provenance(cube, hst, model, parameters):
     inputs, roles, hashed = {}, {}, {}
 
     def add(role, path):
-        digest, what, _ = file_digest(path)
+        digest, what = file_digest(path)
         key = Path(path).name
         if key in inputs and inputs[key] != digest:
             key = str(path)  # two different files of the same name

@@ -15,13 +15,12 @@ import hashlib
 import importlib
 import io
 import json
-import os
 import zipfile
 from pathlib import Path
 
 import numpy as np
 
-from ._io import _fsync
+from ._io import atomic_write
 
 __all__ = ["CacheFormatError", "load_entry", "save_entry"]
 
@@ -132,7 +131,8 @@ def _digest(structure, arrays):
 
 def save_entry(path, value):
     """
-    Write ``value`` to ``path`` atomically (temporary file, fsync, rename).
+    Write ``value`` to ``path`` atomically (`~cubesfh.utils.atomic_write`:
+    temporary file, fsync, rename).
 
     Parameters
     ----------
@@ -155,15 +155,8 @@ def save_entry(path, value):
     np.savez(buffer, structure=np.frombuffer(structure, dtype=np.uint8),
              sha256=np.frombuffer(_digest(structure, arrays).encode(), dtype=np.uint8),
              **{f"a{i}": a for i, a in enumerate(arrays)})
-    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
-    try:
+    with atomic_write(path, overwrite=True) as tmp:
         tmp.write_bytes(buffer.getvalue())
-        _fsync(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    _fsync(path.parent)
 
 
 def load_entry(path):

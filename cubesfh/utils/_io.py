@@ -145,8 +145,6 @@ def check_not_input(output, inputs, *, option="the output"):
                 same = os.path.samefile(out, src)
             except OSError:  # pragma: no cover - vanished between the checks
                 same = False
-        if not same and out.exists() and out.resolve() == src.resolve():
-            same = True
         if same:
             msg = (f"{option} {out} is the input file {src}: writing it would replace the "
                    "input; choose another output file name.")
@@ -390,15 +388,13 @@ def file_digest(path):
         The 64 hexadecimal characters of the SHA-256.
     what : str
         ``'whole file'`` or ``'first N bytes'``.
-    size : int
-        Size of the file in bytes.
     """
     path = os.path.abspath(path)
     st = os.stat(path)
     nbytes = None if st.st_size <= WHOLE_HASH_LIMIT else PARTIAL_HASH_BYTES
     digest = _cached_digest(path, st.st_size, st.st_mtime_ns, nbytes)
     what = "whole file" if nbytes is None else f"first {nbytes} bytes"
-    return digest, what, int(st.st_size)
+    return digest, what
 
 
 class FileExtension:
