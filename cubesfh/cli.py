@@ -54,7 +54,7 @@ def _input_paths(args, cube_path=None, hst_paths=None):
     return [p for p in paths if p]
 
 
-def _check_output(path, args, inputs=()):
+def _check_output(path, args, inputs=(), *, option="the output (-o/--output)"):
     """
     Fail before any work if the output cannot be written: it is an input, it exists
     (without ``--overwrite``), or its folder is not writable.
@@ -62,13 +62,21 @@ def _check_output(path, args, inputs=()):
     from .utils._io import check_not_input, check_writable
 
     overwrite = bool(getattr(args, "overwrite", False))
-    check_not_input(path, inputs, option="the output (-o/--output)")
+    check_not_input(path, inputs, option=option)
     try:
         check_writable(path, overwrite=overwrite)
     except FileExistsError:
         msg = (f"{path} already exists; pass --overwrite to replace it, or choose another "
                "output file.")
         raise FileExistsError(msg) from None
+
+
+def _check_outputs(output, args, cube_path, hst_paths):
+    """`_check_output` for the product and, with ``--plot``, its quick-look PNG."""
+    inputs = _input_paths(args, cube_path, hst_paths)
+    _check_output(output, args, inputs)
+    if getattr(args, "plot", False):
+        _check_output(Path(output).with_suffix(".png"), args, inputs, option="--plot")
 
 
 def _add_force_band(p):
@@ -183,7 +191,6 @@ def _prepare(cube_path, hst_paths, args, output):
     from .preprocess import prepare_observation
 
     t0 = time.perf_counter()
-    _check_output(output, args, _input_paths(args, cube_path, hst_paths))
     kw = {"psf_fwhm": args.psf_fwhm * u.arcsec} if args.psf_fwhm is not None else {}
     cube = Cube.read(cube_path, **kw)
     hst = _load_hst(hst_paths, force_band=getattr(args, "force_band", False))
@@ -223,7 +230,7 @@ def _cmd_prepare(args):
     from .utils._io import output_lock
 
     hst = _parse_hst(args.hst)
-    _check_output(args.output, args, _input_paths(args, args.cube, hst))
+    _check_outputs(args.output, args, args.cube, hst)
     with output_lock(args.output):
         _prepare(args.cube, hst, args, args.output)
     return 0
@@ -249,11 +256,7 @@ def _run(cube_path, hst_paths, args, output):
     from .pipeline import run_pipeline
 
     t0 = time.perf_counter()
-    inputs = _input_paths(args, cube_path, hst_paths)
-    _check_output(output, args, inputs)
     png = Path(output).with_suffix(".png") if args.plot else None
-    if png is not None:
-        _check_output(png, args, inputs)
     cube, hst = _load_inputs(cube_path, hst_paths, args)
     paths = getattr(args, "model", None)
     model = [SFHModel.load(p) for p in paths] if paths else None
@@ -300,7 +303,7 @@ def _cmd_run(args):
 
     hst = _parse_hst(args.hst)
     # refuse before connecting to a scheduler or reading anything
-    _check_output(args.output, args, _input_paths(args, args.cube, hst))
+    _check_outputs(args.output, args, args.cube, hst)
     with output_lock(args.output), _scheduler_client(args):
         _run(args.cube, hst, args, args.output)
     return 0
@@ -357,9 +360,10 @@ def _cmd_demo(args):
           f"in {out}")
     args.plot = True
     args.overwrite = True  # the demo folder is the demo's own: regenerated every time
+    hst_paths = {b: str(p) for b, p in obs.hst_paths.items()}
+    _check_outputs(out / "demo_maps.fits", args, obs.cube_path, hst_paths)
     with _scheduler_client(args):
-        maps = _run(obs.cube_path, {b: str(p) for b, p in obs.hst_paths.items()}, args,
-                    out / "demo_maps.fits")
+        maps = _run(obs.cube_path, hst_paths, args, out / "demo_maps.fits")
     # recovered versus true, per bin
     bmap = maps.bin_map
     nb = maps.n_bins
@@ -507,17 +511,11 @@ def _cmd_make_mock(args):
 def _cmd_profile(args):
     from .maps import StellarPopulationMaps
     from .profiles import DEFAULT_EXCLUDE, plot_profile, write_profile
-    from .utils._io import check_not_input
 
     out = Path(args.output)
-    check_not_input(out, [args.maps], option="the output (-o/--output)")
+    _check_output(out, args, [args.maps])
     if args.plot:
-        check_not_input(args.plot, [args.maps, out], option="--plot")
-    for path in [out] + ([Path(args.plot)] if args.plot else []):
-        if path.exists() and not args.overwrite:
-            msg = (f"{path} already exists; pass --overwrite to replace it, or choose "
-                   "another output file.")
-            raise FileExistsError(msg)
+        _check_output(args.plot, args, [args.maps, out], option="--plot")
     maps = StellarPopulationMaps.read(args.maps)
     profile = maps.radial_profile(tuple(args.center), pa=args.pa,
                                   inclination=args.inclination, width=args.width,
@@ -832,17 +830,21 @@ def _raise_terminated(signum, frame):
 
 
 # Python keyword arguments named in API messages, and the command-line spelling.
+# (pattern, replacement, the argparse dest the command needs for it, or None).
 _API_TO_CLI = (
-    (re.compile(r"\bcorrect=False\b"), "--no-register"),
-    (re.compile(r"\boverwrite=True\b(?: \(or --overwrite\))?"), "--overwrite"),
-    (re.compile(r"\bpass unit= \("), "add a BUNIT keyword to the image header ("),
-    (re.compile(r"\bwith unit= \("), "with a BUNIT keyword in the image header ("),
-    (re.compile(r"\bforce_band=True\b(?: \(--force-band\))?"), "--force-band"),
-    (re.compile(r"\b(?:supply|pass) photflam= "), "add a PHOTFLAM keyword to the image header "),
-    (re.compile(r"\b(?:supply|pass) photplam= "), "add a PHOTPLAM keyword to the image header "),
-    (re.compile(r"\bpass band= "), "give the band as --hst BAND=PATH "),
-    (re.compile(r"\bPass band= "), "Give the band as --hst BAND=PATH "),
-    (re.compile(r"\ballow_other_instrument=True\b"), "--allow-other-instrument"),
+    (re.compile(r"\bcorrect=False\b"), "--no-register", "register"),
+    (re.compile(r"\boverwrite=True\b(?: \(or --overwrite\))?"), "--overwrite", "overwrite"),
+    (re.compile(r"\bpass unit= \("), "add a BUNIT keyword to the image header (", None),
+    (re.compile(r"\bwith unit= \("), "with a BUNIT keyword in the image header (", None),
+    (re.compile(r"\bforce_band=True\b(?: \(--force-band\))?"), "--force-band", "force_band"),
+    (re.compile(r"\b(?:supply|pass) photflam= "), "add a PHOTFLAM keyword to the image header ",
+     None),
+    (re.compile(r"\b(?:supply|pass) photplam= "), "add a PHOTPLAM keyword to the image header ",
+     None),
+    (re.compile(r"\bpass band= "), "give the band as --hst BAND=PATH ", "hst"),
+    (re.compile(r"\bPass band= "), "Give the band as --hst BAND=PATH ", "hst"),
+    (re.compile(r"\ballow_other_instrument=True\b"), "--allow-other-instrument",
+     "allow_other_instrument"),
 )
 # API keyword -> command-line option (run/prepare).
 _OPTIONS = {"min_snr": "--min-snr", "target_snr": "--target-snr", "psf_fwhm": "--psf-fwhm",
@@ -861,22 +863,13 @@ def _cli_spelling(text, args=None):
     def has(dest):
         return args is None or hasattr(args, dest)
 
-    for pattern, repl in _API_TO_CLI:
-        if "--no-register" in repl and not has("register"):
-            continue
-        if "--allow-other-instrument" in repl and not has("allow_other_instrument"):
-            continue
-        if "--force-band" in repl and not has("force_band"):
-            continue
-        if "--hst" in repl and not has("hst"):
-            continue
-        if "--overwrite" in repl and not has("overwrite"):
-            continue
-        text = pattern.sub(repl, text)
+    for pattern, repl, dest in _API_TO_CLI:
+        if dest is None or has(dest):
+            text = pattern.sub(repl, text)
     if has("min_snr"):
         text = re.sub(r"(?<![\w./-])min_snr=None\b", "--min-snr 0", text)
     for name, option in _OPTIONS.items():
-        if not has(name if name != "ebv_galactic" else "ebv"):
+        if not has(option[2:].replace("-", "_")):  # the option's argparse dest
             continue
         text = re.sub(rf"(?<![\w./-]){name}=(?!/)", option + " ", text)
         if "_" in name:  # a bare keyword name (not an English word): 'lower min_snr'
