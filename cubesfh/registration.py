@@ -626,20 +626,13 @@ def _band_plan(images, coverage, min_coverage):
     bands = list(images)
     pivot = {b: load_filter(b).pivot.to_value(u.AA) for b in bands}
     plan = [(b, "cube", b) for b in bands if coverage.get(b, 0.0) >= min_coverage]
-    done = [b for b, _, _ in plan]
     if not plan:
-        best = None
-        for b in bands:
-            cb = _closest_covered_band(b, coverage, min_coverage)
-            if cb is None:
-                continue
-            gap = abs(pivot[b] - load_filter(cb).pivot.to_value(u.AA))
-            if best is None or gap < best[0]:
-                best = (gap, b, cb)
-        if best is None:
+        # no covered image: the one closest to a covered band, as for a visit
+        img, cb = _group_reference(bands, coverage, min_coverage)
+        if img is None:
             return []
-        plan.append((best[1], "cube", best[2]))
-        done.append(best[1])
+        plan.append((img, "cube", cb))
+    done = [b for b, _, _ in plan]
     remaining = [b for b in bands if b not in done]
     while remaining:
         gap, band, ref = min((abs(pivot[b] - pivot[d]), b, d) for b in remaining for d in done)
@@ -1462,9 +1455,18 @@ def register(cube, images, *, correct=True, max_offset=DEFAULT_MAX_OFFSET,
         synthetic.update(_synthetic_images(cube, todo, instrument=inst, missing=missing,
                                            max_memory=max_memory, progress_bar=progress_bar))
 
-    common = {"max_offset": max_offset, "target_fwhm": target, "method": method,
-              "min_correlation": min_correlation, "tile_size": tile_size,
-              "weak_note": " and is not applied" if correct else ""}
+    measure_kw = {"max_offset": max_offset, "target_fwhm": target, "method": method,
+                  "min_correlation": min_correlation, "tile_size": tile_size,
+                  "weak_note": " and is not applied" if correct else ""}
+    on_cube = {}  # id(image) -> image PSF-matched and reprojected on the cube's grid
+
+    def on_cube_grid(image):
+        if id(image) not in on_cube:
+            on_cube[id(image)] = _hst_on_grid(image, cube.celestial_wcs, cube.spatial_shape,
+                                              target_fwhm=target, unit=cube.unit,
+                                              tile_size=tile_size, method=method)
+        return on_cube[id(image)]
+
     if per == "band":
         out = dict(images)
         # images moved onto the cube by a reliable offset: the only ones a neighbour
@@ -1487,12 +1489,9 @@ def register(cube, images, *, correct=True, max_offset=DEFAULT_MAX_OFFSET,
             if kind == "cube":
                 reference, label = synthetic[ref][0], ref
             else:
-                reference = _hst_on_grid(aligned[ref], cube.celestial_wcs, cube.spatial_shape,
-                                         target_fwhm=target, unit=cube.unit,
-                                         tile_size=tile_size, method=method)
-                label = f"HST {ref}"
+                reference, label = on_cube_grid(aligned[ref]), f"HST {ref}"
             try:
-                off = _measure(cube, images[band], reference, label, **common)
+                off = _measure(cube, images[band], reference, label, **measure_kw)
             except _InsufficientOverlap as exc:
                 # refuse the offset that this overlap cannot support; the other bands
                 # go on (each is measured on its own)
@@ -1515,7 +1514,7 @@ def register(cube, images, *, correct=True, max_offset=DEFAULT_MAX_OFFSET,
         steps = progress(plan, enabled=progress_bar, desc="registration", unit="visit")
         for group, img_band, cube_band in steps:
             off = _measure(cube, images[img_band], synthetic[cube_band][0], cube_band,
-                           **common)
+                           **measure_kw)
             reliable = off.correlation >= min_correlation
             for b in group:
                 offsets[b] = off
@@ -1526,8 +1525,7 @@ def register(cube, images, *, correct=True, max_offset=DEFAULT_MAX_OFFSET,
     ratios, n_used, fits_ = {}, {}, {}
     for b in ratio_bands:
         image_cube = synthetic[b][0]
-        hst = _hst_on_grid(out[b], cube.celestial_wcs, cube.spatial_shape, target_fwhm=target,
-                           unit=cube.unit, tile_size=tile_size, method=method)
+        hst = on_cube_grid(out[b])
         common = np.isfinite(image_cube) & np.isfinite(hst)
         n = int(common.sum())
         if n == 0:

@@ -695,10 +695,10 @@ def read_muse(filename, *, psf_fwhm=None, noise=None, unit=None, memmap=True,
                       if stat_hdu is not None else "")
         # ESO data format: HDUCLAS3 = 'MSE' (variance) or 'RMSE' (1-sigma errors)
         stat_is_sigma = stat_class == "RMSE"
+        sig_factor = 1.0
         if stat_is_sigma:
             sig_factor = (_sigma_unit_factor(stat_hdu.header["BUNIT"], unit)
                           if "BUNIT" in stat_hdu.header else 1.0)
-            var_factor = sig_factor**2
             log.info("%s: STAT holds 1-sigma errors (HDUCLAS3 = 'RMSE'); they are squared "
                      "into variances", path)
         elif stat_hdu is not None and "BUNIT" in stat_hdu.header:
@@ -785,8 +785,8 @@ def read_muse(filename, *, psf_fwhm=None, noise=None, unit=None, memmap=True,
         if v.dtype.kind != "f":
             v = v.astype(np.float32)
         np.square(v, out=v)  # in place: no second copy of a large cube
-        if var_factor != 1.0:
-            v *= v.dtype.type(var_factor)
+        if sig_factor != 1.0:
+            v *= v.dtype.type(sig_factor**2)
         arrays["variance"] = v
     elif stat_hdu is not None and stat_class != "MSE":
         # no HDUCLAS3 to honour: compare STAT with the noise in DATA
@@ -800,7 +800,7 @@ def read_muse(filename, *, psf_fwhm=None, noise=None, unit=None, memmap=True,
                    "as it is, the S/N and the binning are wrong.")
             warnings.warn(msg, CubeSFHWarning)
 
-    if var_factor != 1.0 and not stat_is_sigma:
+    if var_factor != 1.0:
         if lazy:
             msg = (f"{path}: STAT is in {stat_hdu.header['BUNIT']!r}, not the square of the "
                    "DATA unit; rescaling it needs the whole cube in memory. Read with "
