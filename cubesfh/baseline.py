@@ -58,6 +58,7 @@ __all__ = [
     "BaselineFlag",
     "BaselineTemplates",
     "PopulationFit",
+    "age_bin_spectra",
     "fit_grouped",
     "fit_population",
     "fit_populations",
@@ -155,6 +156,44 @@ class PopulationFit(NamedTuple):
     mc: dict | None = None
 
 
+def age_bin_spectra(model):
+    """
+    Spectra of constant star formation across each of the 16 age bins.
+
+    The model's sub-interval spectra summed over each age bin with duration
+    weights (:meth:`~cubesfh.templates.TemplateLibrary.bin_matrix`) and
+    normalised to a mean of 1 in the normalisation window, on the model's
+    (linear) output grid.
+
+    Parameters
+    ----------
+    model : `~cubesfh.synthesis.ForwardModel`
+
+    Returns
+    -------
+    spectra : `~numpy.ndarray`
+        Shape (16, n_metallicities, n_pix).
+    norm : `~numpy.ndarray`
+        Mean flux in the window before normalisation, (16, n_metallicities).
+
+    Raises
+    ------
+    CubeSFHError
+        If the model's grid does not cover the normalisation window.
+    """
+    w = model.wavelength.to_value(u.AA)
+    spec = np.einsum("ba,zap->bzp", model.library.bin_matrix(), model.stellar)
+    lo, hi = NORM_WINDOW.to_value(u.AA)
+    sel = (w >= lo) & (w <= hi)
+    if not sel.any():
+        msg = (f"The model wavelength grid ({w[0]:.0f}-{w[-1]:.0f} A) does not cover the "
+               f"normalisation window {lo:.0f}-{hi:.0f} A; use a ForwardModel with "
+               "output_wavelength including it.")
+        raise CubeSFHError(msg)
+    norm = spec[:, :, sel].mean(axis=2)
+    return spec / norm[:, :, None], norm
+
+
 class BaselineTemplates:
     """
     Templates of the pPXF baseline, prepared once for many spectra.
@@ -225,16 +264,7 @@ class BaselineTemplates:
         lib = model.library
         w = model.wavelength.to_value(u.AA)
         bm = lib.bin_matrix()  # (16, n_age), duration weights, rows sum to 1
-        spec = np.einsum("ba,zap->bzp", bm, model.stellar)  # (16, nz, n_pix)
-        lo, hi = NORM_WINDOW.to_value(u.AA)
-        sel = (w >= lo) & (w <= hi)
-        if not sel.any():
-            msg = (f"The model wavelength grid ({w[0]:.0f}-{w[-1]:.0f} A) does not cover the "
-                   f"normalisation window {lo:.0f}-{hi:.0f} A; use a ForwardModel with "
-                   "output_wavelength including it.")
-            raise CubeSFHError(msg)
-        norm = spec[:, :, sel].mean(axis=2)  # (16, nz)
-        spec = spec / norm[:, :, None]
+        spec, norm = age_bin_spectra(model)
 
         matrix, ln_lam, velscale = log_rebin(w, np.eye(w.size))
         matrix[np.abs(matrix) < 1e-12] = 0.0

@@ -61,15 +61,12 @@ def gap_fraction(flux):
 @functools.lru_cache(maxsize=4)
 def _templates(sigma_target):
     """Linear-grid templates (n_pix, 16 x 6), mean 1 in 5300-5500 A, at a dispersion."""
-    from .conventions import NORM_WINDOW
+    from .baseline import age_bin_spectra
     from .synthesis import ForwardModel
 
     model = ForwardModel(sigma_target=float(sigma_target) * u.km / u.s)
+    spec, _ = age_bin_spectra(model)
     w = model.wavelength.to_value(u.AA)
-    spec = np.einsum("ba,zap->bzp", model.library.bin_matrix(), model.stellar)
-    lo, hi = NORM_WINDOW.to_value(u.AA)
-    sel = (w >= lo) & (w <= hi)
-    spec = spec / spec[:, :, sel].mean(axis=2)[:, :, None]
     return w, np.ascontiguousarray(spec.reshape(-1, w.size).T)
 
 

@@ -357,13 +357,15 @@ def _low_flux_ratio(bins, photometry):
     if good.sum() < 4:
         return out
     bright = good & (muse >= np.median(muse[good]))
-    reference = np.median(ratio[bright if bright.sum() >= 2 else good])
+    if bright.sum() < 2:
+        bright = good
+    reference = np.median(ratio[bright])
     if not reference > 0:
         return out
     # PSF-matching residuals scatter the ratio of small bins at sharp features by
     # up to ~40 %; the limit is at least SKY_RATIO_LIMIT and 5 robust sigma of the
     # bright bins' scatter
-    rel = ratio[bright if bright.sum() >= 2 else good] / reference
+    rel = ratio[bright] / reference
     spread = 1.4826 * np.median(np.abs(rel - 1.0))
     limit = max(SKY_RATIO_LIMIT, 1.0 + 5.0 * spread)
     out[good] = (ratio[good] > limit * reference) | (muse[good] <= 0)

@@ -121,31 +121,31 @@ def _weighted_percentiles(values, weights, qs):
     return np.interp(np.asarray(qs) / 100.0, cw, v)
 
 
+def _column(table, name):
+    """A BINS column as a plain float array (``None`` if absent)."""
+    if name not in table.colnames:
+        return None
+    return np.asarray(getattr(table[name], "value", table[name]), float)
+
+
 def _per_bin(maps, name, prefix):
+    """Per-bin values of a profile quantity and half the width of their 68 % interval."""
     t = maps.table
     if name in ("young_1gyr", "young_5gyr"):
         col = f"{prefix}mass_fraction"
-        if col not in t.colnames:
+        frac = _column(t, col)
+        if frac is None:
             return None, None
         age = (1.0 if name == "young_1gyr" else 5.0) * u.Gyr
-        frac = np.asarray(getattr(t[col], "value", t[col]), float)
-        lo = hi = None
-        if f"{col}_p16" in t.colnames:
-            lo = younger_fraction(np.asarray(getattr(t[f"{col}_p16"], "value", t[f"{col}_p16"])),
-                                  age)
-            hi = younger_fraction(np.asarray(getattr(t[f"{col}_p84"], "value", t[f"{col}_p84"])),
-                                  age)
-        return younger_fraction(frac, age), (None if lo is None else 0.5 * np.abs(hi - lo))
-    col = f"{prefix}{name}"
-    if col not in t.colnames:
+        lo, hi = _column(t, f"{col}_p16"), _column(t, f"{col}_p84")
+        half = (None if lo is None or hi is None
+                else 0.5 * np.abs(younger_fraction(hi, age) - younger_fraction(lo, age)))
+        return younger_fraction(frac, age), half
+    values = _column(t, f"{prefix}{name}")
+    if values is None:
         return None, None
-    values = np.asarray(getattr(t[col], "value", t[col]), float)
-    half = None
-    if f"{col}_p16" in t.colnames and f"{col}_p84" in t.colnames:
-        p16 = np.asarray(getattr(t[f"{col}_p16"], "value", t[f"{col}_p16"]), float)
-        p84 = np.asarray(getattr(t[f"{col}_p84"], "value", t[f"{col}_p84"]), float)
-        half = 0.5 * (p84 - p16)
-    return values, half
+    p16, p84 = _column(t, f"{prefix}{name}_p16"), _column(t, f"{prefix}{name}_p84")
+    return values, (None if p16 is None or p84 is None else 0.5 * (p84 - p16))
 
 
 def radial_profile(maps, center, *, pa, inclination, width=None, re=None, distance=None,
