@@ -47,10 +47,14 @@ from torch import nn
 from ..conventions import HST_BANDS, N_AGE_BINS
 
 N_BANDS = len(HST_BANDS)
-#: Outputs of the uncertainty head: four mean quantities + 16 mass fractions.
-N_SIGMA_OUTPUTS = 4 + N_AGE_BINS
+#: Ages (Gyr) of the cumulative mass fractions "younger than" with uncertainties.
+CUMULATIVE_AGES = (0.1, 1.0, 5.0)
+#: Outputs of the uncertainty head: four mean quantities, 16 mass fractions
+#: and the cumulative fractions younger than `CUMULATIVE_AGES` (cubesfh 0.4;
+#: 20 before).
+N_SIGMA_OUTPUTS = 4 + N_AGE_BINS + len(CUMULATIVE_AGES)
 
-__all__ = ["SFHNet", "light_coefficients", "light_fractions", "log_cosh_loss"]
+__all__ = ["CUMULATIVE_AGES", "SFHNet", "light_coefficients", "light_fractions", "log_cosh_loss"]
 
 
 def _init_glorot(module):
@@ -93,15 +97,24 @@ class SFHNet(nn.Module):
     uncertainty : bool
         Add the uncertainty and reconstruction heads and the latent
         statistics (see the module notes).
+    mask_channel : bool
+        Give the first convolution a second input channel, the pixel
+        validity (1 valid, 0 missing; missing pixels enter the first channel
+        as 0, the training mean), so that spectra with gaps are inputs of
+        their own (the bundled models since 0.4).
+    n_sigma : int
+        Outputs of the uncertainty head (`N_SIGMA_OUTPUTS`; 20 in 0.3).
     """
 
     def __init__(self, n_pix=880, n_bands=N_BANDS, channels=(16, 32, 64),
                  kernels=(8, 5, 5), strides=(2, 1, 1), heads=4, zh_offset=0.0,
-                 uncertainty=False):
+                 uncertainty=False, mask_channel=False, n_sigma=N_SIGMA_OUTPUTS):
         super().__init__()
         self.n_pix = n_pix
         self.n_bands = n_bands
-        stages, c_in = [], 1
+        self.mask_channel = bool(mask_channel)
+        self.n_sigma = int(n_sigma)
+        stages, c_in = [], 2 if self.mask_channel else 1
         n_pos = n_pix
         for c, k, s in zip(channels, kernels, strides):
             stages.append(_ConvStage(c_in, c, k, s))
@@ -125,7 +138,7 @@ class SFHNet(nn.Module):
         if self.uncertainty:
             self.sigma_head = nn.Sequential(
                 nn.Linear(40, 64), nn.PReLU(), nn.Linear(64, 64), nn.PReLU(),
-                nn.Linear(64, N_SIGMA_OUTPUTS))
+                nn.Linear(64, self.n_sigma))
             self.recon_head = nn.Sequential(nn.Linear(40, 256), nn.PReLU(),
                                             nn.Linear(256, n_pix))
             self.register_buffer("latent_mean", torch.zeros(40))
@@ -133,7 +146,7 @@ class SFHNet(nn.Module):
         self.apply(_init_glorot)
         self.register_buffer("zh_offset", torch.tensor(float(zh_offset)))
 
-    def forward(self, spectrum, photometry, mask):
+    def forward(self, spectrum, photometry, mask, valid=None):
         """
         Parameters
         ----------
@@ -143,6 +156,9 @@ class SFHNet(nn.Module):
             ``(batch, n_bands)`` standardised log fluxes (any value where masked).
         mask : `torch.Tensor`
             ``(batch, n_bands)``, 1 where the band is present.
+        valid : `torch.Tensor`, optional
+            ``(batch, n_pix)``, 1 where the spectral pixel is valid (models
+            with ``mask_channel`` only; default all valid).
 
         Returns
         -------
@@ -151,11 +167,19 @@ class SFHNet(nn.Module):
         zh : `torch.Tensor`
             ``(batch, 16)`` [Z/H] per age bin.
         """
-        return self.decode(self.encode(spectrum, photometry, mask))
+        return self.decode(self.encode(spectrum, photometry, mask, valid))
 
-    def encode(self, spectrum, photometry, mask):
+    def encode(self, spectrum, photometry, mask, valid=None):
         """The 40-dimensional latent vector (same inputs as `forward`)."""
-        h = self.conv(spectrum.unsqueeze(1)).transpose(1, 2)  # (b, pos, c)
+        if self.mask_channel:
+            if valid is None:
+                valid = torch.ones_like(spectrum)
+            x = torch.stack([spectrum * valid, valid], dim=1)
+        elif valid is not None:
+            x = (spectrum * valid).unsqueeze(1)
+        else:
+            x = spectrum.unsqueeze(1)
+        h = self.conv(x).transpose(1, 2)  # (b, pos, c)
         h = h + self.pos
         a, _ = self.attention(h, h, h, need_weights=False)
         h = self.attn_norm(h + a)
@@ -177,8 +201,9 @@ class SFHNet(nn.Module):
         Returns
         -------
         log_sigma : `torch.Tensor`
-            ``(batch, 20)``: log of the error scale of LW log age, MW log age,
-            LW [Z/H], MW [Z/H] and of the 16 mass fractions.
+            ``(batch, n_sigma)``: log of the error scale of LW log age, MW log
+            age, LW [Z/H], MW [Z/H], of the 16 mass fractions and (0.4) of
+            the cumulative fractions younger than `CUMULATIVE_AGES`.
         recon : `torch.Tensor`
             ``(batch, n_pix)`` reconstructed standardised spectrum.
         mahalanobis2 : `torch.Tensor`

@@ -12,6 +12,10 @@ Training of the CNN on the synthetic training set (section 3.4), resumable.
 * Random band masking: 40 % of the training samples lose a random subset of
   HST bands (each band with probability 1/2; all five in 1/8 of those), so the
   same network works with any subset of bands.
+* Random spectral gaps (0.4): 30 % of the samples lose the MUSE AO notch,
+  sky-line and telluric windows and random 20-200 A windows
+  (:func:`~cubesfh.network._data.gap_masks`), which reach the network as
+  missing pixels through its validity channel, never as filled-in values.
 * A checkpoint is written after every epoch; ``train(..., resume=True)``
   continues from it. Shuffling and noise use generators seeded by
   (seed, epoch), so a resumed run is the same as an uninterrupted one.
@@ -29,9 +33,9 @@ import numpy as np
 
 from ..conventions import HST_BANDS
 from ..utils import CubeSFHError, progress, sha256_file
-from ._data import downsample_spectra, photometry_features
+from ._data import GAP_SHARE, downsample_spectra, gap_masks, photometry_features
 
-__all__ = ["split_indices", "train"]
+__all__ = ["split_indices", "train", "widen_first_convolution"]
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +123,24 @@ def load_split(path, seed, *, which="train"):
     return out
 
 
+def widen_first_convolution(state, own):
+    """
+    Give the 1-channel first convolution of old weights the validity channel of ``own``.
+
+    The new channel's weights are zero, so the widened network computes what
+    the old one did on complete spectra.
+    """
+    import torch
+
+    key = "conv.0.conv.weight"
+    if key in state and key in own and state[key].shape != own[key].shape:
+        old = state[key]
+        if old.shape[1] == 1 and own[key].shape[1] == 2 and old.shape[::2] == own[key].shape[::2]:
+            state = dict(state)
+            state[key] = torch.cat([old, torch.zeros_like(old)], dim=1)
+    return state
+
+
 def _band_mask(rng, n, p_drop=0.4):
     mask = np.ones((n, len(HST_BANDS)), dtype=np.float32)
     drop = rng.uniform(size=n) < p_drop
@@ -140,13 +162,13 @@ def _write_meta(out, training_set, seed, tr, n_tr, n_val, best, history, elapsed
             "best_val_loss": best, "epochs": len(history), "train_seconds": elapsed,
             "device": device, "threads": int(threads), "band_dropout": band_dropout,
             "batch_size": batch_size, "lr": lr, "light_weight": light_weight,
-            "init_weights": init}
+            "init_weights": init, "mask_channel": True, "gap_share": GAP_SHARE}
     (out / "train_meta.json").write_text(json.dumps(meta, indent=1, default=str))
 
 
 def train(training_set, output_dir, *, seed=0, max_epochs=200, batch_size=128, lr=1e-3,
           lr_factor=0.8, lr_patience=5, stop_patience=20, time_limit=None, band_dropout=0.4,
-          light_weight=0.8, init_weights=None,
+          light_weight=0.8, init_weights=None, gap_share=GAP_SHARE,
           device=None, threads=None, resume=True, max_samples=None, progress_bar=True):
     """
     Train the network and write its best weights, normalisation and history.
@@ -181,7 +203,12 @@ def train(training_set, output_dir, *, seed=0, max_epochs=200, batch_size=128, l
         Start from these weights (a ``.pt`` state dict of the same
         architecture, e.g. the bundled model) instead of a random
         initialisation: fine-tuning, used for the models at other velocity
-        dispersions. Ignored when resuming from a checkpoint.
+        dispersions. Ignored when resuming from a checkpoint. Weights of a
+        network without the validity channel (cubesfh <= 0.3) start it with
+        zero weights on that channel, i.e. as the old network.
+    gap_share : float, optional
+        Fraction of training (and validation) spectra with random spectral
+        gaps.
     device : str, optional
         ``'cuda'`` when available, else ``'cpu'``.
     threads : int, optional
@@ -233,7 +260,7 @@ def train(training_set, output_dir, *, seed=0, max_epochs=200, batch_size=128, l
             "zh_offset": zh_offset}
 
     torch.manual_seed(seed)
-    net = SFHNet(n_pix=tr["spectra"].shape[1], zh_offset=zh_offset).to(device)
+    net = SFHNet(n_pix=tr["spectra"].shape[1], zh_offset=zh_offset, mask_channel=True).to(device)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=lr_factor,
                                                        patience=lr_patience)
@@ -250,6 +277,7 @@ def train(training_set, output_dir, *, seed=0, max_epochs=200, batch_size=128, l
             own = net.state_dict()
             state = {k: v for k, v in state.items()
                      if k in own or not k.startswith(("sigma_head", "recon_head", "latent_"))}
+            state = widen_first_convolution(state, own)
             net.load_state_dict(state)
         except Exception as exc:  # torch raises several types for bad files
             msg = (f"could not start from the weights in {init_weights}: {exc}. They must be "
@@ -272,15 +300,17 @@ def train(training_set, output_dir, *, seed=0, max_epochs=200, batch_size=128, l
     pm = torch.from_numpy(phot_mean).to(device)
     ps = torch.from_numpy(phot_std).to(device)
 
-    def inputs(spec, phot, mask):
+    def inputs(spec, phot, mask, valid):
         logf, ok = photometry_features(phot, mask)
         x = (torch.from_numpy(spec).to(device) - sm) / ss
         p = (torch.from_numpy(logf).to(device) - pm) / ps
-        return x, p, torch.from_numpy(ok).to(device)
+        return x, p, torch.from_numpy(ok).to(device), torch.from_numpy(valid).to(device)
 
     level = np.float32(1.0)
     v_spec, v_phot = va["spectra"], va["photometry"]
     v_mask = _band_mask(np.random.default_rng([seed, 99]), len(v_spec), band_dropout)
+    v_valid = gap_masks(np.random.default_rng([seed, 98]), len(v_spec), n_pix=v_spec.shape[1],
+                        share=gap_share)
     v_f = torch.from_numpy(va["mass_fraction"]).to(device)
     v_z = torch.from_numpy(va["metallicity"]).to(device)
     v_l = torch.from_numpy(va["light_fraction"]).to(device)
@@ -304,11 +334,12 @@ def train(training_set, output_dir, *, seed=0, max_epochs=200, batch_size=128, l
             phot = tr["photometry"][b] * (1 + tr["phot_error"]
                                           * rng.standard_normal((b.size, len(HST_BANDS))))
             mask = _band_mask(rng, b.size, band_dropout)
-            x, p, m = inputs(spec.astype(np.float32), phot.astype(np.float32), mask)
+            valid = gap_masks(rng, b.size, n_pix=spec.shape[1], share=gap_share)
+            x, p, m, v = inputs(spec.astype(np.float32), phot.astype(np.float32), mask, valid)
             f_true = torch.from_numpy(tr["mass_fraction"][b]).to(device)
             z_true = torch.from_numpy(tr["metallicity"][b]).to(device)
             l_true = torch.from_numpy(tr["light_fraction"][b]).to(device)
-            f_pred, z_pred = net(x, p, m)
+            f_pred, z_pred = net(x, p, m, v)
             loss = log_cosh_loss(f_pred, z_pred, f_true, z_true, light_coef=lcoef,
                                  true_light=l_true, light_weight=light_weight)
             opt.zero_grad()
@@ -320,8 +351,9 @@ def train(training_set, output_dir, *, seed=0, max_epochs=200, batch_size=128, l
         with torch.no_grad():
             vl, vn = 0.0, 0
             for s in range(0, len(v_spec), 4096):
-                x, p, m = inputs(v_spec[s:s + 4096], v_phot[s:s + 4096], v_mask[s:s + 4096])
-                f_pred, z_pred = net(x, p, m)
+                x, p, m, v = inputs(v_spec[s:s + 4096], v_phot[s:s + 4096],
+                                    v_mask[s:s + 4096], v_valid[s:s + 4096])
+                f_pred, z_pred = net(x, p, m, v)
                 n = x.shape[0]
                 vl += log_cosh_loss(f_pred, z_pred, v_f[s:s + n], v_z[s:s + n],
                                     light_coef=lcoef, true_light=v_l[s:s + n],

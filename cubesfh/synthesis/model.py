@@ -55,7 +55,8 @@ from ..conventions import (
 )
 from ..lsf import FWHM_TO_SIGMA, muse_lsf_fwhm
 
-__all__ = ["ForwardModel", "dust_transmission", "metallicity_history"]
+__all__ = ["ATTENUATION_LAWS", "ForwardModel", "attenuation_curve", "dust_transmission",
+           "metallicity_history"]
 
 C_KMS = const.c.to_value(u.km / u.s)
 #: Charlot & Fall (2000) attenuation slope and pivot.
@@ -93,6 +94,96 @@ def dust_transmission(wavelength, tau, *, slope=DUST_SLOPE, pivot=DUST_PIVOT):
     tau = np.asarray(tau, float)
     slope = np.asarray(slope, float)
     return np.exp(-tau[..., None] * (w / pivot) ** slope[..., None])
+
+
+#: Shapes of the ISM attenuation curve the broad simulator draws from
+#: (`attenuation_curve`): the power law of eq. 1 (Charlot & Fall 2000, with
+#: its slope drawn), the starburst curve of Calzetti et al. (2000), an
+#: SMC-bar-like curve (no 2175 A bump; Gordon et al. 2003) and the Milky Way
+#: curve of Cardelli, Clayton & Mathis (1989), R_V = 3.1 (with the bump, which
+#: falls in F275W).
+ATTENUATION_LAWS = ("power", "calzetti", "smc", "mw")
+
+
+def attenuation_curve(wavelength, law):
+    """
+    Attenuation curve A(lambda) / A(5500 A) of a named law.
+
+    Parameters
+    ----------
+    wavelength : `~numpy.ndarray` or `~astropy.units.Quantity`
+        Wavelengths (A if plain numbers), 1000 A to 3 micron.
+    law : {'calzetti', 'smc', 'mw'}
+        ``'calzetti'``: Calzetti et al. (2000, eq. 4), R_V = 4.05, extended
+        below 1200 A and above 2.2 micron by its end segments.
+        ``'smc'``: the SMC-bar form ``A ~ lambda^-1.2`` of Prevot et al.
+        (1984) / Bouchet et al. (1985), which matches Gordon et al. (2003)
+        to a few per cent from 1500 A to 1 micron (no bump).
+        ``'mw'``: `cubesfh.extinction.ccm89`, R_V = 3.1.
+
+    Returns
+    -------
+    curve : `~numpy.ndarray`
+        Same shape as ``wavelength``; 1 at 5500 A.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from cubesfh.synthesis.model import attenuation_curve
+    >>> np.round(attenuation_curve([2750.0, 5500.0, 8000.0], "calzetti"), 3)
+    array([1.787, 1.   , 0.592])
+    """
+    w = u.Quantity(wavelength, u.AA).to_value(u.micron)
+
+    def calzetti(x):
+        x = np.asarray(x, float)
+        k = np.where(x < 0.63,
+                     2.659 * (-2.156 + 1.509 / x - 0.198 / x**2 + 0.011 / x**3) + 4.05,
+                     2.659 * (-1.857 + 1.040 / x) + 4.05)
+        return k
+
+    if law == "calzetti":
+        return calzetti(w) / calzetti(0.55)
+    if law == "smc":
+        return (w / 0.55) ** -1.2
+    if law == "mw":
+        from ..extinction import ccm89
+
+        return ccm89(w * u.micron) / float(ccm89(5500.0 * u.AA))
+    msg = f"law={law!r}: choose one of {ATTENUATION_LAWS[1:]} (or 'power', eq. 1)."
+    raise ValueError(msg)
+
+
+def ism_transmission(wavelength, tau, slope, law):
+    """
+    ISM transmission of spectra with per-spectrum attenuation laws.
+
+    Parameters
+    ----------
+    wavelength : `~numpy.ndarray`
+        A, ``(n_pix,)``.
+    tau : `~numpy.ndarray`
+        Optical depth at 5500 A, ``(n,)``.
+    slope : float or `~numpy.ndarray`
+        Exponent of the power law (used where ``law`` is 0).
+    law : `~numpy.ndarray`
+        ``(n,)`` integer index into `ATTENUATION_LAWS`.
+
+    Returns
+    -------
+    t : `~numpy.ndarray`
+        ``(n, n_pix)``.
+    """
+    w = np.asarray(wavelength, float)
+    tau = np.asarray(tau, float)
+    law = np.broadcast_to(np.asarray(law, int), tau.shape)
+    out = dust_transmission(w, tau, slope=slope)
+    for j in np.unique(law[law > 0]):
+        sel = law == j
+        # outside 0.1-3 micron the filters carry no weight; hold the curve there
+        curve = attenuation_curve(np.clip(w, 1000.0, 30000.0), ATTENUATION_LAWS[j])
+        out[sel] = np.exp(-tau[sel, None] * curve[None, :])
+    return out
 
 
 def metallicity_history(mass, z_final, *, z_start=Z_START):
@@ -241,7 +332,7 @@ class ForwardModel:
         return np.einsum("na,naz->nza", np.asarray(mass, float), wz)
 
     def synthesize(self, mass, z, tau_ism, tau_bc, *, nebular=True, ism_slope=DUST_SLOPE,
-                   line_sigma=None, line_scale=None):
+                   line_sigma=None, line_scale=None, ism_law=None):
         """
         Noise-free, un-normalised spectra and HST fluxes.
 
@@ -267,6 +358,9 @@ class ForwardModel:
             paper's model).
         line_scale : `~numpy.ndarray`, optional
             Multiplier of the nebular line luminosities, ``(n,)`` (default 1).
+        ism_law : `~numpy.ndarray`, optional
+            ``(n,)`` index into `ATTENUATION_LAWS` of the ISM curve of each
+            spectrum (default: all 0, the power law with ``ism_slope``).
 
         Returns
         -------
@@ -285,7 +379,8 @@ class ForwardModel:
         cy = c_young.reshape(n, -1)
         wout = self.wavelength.value
         sed_w = self.sed_wavelength.to_value(u.AA)
-        t_ism = dust_transmission(wout, tau_ism, slope=ism_slope)
+        law = np.zeros(n, int) if ism_law is None else np.asarray(ism_law, int)
+        t_ism = ism_transmission(wout, tau_ism, ism_slope, law)
         t_bc = dust_transmission(wout, tau_bc)
         custom = line_sigma is not None or line_scale is not None
         young_opt = cy @ self.stellar[:, :ny].reshape(nz * ny, -1)
@@ -301,7 +396,7 @@ class ForwardModel:
                 young_opt += self.line_spectra(lum, self._line_wave, line_sigma)
         spec = c_old.reshape(n, -1) @ self.stellar.reshape(nz * na, -1)
         spec = t_ism * (spec + t_bc * young_opt)
-        ts_ism = dust_transmission(sed_w, tau_ism, slope=ism_slope)
+        ts_ism = ism_transmission(sed_w, tau_ism, ism_slope, law)
         ts_bc = dust_transmission(sed_w, tau_bc)
         young_sed = cy @ self.sed_stellar[:, :ny].reshape(nz * ny, -1)
         if nebular and not custom:
@@ -316,7 +411,7 @@ class ForwardModel:
             lum = (cy @ self.library.nebular_lines[:, :ny][..., k].reshape(nz * ny, -1))
             lum *= scale[:, None]
             lw = self._sed_line_wave
-            trans = (dust_transmission(lw, tau_ism, slope=ism_slope)
+            trans = (ism_transmission(lw, tau_ism, ism_slope, law)
                      * dust_transmission(lw, tau_bc))
             phot = phot + self.line_photometry(lum * trans, lw)
         return spec, phot

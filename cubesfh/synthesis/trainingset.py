@@ -23,7 +23,14 @@ from ..conventions import (
     SIGMA_TARGET,
 )
 from ..utils import CubeSFHError, progress
-from .model import C_KMS, Z_START, ForwardModel, dust_transmission, metallicity_history
+from .model import (
+    ATTENUATION_LAWS,
+    C_KMS,
+    Z_START,
+    ForwardModel,
+    dust_transmission,
+    metallicity_history,
+)
 from .sfh import (
     FAMILY_BURST,
     FAMILY_GP,
@@ -46,8 +53,10 @@ DEFAULT_MIX = (150_000, 9_000, 6_000)
 N_DEFAULT = sum(DEFAULT_MIX)
 #: S/N per Angstrom (5300-5500 A) of the training spectra, drawn uniformly.
 SNR_VALUES = (15.0, 20.0, 35.0, 50.0)
-#: Version of the file layout (bump on incompatible changes).
-TRAINING_SET_FORMAT = 1
+#: Version of the file layout and simulator (bump on incompatible changes).
+#: 2 (cubesfh 0.4): attenuation laws, patchy screens, extended histories and
+#: the spectral and photometric model systematics of the broad simulator.
+TRAINING_SET_FORMAT = 2
 #: Total stellar mass formed by every history (M_sun; as in the paper).
 TOTAL_MASS = 15e6
 
@@ -100,6 +109,35 @@ TILT_SIGMA = 0.03
 #: (a mismatched line-spread function or stellar dispersion).
 LSF_JITTER_PROBABILITY = 0.5
 LSF_JITTER_RANGE = (0.0, 50.0)
+
+#: Broad prior: probabilities of the ISM attenuation laws of each component
+#: (`~cubesfh.synthesis.model.ATTENUATION_LAWS`: power law with the drawn
+#: slope, Calzetti, SMC-like, Milky Way).
+ATTENUATION_LAW_PROBABILITIES = (0.4, 0.2, 0.2, 0.2)
+#: Broad prior: probability that a component is seen through two screens
+#: (a share of its stars behind each; the PSF and the bins mix lines of
+#: sight with different dust columns), and the range of the log ratio of the
+#: second screen's optical depth to the first.
+PATCHY_PROBABILITY = 0.3
+PATCHY_TAU_RANGE = (-1.0, 0.5)
+#: Broad prior: probability that the first component has an extended
+#: parametric history (constant, declining, rising or delayed, optionally
+#: with a late burst) instead of the paper's families; see
+#: `extended_history`.
+EXTENDED_PROBABILITY = 0.3
+#: Broad prior: number of principal components of the inter-library spectral
+#: differences drawn onto every spectrum (`spectral_systematics_basis`), and
+#: the multiplier of their amplitudes (1: as different from the training
+#: libraries' mean as the training libraries are from each other).
+SYSTEMATICS_COMPONENTS = 12
+SYSTEMATICS_SCALE = 0.7
+#: Broad prior: 1-sigma offset (mag) of every HST band, drawn per spectrum:
+#: the scatter of the synthetic colours between SSP libraries at matched
+#: populations (``scripts/library_colour_scatter.py``: F275W 0.07-0.10,
+#: F336W 0.07-0.12, F438W 0.02-0.06, F555W <= 0.01, F814W 0.04-0.12 mag) and
+#: a 0.02 mag zero-point uncertainty, in quadrature. F555W carries little of
+#: it: the photometry is normalised by the spectrum around 5500 A.
+PHOT_SYSTEMATIC_MAG = (0.10, 0.10, 0.05, 0.025, 0.08)
 
 # H-beta, [OIII] 4959, 5007, [OI] 6300, 6364, [NII] 6548, H-alpha, [NII] 6584,
 # [SII] 6717, 6731 (air, A)
@@ -205,6 +243,125 @@ def _draw_mass(rng, families, edges, params=None):
     return mass
 
 
+#: Extended-history types of `extended_history`.
+EXTENDED_TYPES = ("constant", "declining", "rising", "delayed")
+
+
+def extended_history(rng, n, edges, *, t_universe=None):
+    """
+    Draw extended star formation histories (mass formed per sub-interval, total 1).
+
+    Real discs formed a large share of their mass in the last few Gyr; the
+    paper's families rarely do. Each history is one of `EXTENDED_TYPES`
+    (equal probabilities), in cosmic time ``t`` since the first edge:
+
+    * ``constant``: SFR constant since a start time uniform over the oldest
+      third of the age range;
+    * ``declining``: SFR ~ exp(-t / tau), tau log-uniform in 2-20 Gyr;
+    * ``rising``: SFR ~ exp(+t / tau), tau log-uniform in 3-20 Gyr;
+    * ``delayed``: SFR ~ t exp(-t / tau), tau log-uniform in 1-20 Gyr;
+
+    and in 30 % of them a late burst (a Gaussian in log age centred between
+    30 Myr and 3 Gyr, 0.15 dex wide) with 2-30 % of the mass is added.
+
+    Parameters
+    ----------
+    rng : `numpy.random.Generator`
+    n : int
+    edges : `~numpy.ndarray`
+        Lookback-time edges of the sub-intervals (yr), increasing.
+    t_universe : float, optional
+        Age of the oldest stars (yr; default the last edge).
+
+    Returns
+    -------
+    mass : `~numpy.ndarray`
+        ``(n, len(edges) - 1)``.
+    kind : `~numpy.ndarray`
+        ``(n,)`` index into `EXTENDED_TYPES`, plus 10 where a burst was added.
+    """
+    edges = np.asarray(edges, float)
+    t_u = float(edges[-1] if t_universe is None else t_universe)
+    mid = 0.5 * (edges[1:] + edges[:-1])
+    width = np.diff(edges)
+    t = np.clip(t_u - mid, 0.0, None)[None, :] / 1e9  # Gyr since the start
+    kind = rng.integers(0, len(EXTENDED_TYPES), n)
+    start = rng.uniform(0.0, t_u / 3e9, n)[:, None]
+    tau = np.select([kind == 1, kind == 2, kind == 3],
+                    [10 ** rng.uniform(np.log10(2), np.log10(20), n),
+                     10 ** rng.uniform(np.log10(3), np.log10(20), n),
+                     10 ** rng.uniform(0.0, np.log10(20), n)], 1.0)[:, None]
+    ts = np.clip(t - start, 0.0, None)
+    on = t >= start
+    sfr = np.select([kind[:, None] == 0, kind[:, None] == 1, kind[:, None] == 2],
+                    [np.ones_like(ts), np.exp(-ts / tau), np.exp(ts / tau)],
+                    ts * np.exp(-ts / tau)) * on
+    mass = sfr * width[None, :]
+    mass /= mass.sum(axis=1, keepdims=True)
+    burst = rng.uniform(size=n) < 0.3
+    if burst.any():
+        k = int(burst.sum())
+        centre = rng.uniform(np.log10(3e7), np.log10(3e9), k)[:, None]
+        prof = np.exp(-0.5 * ((np.log10(mid)[None, :] - centre) / 0.15) ** 2) * width[None, :]
+        prof /= prof.sum(axis=1, keepdims=True)
+        frac = rng.uniform(0.02, 0.30, k)[:, None]
+        mass[burst] = (1 - frac) * mass[burst] + frac * prof
+    return mass, kind + 10 * burst
+
+
+def spectral_systematics_basis(models, *, n_components=SYSTEMATICS_COMPONENTS):
+    """
+    Principal components of the spectral differences between SSP libraries.
+
+    For every pair of the forward models' libraries, at every age
+    sub-interval and every metallicity of the first library (the nearest
+    metallicity of the second, within 0.2 dex), the log ratio of the two
+    normalised simple-population spectra on the output grid (at the models'
+    velocity dispersion) is one row; the leading right-singular vectors of
+    the (uncentred) rows span the ways the libraries disagree, and their
+    singular values / sqrt(rows) the size of the disagreement. Sub-intervals
+    that one library takes from another (``YNGFILL``) give zero rows and are
+    left out.
+
+    Parameters
+    ----------
+    models : sequence of `~cubesfh.synthesis.ForwardModel`
+        At least two, on the same output grid.
+    n_components : int, optional
+
+    Returns
+    -------
+    basis : `~numpy.ndarray`
+        ``(n_components, n_pix)`` unit vectors.
+    scale : `~numpy.ndarray`
+        ``(n_components,)`` rms amplitude of each component (natural log).
+    """
+    rows = []
+    for a in range(len(models)):
+        for b in range(a + 1, len(models)):
+            ma, mb = models[a], models[b]
+            za = np.log10(ma.library.metallicity)
+            zb = np.log10(mb.library.metallicity)
+            for iz, z in enumerate(za):
+                jz = int(np.argmin(np.abs(zb - z)))
+                if abs(zb[jz] - z) > 0.2:
+                    continue
+                fa = ma.stellar[iz]
+                fb = mb.stellar[jz]
+                fa = fa / fa[:, ma._norm_pixels].mean(axis=1, keepdims=True)
+                fb = fb / fb[:, mb._norm_pixels].mean(axis=1, keepdims=True)
+                r = np.log(np.clip(fa, 1e-30, None) / np.clip(fb, 1e-30, None))
+                keep = np.isfinite(r).all(axis=1) & (np.abs(r).max(axis=1) > 1e-6)
+                rows.append(r[keep])
+    if not rows:
+        msg = "spectral_systematics_basis needs at least two libraries with matched metallicities."
+        raise CubeSFHError(msg)
+    x = np.concatenate(rows)
+    _, sv, vt = np.linalg.svd(x, full_matrices=False)
+    k = int(min(n_components, vt.shape[0]))
+    return vt[:k], sv[:k] / np.sqrt(x.shape[0])
+
+
 def _draw_chemistry(rng, n, chemistry):
     if chemistry == "paper":
         z_start = np.full(n, Z_START)
@@ -230,7 +387,8 @@ def _draw_broad_dust(rng, n):
 
 
 def simulate_samples(rng, families, model, *, snr=None, snr_values=SNR_VALUES,
-                     phot_error=0.02, noise=True, chemistry="paper", prior="paper"):
+                     phot_error=0.02, noise=True, chemistry="paper", prior="paper",
+                     systematics=None):
     """
     Draw SFH, chemistry, dust and noise parameters and simulate the observables.
 
@@ -253,6 +411,12 @@ def simulate_samples(rng, families, model, *, snr=None, snr_values=SNR_VALUES,
         Simulator (`PRIORS`). With ``'broad'``, ``model`` may be a sequence of
         forward models (one per SSP library, drawn with equal probability per
         spectrum).
+    systematics : tuple of `~numpy.ndarray`, optional
+        ``(basis, scale)`` of `spectral_systematics_basis`: with the broad
+        prior, every spectrum is multiplied by ``exp(sum_k a_k basis_k)``,
+        ``a_k ~ N(0, SYSTEMATICS_SCALE * scale_k)``, and every HST band gets an
+        offset drawn from `PHOT_SYSTEMATIC_MAG` (default: computed from
+        ``model`` when it holds several libraries, else none).
 
     Returns
     -------
@@ -266,7 +430,8 @@ def simulate_samples(rng, families, model, *, snr=None, snr_values=SNR_VALUES,
     families = np.asarray(families)
     if prior == "broad":
         return _simulate_broad(rng, families, model, snr=snr, snr_values=snr_values,
-                               phot_error=phot_error, noise=noise, chemistry=chemistry)
+                               phot_error=phot_error, noise=noise, chemistry=chemistry,
+                               systematics=systematics)
     if prior != "paper":
         msg = f"prior={prior!r}: choose one of {PRIORS}."
         raise CubeSFHError(msg)
@@ -302,14 +467,18 @@ def _observe(rng, model, spec0, phot0, snr, snr_values, noise, phot_error):
 
 
 _BROAD_COLUMNS = ("n_components", "library", "ism_slope", "line_sigma", "line_scale",
-                  "dig_ew", "tilt", "lsf_jitter", "secondary_light")
+                  "dig_ew", "tilt", "lsf_jitter", "secondary_light", "ism_law", "patchy",
+                  "extended", "systematics_rms", "phot_offset_rms")
 
 
-def _simulate_broad(rng, families, models, *, snr, snr_values, phot_error, noise, chemistry):
+def _simulate_broad(rng, families, models, *, snr, snr_values, phot_error, noise, chemistry,
+                    systematics=None):
     """The ``'broad'`` simulator (see `PRIORS`); same outputs as `simulate_samples`."""
     from scipy.ndimage import gaussian_filter1d
 
     models = list(models) if isinstance(models, (list, tuple)) else [models]
+    if systematics is None and len(models) > 1:
+        systematics = spectral_systematics_basis(models)
     chemistry = "broad" if chemistry == "paper" else chemistry
     n = families.size
     nc = 3
@@ -327,15 +496,29 @@ def _simulate_broad(rng, families, models, *, snr, snr_values, phot_error, noise
     tau_bc = np.zeros((n, nc))
     z_start = np.zeros((n, nc))
     z_final = np.zeros((n, nc))
+    law = np.zeros((n, nc), int)
+    patchy = np.zeros((n, nc), bool)
+    patch_share = np.ones((n, nc))
+    patch_tau = np.ones((n, nc))
+    extended = np.full(n, -1.0)
     for c in range(nc):
         fam = families if c == 0 else rng.choice(3, size=n, p=mix)
         m = _draw_mass(rng, fam, edges, params if c == 0 else None)
+        if c == 0:
+            ext = rng.uniform(size=n) < EXTENDED_PROBABILITY
+            if ext.any():
+                m[ext], kind = extended_history(rng, int(ext.sum()), edges)
+                extended[ext] = kind
         w = np.ones(n) if c == 0 else 10 ** rng.uniform(*SECONDARY_MASS_RANGE, n)
         w = np.where(n_comp > c, w, 0.0)
         mass[:, c] = m * w[:, None]
         z_start[:, c], z_final[:, c] = _draw_chemistry(rng, n, chemistry)
         z[:, c] = metallicity_history(m, z_final[:, c], z_start=z_start[:, c])
         tau_ism[:, c], tau_bc[:, c] = _draw_broad_dust(rng, n)
+        law[:, c] = rng.choice(len(ATTENUATION_LAWS), size=n, p=ATTENUATION_LAW_PROBABILITIES)
+        patchy[:, c] = rng.uniform(size=n) < PATCHY_PROBABILITY
+        patch_share[:, c] = np.where(patchy[:, c], rng.uniform(0.2, 0.8, n), 1.0)
+        patch_tau[:, c] = 10 ** rng.uniform(*PATCHY_TAU_RANGE, n)
     mass /= mass.sum(axis=(1, 2), keepdims=True)
     library = rng.integers(0, len(models), n)
     ism_slope = rng.uniform(*ISM_SLOPE_RANGE, n)
@@ -370,9 +553,21 @@ def _simulate_broad(rng, families, models, *, snr, snr_values, phot_error, noise
             if ok.size == 0:
                 comp_v.append(np.zeros(0))
                 continue
-            sp, ph = model.synthesize(mass[ok, c] * TOTAL_MASS, z[ok, c], tau_ism[ok, c],
-                                      tau_bc[ok, c], ism_slope=ism_slope[ok],
-                                      line_sigma=line_sigma[ok], line_scale=line_scale[ok])
+            share = patch_share[ok, c][:, None]
+            sp, ph = model.synthesize(mass[ok, c] * share * TOTAL_MASS, z[ok, c],
+                                      tau_ism[ok, c], tau_bc[ok, c], ism_slope=ism_slope[ok],
+                                      line_sigma=line_sigma[ok], line_scale=line_scale[ok],
+                                      ism_law=law[ok, c])
+            two = np.flatnonzero(patchy[ok, c])
+            if two.size:
+                # the rest of the component's stars behind a second screen
+                o2 = ok[two]
+                sp2, ph2 = model.synthesize(
+                    mass[o2, c] * (1 - patch_share[o2, c])[:, None] * TOTAL_MASS, z[o2, c],
+                    tau_ism[o2, c] * patch_tau[o2, c], tau_bc[o2, c], ism_slope=ism_slope[o2],
+                    line_sigma=line_sigma[o2], line_scale=line_scale[o2], ism_law=law[o2, c])
+                sp[two] += sp2
+                ph[two] += ph2
             spec0[ok] += sp
             phot0[ok] += ph
             if c > 0:
@@ -405,6 +600,16 @@ def _simulate_broad(rng, families, models, *, snr, snr_values, phot_error, noise
     for i in np.flatnonzero(jitter > 0):
         spec0[i] = gaussian_filter1d(spec0[i], jitter[i] * 5900.0 / C_KMS / 1.25,
                                      mode="nearest")
+    # model systematics: inter-library spectral differences and HST colour offsets
+    sys_rms = np.zeros(n)
+    if systematics is not None:
+        basis, scale = systematics
+        a = rng.standard_normal((n, len(scale))) * (SYSTEMATICS_SCALE * np.asarray(scale))
+        pert = a @ np.asarray(basis)
+        spec0 *= np.exp(pert)
+        sys_rms = np.sqrt(np.mean(pert**2, axis=1))
+    offsets = rng.standard_normal((n, phot0.shape[1])) * np.asarray(PHOT_SYSTEMATIC_MAG)
+    phot0 *= 10 ** (-0.4 * offsets)
     out = _observe(rng, ref, spec0, phot0, snr, snr_values, noise, phot_error)
     out.update({"family": families.astype(np.int8), "tau_ism": tau_ism[:, 0],
                 "tau_bc": tau_bc[:, 0], "z_start": z_start[:, 0], "z_final": z_final[:, 0],
@@ -412,7 +617,9 @@ def _simulate_broad(rng, families, models, *, snr, snr_values, phot_error, noise
            "n_components": n_comp.astype(float), "library": library.astype(float),
            "ism_slope": ism_slope, "line_sigma": line_sigma, "line_scale": line_scale,
            "dig_ew": dig_ew, "tilt": tilt, "lsf_jitter": jitter,
-           "secondary_light": sec_light})
+           "secondary_light": sec_light, "ism_law": law[:, 0].astype(float),
+           "patchy": patchy[:, 0].astype(float), "extended": extended,
+           "systematics_rms": sys_rms, "phot_offset_rms": np.sqrt(np.mean(offsets**2, axis=1))})
     out.update(lab)
     return out
 
@@ -519,6 +726,7 @@ def make_training_set(output, *, n=N_DEFAULT, seed=0, mix=DEFAULT_MIX,
                   for name in libraries]
     model = models[0]
     lib = model.library
+    systematics = spectral_systematics_basis(models) if len(models) > 1 else None
     n_chunks = int(np.ceil(n / chunk_size))
     settings = {"seed": int(seed), "n": n, "chunk_size": int(chunk_size),
                 "mix": np.asarray(mix, np.int64), "snr_values": np.asarray(snr_values, float),
@@ -595,7 +803,8 @@ def make_training_set(output, *, n=N_DEFAULT, seed=0, mix=DEFAULT_MIX,
             rng = np.random.default_rng([int(seed), int(c)])
             out = simulate_samples(rng, plan[lo:hi], models if prior != "paper" else model,
                                    snr_values=snr_values, chemistry=chemistry,
-                                   phot_error=phot_error, prior=prior)
+                                   phot_error=phot_error, prior=prior,
+                                   systematics=systematics)
             for k in names:
                 f[k][lo:hi] = out[k]
             f["chunk_done"][c] = True
