@@ -116,9 +116,11 @@ def predict_bins(prepared, *, model=None, photometry=True):
         sel = ok & np.isclose(targets, m.sigma_target.value)
         if sel.any():
             flux = prepared.spectra.flux[sel]
-            if not np.isfinite(flux).all():
-                # missing pixels (AO notch, masks): completed from the bin's own valid
-                # pixels by a template fit, never a constant (see cubesfh.gaps)
+            if not np.isfinite(flux).all() and not getattr(m, "handles_gaps", False):
+                # missing pixels (AO notch, masks) for a network without a validity
+                # channel (cubesfh <= 0.3 and models trained like them): completed from
+                # the bin's own valid pixels by a template fit, never a constant (see
+                # cubesfh.gaps). Networks with the channel take them as missing.
                 var = prepared.spectra.variance
                 flux, _ = fill_gaps(flux, targets[sel],
                                     variance=None if var is None else var[sel])

@@ -145,6 +145,8 @@ def test_train_one_tiny_epoch_end_to_end(tmp_path):
 def test_fine_tuning_starts_from_given_weights(tmp_path):
     import torch
 
+    from cubesfh.network._train import widen_first_convolution
+
     ts = tmp_path / "ts.h5"
     make_training_set(ts, n=200, seed=4, chunk_size=200, progress_bar=False)
     run = tmp_path / "run"
@@ -156,6 +158,8 @@ def test_fine_tuning_starts_from_given_weights(tmp_path):
     # the bundled model carries uncertainty heads; training starts from its point network
     heads = ("sigma_head", "recon_head", "latent_")
     assert {k for k in start if not k.startswith(heads)} == set(best)
+    # (weights of a network without the validity channel get it with zero weights)
+    start = widen_first_convolution(start, best)
     for k in best:
         torch.testing.assert_close(best[k], start[k], rtol=0, atol=0)
     meta = json.loads((run / "train_meta.json").read_text())
@@ -170,25 +174,34 @@ def _reference_predict(model, spectra, photometry):
     import torch
 
     from cubesfh.network import noise_level
-    from cubesfh.network._data import downsample_spectra, photometry_features
+    from cubesfh.network._data import downsample_spectra, downsample_valid, photometry_features
+    from cubesfh.network._predict import cumulative_fractions
     from cubesfh.network._uncertainty import continuum_pixels
     from cubesfh.populations import mean_quantities
 
-    spec = downsample_spectra(np.where(np.isfinite(spectra), spectra, 1.0))
-    x = (spec - model._spec_mean) / model._spec_std
+    if model.handles_gaps:
+        spec, valid = downsample_valid(spectra)
+    else:
+        spec = downsample_spectra(np.where(np.isfinite(spectra), spectra, 1.0))
+        valid = np.ones_like(spec)
+    x = (spec - model._spec_mean) / model._spec_std * valid
     logf, ok = photometry_features(photometry)
     p = np.where(ok > 0, (logf - model._phot_mean) / model._phot_std, 0.0).astype(np.float32)
     net = model._net
     with torch.no_grad():
         xt = torch.from_numpy(x)
-        z = net.encode(xt, torch.from_numpy(p), torch.from_numpy(ok))
+        vt = torch.from_numpy(valid) if model.handles_gaps else None
+        z = net.encode(xt, torch.from_numpy(p), torch.from_numpy(ok), vt)
         frac, zh = (t.numpy().astype(float) for t in net.decode(z))
         ls, recon, m2 = (t.numpy() for t in net.heads(z))
-    out = {"mass_fraction": frac, "metallicity": zh, **mean_quantities(frac, zh)}
-    resid = ((x - recon) * model._spec_std)[:, continuum_pixels(x.shape[1])]
+    out = {"mass_fraction": frac, "metallicity": zh, **mean_quantities(frac, zh),
+           **cumulative_fractions(frac)}
+    use = continuum_pixels(x.shape[1])[None, :] & (valid > 0)
+    resid2 = ((x - recon) * model._spec_std) ** 2
     out["sigma_raw"] = np.exp(np.maximum(ls, np.log(1e-4)))
     out["ood_latent_raw"] = m2.astype(float)
-    out["ood_recon_raw"] = np.sqrt(np.mean(resid**2, axis=1)) / noise_level(spec)
+    out["ood_recon_raw"] = (np.sqrt((resid2 * use).sum(axis=1) / use.sum(axis=1))
+                            / noise_level(spec, valid if model.handles_gaps else None))
     model._apply_calibration(out)
     for k in ("sigma_raw", "ood_latent_raw", "ood_recon_raw"):
         out.pop(k)
@@ -203,7 +216,7 @@ def test_fast_inference_matches_plain_forward(model, fm):
 
     out = simulate_samples(np.random.default_rng(12), np.zeros(300, int), fm)
     spec, phot = out["spectra"].copy(), out["photometry"].copy()
-    spec[5, 100:110] = np.nan  # set to 1 by both paths with fill_gaps=False
+    spec[5, 100:110] = np.nan  # missing (validity channel) or set to 1 (older networks)
     phot[::7, 0] = np.nan  # missing bands
     phot[::11, 2] = -1.0
     assert model._fast_net() is not None  # the bundled models take the fast path

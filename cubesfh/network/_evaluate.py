@@ -95,6 +95,16 @@ def coverage_statistics(pred, true, *, pit_bins=10):
     out["sfh"] = {"cov68": float(in68.mean()), "cov95": float(in95.mean()),
                   "cov68_per_bin": in68.mean(axis=0).round(4).tolist(),
                   "cov95_per_bin": in95.mean(axis=0).round(4).tolist()}
+    from ._predict import CUMULATIVE_KEYS, cumulative_fractions
+
+    if f"{CUMULATIVE_KEYS[0]}_p16" in pred:
+        ct = cumulative_fractions(true["mass_fraction"])
+        for key in CUMULATIVE_KEYS:
+            t = ct[key]
+            out[key] = {
+                "cov68": float(np.mean((t >= pred[f"{key}_p16"]) & (t <= pred[f"{key}_p84"]))),
+                "cov95": float(np.mean((t >= pred[f"{key}_p02"]) & (t <= pred[f"{key}_p98"]))),
+                "median_width68": float(np.median(pred[f"{key}_p84"] - pred[f"{key}_p16"]))}
     out["ood_fraction"] = float(np.mean(pred["ood_score"] > 1))
     out["ood_latent_fraction"] = float(np.mean(pred["ood_latent"] > 1))
     out["ood_recon_fraction"] = float(np.mean(pred["ood_recon"] > 1))

@@ -103,11 +103,15 @@ class FastSFHNet:
                         memory_format=torch.channels_last),
                     "b": conv.bias.detach().float().contiguous(),
                     "stride": (1, conv.stride[0]), "padding": (0, conv.padding[0]),
-                    "im2col": ((conv.kernel_size[0], conv.stride[0], conv.padding[0])
-                               if conv.in_channels == 1 and conv.groups == 1
+                    "im2col": ((conv.kernel_size[0], conv.stride[0], conv.padding[0],
+                                conv.in_channels)
+                               if conv.in_channels <= 2 and conv.groups == 1
                                and conv.dilation[0] == 1 and conv.padding_mode == "zeros"
                                else None),
-                    "w_mat": conv.weight.detach().float()[:, 0, :].t().contiguous(),
+                    # (channels x kernel, out): the unfolded columns of every input
+                    # channel side by side
+                    "w_mat": conv.weight.detach().float().reshape(
+                        conv.out_channels, -1).t().contiguous(),
                     "gamma": gamma.contiguous(), "beta": st.norm.bias.detach().float().contiguous(),
                     "eps": float(st.norm.eps),
                     "alpha": alpha, "neg": (alpha < 0), "any_neg": bool((alpha < 0).any()),
@@ -133,6 +137,7 @@ class FastSFHNet:
             self.latent = _dense(net.latent)
             self.decoder = _dense(net.decoder)
             self.zh_offset = float(net.zh_offset)
+            self.mask_channel = bool(getattr(net, "mask_channel", False))
             self.uncertainty = bool(getattr(net, "uncertainty", False))
             if self.uncertainty:
                 self.sigma_head = _dense(net.sigma_head)
@@ -141,8 +146,10 @@ class FastSFHNet:
                 self.latent_precision = net.latent_precision.detach().float().contiguous()
                 if spec_std is not None and continuum is not None:
                     keep = np.asarray(continuum, bool)
-                    w = np.where(keep, np.asarray(spec_std, np.float64) ** 2, 0.0) / keep.sum()
-                    self.recon_weight = torch.from_numpy(w.astype(np.float32))
+                    w2 = np.where(keep, np.asarray(spec_std, np.float64) ** 2, 0.0)
+                    self.recon_weight = torch.from_numpy((w2 / keep.sum()).astype(np.float32))
+                    self.recon_weight_sum = torch.from_numpy(w2.astype(np.float32))
+                    self.recon_count = torch.from_numpy(keep.astype(np.float32))
                 else:
                     self.recon_weight = None
         self.supports = (all(s["ok"] for s in self.stages) and att.batch_first
@@ -153,14 +160,17 @@ class FastSFHNet:
     def _stage(self, h, st):
         """Conv + InstanceNorm + PReLU + MaxPool(2); ``h`` is (b, c, 1, L) channels-last."""
         if st["im2col"] is not None:
-            # one input channel: a (b x positions, kernel) @ (kernel, channels) product on
-            # the unfolded spectrum, channels-last from the start (several times faster)
-            k, stride, pad = st["im2col"]
-            xs = h.reshape(h.shape[0], -1)
-            cols = F.pad(xs, (pad, pad)).unfold(1, k, stride)
-            b, length = cols.shape[:2]
+            # one or two input channels: a (b x positions, channels x kernel) @
+            # (channels x kernel, out) product on the unfolded spectrum, channels-last
+            # from the start (several times faster)
+            k, stride, pad, c_in = st["im2col"]
+            xs = h.reshape(h.shape[0], c_in, -1)
+            cols = F.pad(xs, (pad, pad)).unfold(2, k, stride)  # (b, c_in, L, k)
+            b, length = cols.shape[0], cols.shape[2]
+            cols = cols.permute(0, 2, 1, 3) if c_in > 1 else cols[:, 0]
             ch = st["b"].numel()
-            y = torch.addmm(st["b"], cols.reshape(b * length, k), st["w_mat"]).view(b, length, ch)
+            y = torch.addmm(st["b"], cols.reshape(b * length, c_in * k),
+                            st["w_mat"]).view(b, length, ch)
         else:
             c = F.conv2d(h, st["w"], st["b"], stride=st["stride"], padding=st["padding"])
             b, ch, _, length = c.shape
@@ -179,10 +189,17 @@ class FastSFHNet:
         out = torch.maximum(top, other)  # (b, half, ch) contiguous
         return out
 
-    def encode(self, x, photometry, mask):
+    def encode(self, x, photometry, mask, valid=None):
         """Latent vectors of standardised inputs (as `SFHNet.encode`)."""
         b = x.shape[0]
-        h = x.reshape(b, 1, 1, x.shape[1])
+        if self.mask_channel:
+            if valid is None:
+                valid = torch.ones_like(x)
+            h = torch.stack([x * valid, valid], dim=1).reshape(b, 2, 1, x.shape[1])
+        elif valid is not None:
+            h = (x * valid).reshape(b, 1, 1, x.shape[1])
+        else:
+            h = x.reshape(b, 1, 1, x.shape[1])
         for st in self.stages:
             y = self._stage(h, st)
             h = y.permute(0, 2, 1).unsqueeze(2)  # (b, c, 1, L) view, channels-last
@@ -203,10 +220,10 @@ class FastSFHNet:
         out = _run_dense(z, self.decoder)
         return torch.softmax(out[:, :N_AGE_BINS], dim=1), out[:, N_AGE_BINS:] + self.zh_offset
 
-    def heads(self, z, x=None):
+    def heads(self, z, x=None, valid=None):
         """
         Log sigma, squared Mahalanobis distance, and (with ``x``) the mean squared
-        reconstruction residual on the continuum pixels in flux units.
+        reconstruction residual on the (valid) continuum pixels in flux units.
         """
         d = z - self.latent_mean
         m2 = ((d @ self.latent_precision) * d).sum(dim=1)
@@ -216,4 +233,7 @@ class FastSFHNet:
         r = _run_dense(z, self.recon_head)
         r = torch.sub(x, r, out=r)
         r = r.mul_(r)
-        return log_sigma, m2, r @ self.recon_weight
+        if valid is None:
+            return log_sigma, m2, r @ self.recon_weight
+        num = (r * valid) @ self.recon_weight_sum
+        return log_sigma, m2, num / (valid @ self.recon_count).clamp_(min=1.0)

@@ -77,7 +77,9 @@ def export_model(run_dir, stem=DEFAULT_MODEL, *, metrics=None, extra=None):
         "format": 1,
         "architecture": {"class": "SFHNet", "n_pix": 880, "n_bands": len(HST_BANDS),
                          "channels": [16, 32, 64], "kernels": [8, 5, 5], "strides": [2, 1, 1],
-                         "heads": 4, "uncertainty": with_unc},
+                         "heads": 4, "uncertainty": with_unc,
+                         "mask_channel": bool(training.get("mask_channel", False)),
+                         "n_sigma": _state_n_sigma(weights)},
         "inputs": {"wavelength_start": float(OUTPUT_WAVELENGTH[0].value),
                    "wavelength_step": 1.25, "n_pixels": int(OUTPUT_WAVELENGTH.size),
                    "downsample": 2, "bands": list(HST_BANDS),
@@ -99,6 +101,17 @@ def export_model(run_dir, stem=DEFAULT_MODEL, *, metrics=None, extra=None):
     meta["meta_sha256"] = _meta_digest(meta)
     stem.with_suffix(".json").write_text(json.dumps(meta, indent=1))
     return weights
+
+
+def _state_n_sigma(weights):
+    """Outputs of the uncertainty head in a state dict file (`N_SIGMA_OUTPUTS` if none)."""
+    import torch
+
+    from ._model import N_SIGMA_OUTPUTS
+
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    keys = sorted(k for k in state if k.startswith("sigma_head") and k.endswith(".bias"))
+    return int(state[keys[-1]].shape[0]) if keys else N_SIGMA_OUTPUTS
 
 
 @contextlib.contextmanager
@@ -204,7 +217,7 @@ class SFHModel:
             raise CubeSFHError(msg) from exc
 
     def predict(self, spectra, photometry=None, *, band_mask=None, batch_size=4096,
-                uncertainty=True, threads=None, fill_gaps=True):
+                uncertainty=True, threads=None, fill_gaps=None):
         """
         Predict the SFH and metallicity history of each spectrum.
 
@@ -234,9 +247,12 @@ class SFHModel:
             setting.
         fill_gaps : bool, optional
             Complete the missing pixels of each spectrum by a template fit to
-            its valid pixels (:func:`cubesfh.gaps.fill_gaps`; default). With
-            `False` they are set to 1, the normalisation level (what cubesfh
-            0.3 did; it biases the outputs, see :ref:`network-gaps`).
+            its valid pixels (:func:`cubesfh.gaps.fill_gaps`) before the
+            network sees them. Default: only for networks without a validity
+            channel (cubesfh <= 0.3); the bundled networks since 0.4 take the
+            missing pixels as missing (:attr:`handles_gaps`). With `False` and
+            an old network they are set to 1, the normalisation level (what
+            cubesfh 0.3 did; it biases the outputs, see :ref:`network-gaps`).
 
         Returns
         -------
@@ -250,6 +266,10 @@ class SFHModel:
             ``mass_fraction_p16`` / ``_p84`` / ``_p02`` / ``_p98`` (n, 16);
             ``ood_score`` (n,; > 1 is outside the training distribution),
             its two parts ``ood_latent`` and ``ood_recon``, and ``ood`` (bool).
+            Always the cumulative mass fractions younger than 0.1, 1 and 5 Gyr,
+            ``mass_younger_0.1gyr``, ``mass_younger_1gyr`` and
+            ``mass_younger_5gyr`` (n,); with the uncertainty heads of 0.4 also
+            their ``_p16`` / ``_p84`` / ``_p02`` / ``_p98``.
         """
         spectra = np.atleast_2d(np.asarray(spectra, dtype=np.float32))
         n = spectra.shape[0]
@@ -258,6 +278,8 @@ class SFHModel:
                    f"{self.meta['inputs']['n_pixels']} (4800-7000 A at 1.25 A). Prepare them "
                    "with cubesfh.restframe.prepare_spectra.")
             raise CubeSFHError(msg)
+        if fill_gaps is None:
+            fill_gaps = not self.handles_gaps
         if fill_gaps and not np.isfinite(spectra).all():
             from ..gaps import fill_gaps as complete
 
@@ -281,6 +303,11 @@ class SFHModel:
         return out
 
     @property
+    def handles_gaps(self):
+        """Whether the network has a pixel-validity input (missing pixels are inputs)."""
+        return bool(getattr(self._net, "mask_channel", False))
+
+    @property
     def has_uncertainty(self):
         """Whether the model has calibrated uncertainty and out-of-distribution heads."""
         return "uncertainty" in self.meta and getattr(self._net, "uncertainty", False)
@@ -297,31 +324,36 @@ class SFHModel:
         fast = FastSFHNet(self._net, self._spec_std, continuum_pixels(self._spec_std.size))
         return fast if fast.supports else None
 
-    def _run_downsampled(self, spec, photometry, mask, *, batch_size=4096, latent=False,
-                         heads=False, progress_bar=False, full_resolution=False,
+    def _run_downsampled(self, spec, photometry, mask, *, valid=None, batch_size=4096,
+                         latent=False, heads=False, progress_bar=False, full_resolution=False,
                          backend="auto"):
         """
         Network outputs for 880-pixel spectra (prediction and calibration).
 
         With ``full_resolution`` the spectra are the 1761-pixel inputs of
-        `predict` (non-finite pixels set to 1, then averaged in pairs chunk by
-        chunk). ``backend``: ``'auto'`` (the fast CPU path where it applies),
-        ``'module'`` (the torch module itself, the reference).
+        `predict`, averaged in pairs chunk by chunk; their non-finite pixels
+        are missing (networks with a validity channel) or set to 1 (older
+        networks). ``valid`` (``(n, 880)``, 1 valid / 0 missing) gives the
+        missing pixels of 880-pixel inputs. ``backend``: ``'auto'`` (the fast
+        CPU path where it applies), ``'module'`` (the torch module itself,
+        the reference).
         """
         import torch
 
         from ..populations import mean_quantities
         from ..utils import progress
+        from ._data import downsample_valid
         from ._uncertainty import continuum_pixels, noise_level
 
         n = spec.shape[0]
+        gaps = self.handles_gaps
         fast = self._fast_net() if backend == "auto" else None
         want_z = latent or heads
         frac = np.empty((n, N_AGE_BINS), np.float32)
         zh = np.empty((n, N_AGE_BINS), np.float32)
         z_all = np.empty((n, 40), np.float32) if want_z else None
         if heads:
-            log_sig = np.empty((n, 4 + N_AGE_BINS), np.float32)
+            log_sig = np.empty((n, getattr(self._net, "n_sigma", 4 + N_AGE_BINS)), np.float32)
             m2 = np.empty(n, np.float32)
             rec2 = np.empty(n, np.float32)
             noise = np.empty(n)
@@ -343,30 +375,44 @@ class SFHModel:
             for s in progress(steps, enabled=progress_bar, desc="network", unit="batch"):
                 sl = slice(s, s + chunk)
                 sb = spec[sl]
+                vb = None if valid is None else np.asarray(valid[sl], np.float32)
                 if full_resolution:
-                    sb = downsample_spectra(np.where(np.isfinite(sb), sb, 1.0))
+                    if gaps:
+                        sb, vb = downsample_valid(sb)
+                        if vb.min() > 0:
+                            vb = None
+                    else:
+                        sb = downsample_spectra(np.where(np.isfinite(sb), sb, 1.0))
                 x = (sb.astype(np.float32, copy=False) - self._spec_mean) / self._spec_std
+                if vb is not None:
+                    x *= vb
                 xb = torch.from_numpy(x).to(self.device)
+                tv = None if vb is None else torch.from_numpy(vb).to(self.device)
                 pb = t_p[sl].to(self.device)
                 okb = t_ok[sl].to(self.device)
                 if fast is not None:
-                    z = fast.encode(xb, pb, okb)
+                    z = fast.encode(xb, pb, okb, tv)
                     f, zz = fast.decode(z)
                 else:
-                    z = self._net.encode(xb, pb, okb)
+                    z = self._net.encode(xb, pb, okb, tv)
                     f, zz = self._net.decode(z)
                 outs[0][sl] = f
                 outs[1][sl] = zz
                 if want_z:
                     t_z[sl] = z
                 if heads:
-                    noise[sl] = noise_level(sb)
+                    noise[sl] = noise_level(sb, vb)
                     if fast is not None:
-                        ls, d2, r2 = fast.heads(z, xb)
+                        ls, d2, r2 = fast.heads(z, xb, tv)
                     else:
                         ls, r, d2 = self._net.heads(z)
-                        resid = ((xb - r).cpu().numpy() * self._spec_std)[:, cont]
-                        r2 = torch.from_numpy(np.mean(resid**2, axis=1))
+                        resid = ((xb - r).cpu().numpy() * self._spec_std) ** 2
+                        use = np.broadcast_to(cont, resid.shape)
+                        if vb is not None:
+                            use = use & (vb > 0)
+                        r2 = torch.from_numpy(((resid * use).sum(axis=1)
+                                               / np.maximum(use.sum(axis=1), 1)).astype(
+                                                   np.float32))
                     t_ls[sl] = ls
                     t_m2[sl] = d2
                     t_rec[sl] = r2
@@ -374,6 +420,7 @@ class SFHModel:
         zh = zh.astype(float)
         out = {"mass_fraction": frac, "metallicity": zh}
         out.update(mean_quantities(frac, zh))
+        out.update(cumulative_fractions(frac))
         if want_z:
             out["latent"] = z_all
         if heads:
@@ -397,18 +444,56 @@ class SFHModel:
             out[f"{key}_p02"] = q - k[1, j] * sig[:, j]
             out[f"{key}_p98"] = q + k[1, j] * sig[:, j]
         f = out["mass_fraction"]
-        ks = k[:, 4:]
-        fs = sig[:, 4:]
+        ks = k[:, 4:4 + N_AGE_BINS]
+        fs = sig[:, 4:4 + N_AGE_BINS]
         out["mass_fraction_p16"] = np.clip(f - ks[0] * fs, 0.0, 1.0)
         out["mass_fraction_p84"] = np.clip(f + ks[0] * fs, 0.0, 1.0)
         out["mass_fraction_p02"] = np.clip(f - ks[1] * fs, 0.0, 1.0)
         out["mass_fraction_p98"] = np.clip(f + ks[1] * fs, 0.0, 1.0)
+        for j, key in enumerate(CUMULATIVE_KEYS):
+            col = 4 + N_AGE_BINS + j
+            if col >= k.shape[1]:
+                break
+            q = out[key]
+            for name, lev, sgn in (("p16", 0, -1), ("p84", 0, 1), ("p02", 1, -1),
+                                   ("p98", 1, 1)):
+                out[f"{key}_{name}"] = np.clip(q + sgn * k[lev, col] * sig[:, col], 0.0, 1.0)
         lat = out["ood_latent_raw"] / cal["ood_threshold_latent"]
         rec = out["ood_recon_raw"] / cal["ood_threshold_recon"]
         out["ood_latent"] = lat
         out["ood_recon"] = rec
         out["ood_score"] = np.maximum(lat, rec)
         out["ood"] = out["ood_score"] > 1.0
+
+
+#: Keys of the cumulative mass fractions younger than ``CUMULATIVE_AGES``.
+CUMULATIVE_KEYS = ("mass_younger_0.1gyr", "mass_younger_1gyr", "mass_younger_5gyr")
+
+
+def cumulative_fractions(mass_fraction):
+    """
+    Mass fractions younger than 0.1, 1 and 5 Gyr.
+
+    As :func:`cubesfh.profiles.younger_fraction`: whole bins below the age,
+    and the share (in age) of the bin that contains it.
+
+    Parameters
+    ----------
+    mass_fraction : `~numpy.ndarray`
+        ``(n, 16)``.
+
+    Returns
+    -------
+    out : dict of `~numpy.ndarray`
+        `CUMULATIVE_KEYS` -> ``(n,)``.
+    """
+    from astropy import units as u
+
+    from ..profiles import younger_fraction
+    from ._model import CUMULATIVE_AGES
+
+    return {key: younger_fraction(mass_fraction, age * u.Gyr)
+            for key, age in zip(CUMULATIVE_KEYS, CUMULATIVE_AGES)}
 
 
 def _load(stem, device):
@@ -441,7 +526,9 @@ def _load(stem, device):
     net = SFHNet(n_pix=arch["n_pix"], n_bands=arch["n_bands"], channels=tuple(arch["channels"]),
                  kernels=tuple(arch["kernels"]), strides=tuple(arch["strides"]),
                  heads=arch["heads"], zh_offset=meta["normalization"]["zh_offset"],
-                 uncertainty=bool(arch.get("uncertainty", False)))
+                 uncertainty=bool(arch.get("uncertainty", False)),
+                 mask_channel=bool(arch.get("mask_channel", False)),
+                 n_sigma=int(arch.get("n_sigma", 20)))
     try:
         state = torch.load(weights, map_location=device, weights_only=True)
         net.load_state_dict(state)

@@ -69,7 +69,7 @@ def continuum_pixels(n_pix=880, start=4800.625, step=2.5):
     return keep
 
 
-def noise_level(spectra):
+def noise_level(spectra, valid=None):
     """
     Noise per pixel estimated from the spectra themselves (DER_SNR, Stoehr et al. 2008).
 
@@ -81,6 +81,9 @@ def noise_level(spectra):
     ----------
     spectra : `~numpy.ndarray`
         ``(n, n_pix)``.
+    valid : `~numpy.ndarray`, optional
+        ``(n, n_pix)``, 0 at missing pixels: differences that touch one are
+        left out.
 
     Returns
     -------
@@ -88,6 +91,19 @@ def noise_level(spectra):
         ``(n,)``.
     """
     f = np.asarray(spectra, float)
+    if valid is not None:
+        v = np.asarray(valid) > 0
+        use = v[:, 2:-2] & v[:, :-4] & v[:, 4:]
+        if not use.all():
+            d = np.abs(2.0 * f[:, 2:-2] - f[:, :-4] - f[:, 4:])
+            d = np.where(use, d, np.nan)
+            with np.errstate(all="ignore"):
+                import warnings
+
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", RuntimeWarning)
+                    med = np.nanmedian(d, axis=1)
+            return 1.482602 / np.sqrt(6.0) * np.nan_to_num(med, nan=0.0) + 1e-6
     d = f[:, 2:-2] * 2.0
     d -= f[:, :-4]
     d -= f[:, 4:]
@@ -100,11 +116,25 @@ def noise_level(spectra):
     return 1.482602 / np.sqrt(6.0) * med + 1e-6
 
 
-def residual_targets(truth, pred):
-    """Truth minus prediction of the 20 outputs of the uncertainty head, ``(n, 20)``."""
+def residual_targets(truth, pred, n_outputs=None):
+    """
+    Truth minus prediction of the outputs of the uncertainty head, ``(n, n_outputs)``.
+
+    The four mean quantities, the 16 mass fractions and (23 outputs, 0.4)
+    the cumulative fractions younger than 0.1, 1 and 5 Gyr.
+    """
+    from ._model import N_SIGMA_OUTPUTS
+    from ._predict import CUMULATIVE_KEYS, cumulative_fractions
+
+    n_outputs = N_SIGMA_OUTPUTS if n_outputs is None else int(n_outputs)
     cols = [np.asarray(truth[k], float) - np.asarray(pred[k], float) for k in SUMMARY_KEYS]
-    return np.column_stack(cols + [np.asarray(truth["mass_fraction"], float)
-                                   - np.asarray(pred["mass_fraction"], float)])
+    f_true = np.asarray(truth["mass_fraction"], float)
+    f_pred = np.asarray(pred["mass_fraction"], float)
+    out = np.column_stack(cols + [f_true - f_pred])
+    if n_outputs > out.shape[1]:
+        ct, cp = cumulative_fractions(f_true), cumulative_fractions(f_pred)
+        out = np.column_stack([out] + [ct[k] - cp[k] for k in CUMULATIVE_KEYS])
+    return out[:, :n_outputs]
 
 
 def calibrate(residual, sigma, levels=COVERAGE_LEVELS):
@@ -163,6 +193,7 @@ def fit_uncertainty(run_dir, training_set, *, seed=0, epochs=12, noise_draws=2,
     """
     import torch
 
+    from ._data import GAP_SHARE, gap_masks
     from ._train import _band_mask, load_split
 
     run = Path(run_dir)
@@ -200,10 +231,12 @@ def fit_uncertainty(run_dir, training_set, *, seed=0, epochs=12, noise_draws=2,
         phot = tr["photometry"] * (1 + tr["phot_error"]
                                    * rng.standard_normal((len(spec), len(HST_BANDS))))
         mask = _band_mask(rng, len(spec), band_dropout)
+        valid = (gap_masks(rng, len(spec), n_pix=spec.shape[1], share=GAP_SHARE)
+                 if model.handles_gaps else None)
         out = model._run_downsampled(noisy.astype(np.float32), phot.astype(np.float32),
-                                     mask, latent=True, progress_bar=progress_bar)
+                                     mask, valid=valid, latent=True, progress_bar=progress_bar)
         zs.append(out["latent"])
-        rs.append(residual_targets(truth_tr, out))
+        rs.append(residual_targets(truth_tr, out, net.n_sigma))
         idx.append(np.arange(len(spec)))
         del noisy
     z_all = np.concatenate(zs).astype(np.float32)
@@ -265,15 +298,24 @@ def fit_uncertainty(run_dir, training_set, *, seed=0, epochs=12, noise_draws=2,
 
 def _calibrate(model, va, truth_va, seed, band_dropout, progress_bar):
     """Split-conformal multipliers and OOD thresholds on the validation split."""
+    from ._data import GAP_SHARE, gap_masks
+    from ._predict import CUMULATIVE_KEYS
     from ._train import _band_mask
 
     rng = np.random.default_rng([seed, 99])
     v_mask = _band_mask(rng, len(va["spectra"]), band_dropout)
-    out = model._run_downsampled(va["spectra"], va["photometry"], v_mask, latent=True,
-                                 heads=True, progress_bar=progress_bar)
-    res_va = residual_targets(truth_va, out)
+    valid = None
+    if model.handles_gaps:
+        # the validation gaps of training (same stream)
+        valid = gap_masks(np.random.default_rng([seed, 98]), len(va["spectra"]),
+                          n_pix=va["spectra"].shape[1], share=GAP_SHARE)
+    out = model._run_downsampled(va["spectra"], va["photometry"], v_mask, valid=valid,
+                                 latent=True, heads=True, progress_bar=progress_bar)
+    n_sigma = out["sigma_raw"].shape[1]
+    res_va = residual_targets(truth_va, out, n_sigma)
     k = calibrate(res_va, out["sigma_raw"])
     names = list(SUMMARY_KEYS) + [f"mass_fraction_{i}" for i in range(N_AGE_BINS)]
+    names += list(CUMULATIVE_KEYS)[:n_sigma - len(names)]
     return {
         "method": "post-hoc heteroscedastic heads on the frozen latent, split-conformal "
                   "calibration on the validation split, latent Mahalanobis + reconstruction "
@@ -327,9 +369,16 @@ def _run_model(run, weights):
     from ._model import SFHNet
     from ._predict import SFHModel
 
+    from ._model import N_SIGMA_OUTPUTS
+
     norm = json.loads((run / "normalization.json").read_text())
-    net = SFHNet(zh_offset=norm["zh_offset"], uncertainty=True)
     state = torch.load(run / weights, map_location="cpu", weights_only=True)
+    conv = state.get("conv.0.conv.weight")
+    mask_channel = conv is not None and conv.shape[1] == 2
+    bias = sorted(k for k in state if k.startswith("sigma_head") and k.endswith(".bias"))
+    n_sigma = int(state[bias[-1]].shape[0]) if bias else N_SIGMA_OUTPUTS
+    net = SFHNet(zh_offset=norm["zh_offset"], uncertainty=True, mask_channel=mask_channel,
+                 n_sigma=n_sigma)
     missing, unexpected = net.load_state_dict(state, strict=False)
     if unexpected or any(not k.startswith(("sigma_head", "recon_head", "latent_"))
                          for k in missing) or (missing and weights != "best.pt"):
