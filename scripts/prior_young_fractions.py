@@ -8,9 +8,14 @@ components with their secondary mass fractions) without synthesising spectra,
 and prints the distribution of the fraction of the formed mass younger than 1
 and 5 Gyr, overall and per family, as an RST table for ``docs/synthesis.rst``.
 
+With ``--training-set`` the histories are read from a training set
+instead (its ``mass_formed`` per age bin; rows split by family and by the
+extended histories of cubesfh 0.4, ``extended`` >= 0).
+
 Usage::
 
     python scripts/prior_young_fractions.py --n 40000 --seed 1
+    python scripts/prior_young_fractions.py --training-set ts_broad_s150.h5 --n 40000
 """
 
 import argparse
@@ -50,11 +55,37 @@ def younger_than(mass, edges, age_yr):
     return mass @ part
 
 
-def table(n, seed):
-    mass, families, edges = draw(n, seed)
+def read(path, n):
+    """Formed-mass fractions per age bin of the first ``n`` rows of a training set."""
+    import h5py
+
+    from cubesfh.conventions import AGE_BIN_EDGES
+
+    with h5py.File(path, "r") as f:
+        mass = f["mass_formed"][:n].astype(float)
+        families = f["family"][:n]
+        extended = f["extended"][:n] if "extended" in f else np.full(len(mass), -1.0)
+    return (mass / mass.sum(axis=1, keepdims=True), families, extended,
+            AGE_BIN_EDGES.to_value(u.yr))
+
+
+def table(n, seed, training_set=None):
+    if training_set is None:
+        mass, families, edges = draw(n, seed)
+        extended = np.full(n, -1.0)
+    else:
+        mass, families, extended, edges = read(training_set, n)
+        n = len(mass)
     rows = []
-    for label, sel in (("all", np.ones(n, bool)), ("GP-SFH", families == 0),
-                       ("skew-normal", families == 1), ("skew-normal + burst", families == 2)):
+    groups = [("all", np.ones(n, bool))]
+    if (extended >= 0).any():
+        groups.append(("extended (0.4)", extended >= 0))
+        base = extended < 0
+    else:
+        base = np.ones(n, bool)
+    groups += [("GP-SFH", base & (families == 0)), ("skew-normal", base & (families == 1)),
+               ("skew-normal + burst", base & (families == 2))]
+    for label, sel in groups:
         for age in (1e9, 5e9):
             y = younger_than(mass[sel], edges, age)
             p16, p50, p84 = np.percentile(y, [16, 50, 84])
@@ -74,8 +105,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n", type=int, default=40_000)
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--training-set", help="read the histories from this HDF5 training set")
     args = p.parse_args(argv)
-    print(table(args.n, args.seed))
+    print(table(args.n, args.seed, args.training_set))
 
 
 if __name__ == "__main__":

@@ -122,8 +122,8 @@ def _with_ones(spectra):
     return out
 
 
-def test_model_predict_completes_gaps_itself():
-    """SFHModel.predict on spectra with NaN: the template completion, unless switched off."""
+def test_model_predict_gap_handling():
+    """SFHModel.predict on spectra with NaN: missing pixels or the template completion."""
     pytest.importorskip("torch")
     from cubesfh.network import SFHModel
 
@@ -136,10 +136,18 @@ def test_model_predict_completes_gaps_itself():
     holed[:, (w >= 5780) & (w <= 6050)] = np.nan
     model = SFHModel.load()
     auto = model.predict(holed, uncertainty=False)
+    filled = model.predict(holed, uncertainty=False, fill_gaps=True)
     manual = model.predict(fill_gaps(holed, 150.0)[0], uncertainty=False)
-    ones = model.predict(holed, uncertainty=False, fill_gaps=False)
-    np.testing.assert_allclose(auto["logage_lw"], manual["logage_lw"], atol=1e-5)
-    assert not np.allclose(ones["logage_lw"], auto["logage_lw"], atol=1e-3)
+    np.testing.assert_allclose(filled["logage_lw"], manual["logage_lw"], atol=1e-5)
+    if model.handles_gaps:
+        # the validity channel: NaN pixels are inputs of their own, not filled
+        assert not np.allclose(auto["logage_lw"], filled["logage_lw"], atol=1e-4)
+        full = model.predict(spec, uncertainty=False)
+        assert np.all(np.abs(auto["logage_lw"] - full["logage_lw"]) < 0.1)
+    else:
+        np.testing.assert_allclose(auto["logage_lw"], manual["logage_lw"], atol=1e-5)
+        ones = model.predict(holed, uncertainty=False, fill_gaps=False)
+        assert not np.allclose(ones["logage_lw"], auto["logage_lw"], atol=1e-3)
 
 
 def test_mock_ao_cube_has_the_notch(tmp_path):

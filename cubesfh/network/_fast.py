@@ -6,8 +6,9 @@ Fast CPU inference of `~cubesfh.network._model.SFHNet` (issue 12).
 ``decode`` (+ ``heads``) with the weights of an existing module, rearranged
 once at construction, and plain torch operators:
 
-* **Channels-last convolutions.** The first convolution (one input channel)
-  is a matrix product on the unfolded spectrum; the other two run as
+* **Channels-last convolutions.** The first convolution (one input channel,
+  or two with the validity channel of the 0.4 networks) is a matrix product
+  on the unfolded spectrum; the other two run as
   ``conv2d`` on ``(batch, channels, 1, length)`` tensors in the
   ``channels_last`` memory format (oneDNN's fast layout on CPU, about three
   times faster than ``conv1d`` in the default layout for these channel counts);
@@ -28,7 +29,8 @@ once at construction, and plain torch operators:
   projection, with the learned positional embedding added once.
 * **Heads** computed in the same pass; the reconstruction residual of the
   out-of-distribution score is a matrix-vector product with the squared
-  pixel scatter on the continuum pixels (no copy of the reconstruction).
+  pixel scatter on the continuum pixels (no copy of the reconstruction),
+  over the valid pixels only when a spectrum has gaps.
 
 Everything is float32 and runs under `torch.inference_mode`. If a module
 does not satisfy the conditions above (e.g. a retrained network with a

@@ -116,6 +116,8 @@ def load_split(path, seed, *, which="train"):
         out["metallicity"] = _read_rows(f["metallicity"], idx).astype(np.float32)
         out["light_fraction"] = _read_rows(f["light_fraction"], idx).astype(np.float32)
         out["snr"] = f["snr"][:][idx]
+        if "library" in f:  # broad simulator: index of the SSP library of each spectrum
+            out["library"] = f["library"][:][idx].astype(int)
         out["snr_values"] = np.asarray(f.attrs["snr_values"], float)
         out["phot_error"] = float(f.attrs["phot_error"])
         out["attrs"] = {k: (v.tolist() if hasattr(v, "tolist") else v)

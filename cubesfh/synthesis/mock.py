@@ -471,7 +471,7 @@ AO_NOTCH = [5780.0, 6050.0] * u.AA
 def mock_observation(directory, *, shape=(40, 40), seed=0, snr=50.0, distance=10 * u.Mpc,
                      systemic_velocity=700 * u.km / u.s, muse_psf_fwhm=0.7 * u.arcsec,
                      hst_psf_fwhm=None, bands=HST_BANDS, components=MOCK_COMPONENTS,
-                     star=False, noise=True, ao_notch=False, overwrite=False,
+                     star=False, noise=True, ao_notch=False, library=None, overwrite=False,
                      progress_bar=True):
     """
     Write a mock MUSE cube, HST images and truth file of a small galaxy.
@@ -549,6 +549,11 @@ def mock_observation(directory, *, shape=(40, 40), seed=0, snr=50.0, distance=10
         Write the cube as a MUSE WFM-AO cube: no data (NaN in ``DATA`` and
         ``STAT``) over the sodium laser notch, observed `AO_NOTCH` (5780-6050
         A, the WFM-AO-E filter), in every spaxel.
+    library : `~cubesfh.templates.TemplateLibrary`, optional
+        The SSP library the galaxy is made of (default: the shipped BC03
+        grid). A library the networks never saw, e.g.
+        ``with_young_from_bc03(load_heldout_library())``, makes a mock for
+        the robustness tests (``scripts/mock_age_offset.py --library emiles``).
     overwrite : bool, optional
         Replace existing files.
     progress_bar : bool, optional
@@ -599,7 +604,7 @@ def mock_observation(directory, *, shape=(40, 40), seed=0, snr=50.0, distance=10
     directory.mkdir(parents=True, exist_ok=True)
 
     rng = np.random.default_rng(seed)
-    lib = TemplateLibrary.load()
+    lib = TemplateLibrary.load() if library is None else library
     model = ForwardModel(lib, bands=bands)
     if isinstance(components, dict):
         comps = [_check_component(n, components[n], lib.n_age) for n in names]
