@@ -534,6 +534,35 @@ def _cmd_profile(args):
     return 0
 
 
+
+def _cmd_compare(args):
+    from .compare import compare_maps, write_comparison
+    from .maps import StellarPopulationMaps
+    from .profiles import DEFAULT_EXCLUDE
+    from .utils._io import output_lock
+
+    out = Path(args.output)
+    inputs = [args.maps, args.other, args.ngist_table]
+    for name in ("comparison.ecsv", "comparison_bins.ecsv"):
+        _check_output(out / name, args, inputs, option="--output")
+    with output_lock(out / "comparison.ecsv"):
+        maps = StellarPopulationMaps.read(args.maps)
+        summary, per_bin = compare_maps(
+            maps, args.other, quantities=args.quantity, layout=args.layout,
+            table=args.ngist_table, z_sun=args.z_sun, min_coverage=args.min_coverage,
+            exclude=0 if args.keep_flagged else DEFAULT_EXCLUDE, return_bins=True)
+        paths = write_comparison(summary, per_bin, out, overwrite=args.overwrite,
+                                 plots=not args.no_plots)
+    meta = summary.meta
+    print(f"compared {args.maps} with {args.other} ({meta['layout']}, "
+          f"{', '.join(sorted(set(summary['placement'])))}; offsets are ours - theirs)")
+    for row in summary:
+        print(f"  {row['quantity']:15s} = {row['other']:12s} [{row['conversion']}]: median "
+              f"offset {row['median_offset']:+.3f} {row['unit']}, robust scatter "
+              f"{row['robust_scatter']:.3f} {row['unit']}, N = {row['n']}")
+    print(f"wrote {', '.join(str(p) for p in paths)}")
+    return 0
+
 def _cmd_info(args):
     from importlib import metadata
 
@@ -807,6 +836,40 @@ def build_parser():
     p.add_argument("--plot", metavar="PNG", help="also plot the profiles")
     _add_overwrite(p)
     p.set_defaults(func=_cmd_profile)
+
+    p = sub.add_parser("compare", help="compare the maps with another pipeline's",
+                       description="Median offset (ours - theirs), robust scatter and number "
+                                   "of bins of the maps against a PHANGS DAP MAPS file, nGIST "
+                                   "output (<RUN>_sfh.fits with its <RUN>_table.fits, or "
+                                   "<RUN>_SFH_maps.fits) or another cubesfh product, on the "
+                                   "bins of MAPS; a table and one density-scatter plot per "
+                                   "quantity in the output folder.")
+    p.add_argument("maps", help="maps product of 'cubesfh run' (ours)")
+    p.add_argument("other", help="the other pipeline's FITS file")
+    p.add_argument("--quantity", "-q", action="append", metavar="OURS=THEIRS[:UNIT]",
+                   help="a map of ours and the other's, with the other's unit when its file "
+                        "does not give it (Gyr, logyr, dex, Z, Zsun, ...), e.g. "
+                        "LOGAGE_LW=AGE_LW:Gyr or ZH_LW=METAL (repeatable; default: the "
+                        "layout's own ages and metallicities)")
+    p.add_argument("--layout", choices=("auto", "cubesfh", "phangs-dap", "ngist-sfh",
+                                        "ngist-maps", "images"), default="auto",
+                   help="layout of OTHER (default: told from its extensions)")
+    p.add_argument("--ngist-table", metavar="TABLE.fits",
+                   help="nGIST <RUN>_table.fits (default: next to <RUN>_sfh.fits)")
+    p.add_argument("--z-sun", type=_positive("--z-sun", "a mass fraction, e.g. 0.02"),
+                   default=0.02,
+                   help="solar Z of the Z -> [Z/H] conversion (default 0.02, as our templates)")
+    p.add_argument("--min-coverage", type=float, default=0.5, metavar="FRACTION",
+                   help="share of a bin's spaxels that must have the other's value "
+                        "(default 0.5)")
+    p.add_argument("--keep-flagged", action="store_true",
+                   help="keep bins flagged SPECTRUM_FAILED, KINEMATICS_FAILED, "
+                        "SPECTRUM_INCOMPLETE or OUT_OF_DISTRIBUTION (left out by default)")
+    p.add_argument("--no-plots", action="store_true", help="write the tables only")
+    p.add_argument("--output", "-o", required=True, metavar="DIR",
+                   help="folder for comparison.ecsv, comparison_bins.ecsv and the plots")
+    _add_overwrite(p)
+    p.set_defaults(func=_cmd_compare)
 
     p = sub.add_parser("info", help="versions, template library and filters",
                        description="Print versions and the shipped data files.")

@@ -995,6 +995,20 @@ class StellarPopulationMaps:
 
         return radial_profile(self, center, pa=pa, inclination=inclination, **kwargs)
 
+    def compare(self, other, **kwargs):
+        """
+        Median offset, robust scatter and N against another pipeline's maps.
+
+        See `cubesfh.compare.compare_maps` for ``other`` (a PHANGS DAP
+        ``MAPS`` file, nGIST output or another cubesfh product), the keywords
+        (``quantities``, ``layout``, ``table``, ``z_sun``, ``min_coverage``,
+        ``exclude``, ``order``, ``return_bins``) and the returned
+        `~astropy.table.QTable`.
+        """
+        from .compare import compare_maps
+
+        return compare_maps(self, other, **kwargs)
+
     def _paint(self, values, fill=np.nan):
         values = np.asarray(values)
         inside = self.bin_map >= 0
