@@ -8,9 +8,12 @@
 #   INIT_WEIGHTS  weights to fine-tune from (the previous bundled network)
 #   STEM          where to export the calibrated model, e.g. cubesfh/network/data/sfhnet
 #
-# The bundled models of 0.3 were made with
-#   bash scripts/train_bundled_models.sh 150 work150 <0.2 sfhnet.pt> cubesfh/network/data/sfhnet 55
-#   bash scripts/train_bundled_models.sh 300 work300 <0.2 sfhnet_s300.pt> cubesfh/network/data/sfhnet_s300 55
+# The bundled models of 0.4 (validity channel, training gaps, model systematics) were made
+# with, side by side on a 2-core CPU (one thread each),
+#   bash scripts/train_bundled_models.sh 150 work150 <0.3 sfhnet.pt> cubesfh/network/data/sfhnet 62
+#   bash scripts/train_bundled_models.sh 300 work300 <0.3 sfhnet_s300.pt> cubesfh/network/data/sfhnet_s300 62
+# (the 0.3 weights have one input channel; training widens the first convolution with zero
+# weights on the validity channel). Those of 0.3 were made the same way from the 0.2 ones.
 set -euo pipefail
 SIGMA=$1
 WORK=$2

@@ -384,10 +384,8 @@ def _run_model(run, weights):
     """
     import torch
 
-    from ._model import SFHNet
+    from ._model import N_SIGMA_OUTPUTS, SFHNet
     from ._predict import SFHModel
-
-    from ._model import N_SIGMA_OUTPUTS
 
     norm = json.loads((run / "normalization.json").read_text())
     state = torch.load(run / weights, map_location="cpu", weights_only=True)
