@@ -354,8 +354,8 @@ def _cmd_demo(args):
                            ao_notch=args.ao, progress_bar=not args.no_progress)
     if args.ao:
         print("the cube is a MUSE WFM-AO cube: no data over the laser notch (observed "
-              "5780-6050 A); its bins are flagged SPECTRAL_GAP and the network sees the gap "
-              "completed by a template fit (docs: 'Spectral gaps')")
+              "5780-6050 A); its bins are flagged SPECTRAL_GAP and the network takes the "
+              "notch as missing pixels (docs: 'Spectral gaps')")
     print(f"generated the mock galaxy {obs.cube_path} and {len(obs.hst_paths)} HST images "
           f"in {out}")
     args.plot = True

@@ -60,6 +60,8 @@ class BinFlag(enum.IntFlag):
     SKY_SUSPECT = 1024
     #: Pixels of the 4800-7000 A rest-frame range are missing (the MUSE AO
     #: laser notch, masked sky lines, detector defects): the fraction is the
-    #: ``gap_fraction`` column of ``BINS``. The network sees them completed by
-    #: a template fit to the bin's valid pixels (`~cubesfh.gaps.fill_gaps`).
+    #: ``gap_fraction`` column of ``BINS``. The bundled networks (0.4) take
+    #: them as missing pixels through their validity channel; networks
+    #: without one see them completed by a template fit to the bin's valid
+    #: pixels (`~cubesfh.gaps.fill_gaps`).
     SPECTRAL_GAP = 2048

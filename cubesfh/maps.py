@@ -76,7 +76,7 @@ _FLAG_COMMENTS = {
     "DISAGREE": "|CNN - pPXF| > 2 combined sigma in a mean",
     "KINEMATICS_SUSPECT": "kinematic chi2 or velocity an outlier",
     "SKY_SUSPECT": "negative continuum or low MUSE/HST flux",
-    "SPECTRAL_GAP": "pixels missing in 4800-7000 A rest (filled)",
+    "SPECTRAL_GAP": "pixels missing in 4800-7000 A rest",
     "NOT_BINNED": "spaxel in no bin: maps are NaN",
     "PPXF_FAILED": "pPXF baseline fit failed",
 }

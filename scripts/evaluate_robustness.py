@@ -123,18 +123,17 @@ def heldout(models, n, n_ppxf):
 def own_split(models, ts, n_own):
     import h5py
 
-    from cubesfh.network._train import split_indices
-    from cubesfh.populations import mean_quantities
+    from cubesfh.network._train import _read_rows, split_indices
 
     with h5py.File(ts, "r") as f:
         _, _, test = split_indices(f["spectra"].shape[0], 42)
         idx = np.sort(test[:n_own])
-        spec = f["spectra"][idx[0]:idx[-1] + 1][idx - idx[0]].astype(float)
-        phot = f["photometry"][idx[0]:idx[-1] + 1][idx - idx[0]].astype(float)
-        frac = f["mass_fraction"][idx[0]:idx[-1] + 1][idx - idx[0]].astype(float)
-        zh = f["metallicity"][idx[0]:idx[-1] + 1][idx - idx[0]].astype(float)
+        spec = _read_rows(f["spectra"], idx).astype(float)
+        phot = _read_rows(f["photometry"], idx).astype(float)
+        # the stored labels (each library's own light-to-mass ratios), as cubesfh evaluate
+        truth = {"mass_fraction": _read_rows(f["mass_fraction"], idx).astype(float),
+                 **{q: f[q][:][idx] for q in QUANTITIES}}
         w = f["wavelength"][:]
-    truth = {"mass_fraction": frac, **mean_quantities(frac, zh)}
     return {"n": int(len(idx)), "training_set": Path(ts).name,
             **_cases(models, spec, phot, truth, w)}
 

@@ -107,7 +107,8 @@ def gap_masks(rng, n, *, n_pix=880, start=4800.625, step=2.5, share=GAP_SHARE):
     A share ``share`` of the spectra loses, each with its own redshift
     (uniform over `GAP_REDSHIFT_RANGE`): the MUSE AO notch (probability
     0.5), each sky-line and telluric window (probability 0.3 each, widened by
-    0-10 A), and 0-3 random windows of 20-200 A anywhere in 4800-7000 A.
+    0-10 A on each side), and 0-3 random windows of 20-200 A anywhere in
+    4800-7000 A.
     The others are complete.
 
     Parameters

@@ -30,12 +30,18 @@ Architecture (choices where the paper is silent are written down here):
 
 All hidden dense layers use PReLU; weights are Glorot-uniform initialised.
 
+* **Validity channel** (``mask_channel=True``, the bundled models since
+  0.4): the first convolution reads a second channel, 1 where the spectral
+  pixel has data and 0 where it is missing (the standardised flux of a
+  missing pixel is 0), so that gaps (the MUSE AO notch, masks) are inputs of
+  their own; see :ref:`network-gaps`.
 * **Uncertainty and out-of-distribution heads** (``uncertainty=True``, the
   bundled models since 0.3; see :ref:`network-uncertainty`). Two small heads
   read the 40-dimensional latent vector *detached* from the rest of the
   network, so that training them cannot change the point estimates:
-  ``sigma_head`` (40 -> 64 -> 64 -> 20) gives the log of the expected
-  absolute error of the four mean quantities and of the 16 mass fractions,
+  ``sigma_head`` (40 -> 64 -> 64 -> 23; 20 in 0.3) gives the log of the
+  expected absolute error of the four mean quantities, of the 16 mass
+  fractions and of the mass fractions younger than 0.1, 1 and 5 Gyr,
   and ``recon_head`` (40 -> 256 -> 880) reconstructs the standardised
   noise-free spectrum. The latent mean and precision matrix of the training
   set are stored as buffers for a Mahalanobis distance.

@@ -78,8 +78,7 @@ def export_model(run_dir, stem=DEFAULT_MODEL, *, metrics=None, extra=None):
         "architecture": {"class": "SFHNet", "n_pix": 880, "n_bands": len(HST_BANDS),
                          "channels": [16, 32, 64], "kernels": [8, 5, 5], "strides": [2, 1, 1],
                          "heads": 4, "uncertainty": with_unc,
-                         "mask_channel": bool(training.get("mask_channel", False)),
-                         "n_sigma": _state_n_sigma(weights)},
+                         **_state_layout(weights)},
         "inputs": {"wavelength_start": float(OUTPUT_WAVELENGTH[0].value),
                    "wavelength_step": 1.25, "n_pixels": int(OUTPUT_WAVELENGTH.size),
                    "downsample": 2, "bands": list(HST_BANDS),
@@ -103,15 +102,17 @@ def export_model(run_dir, stem=DEFAULT_MODEL, *, metrics=None, extra=None):
     return weights
 
 
-def _state_n_sigma(weights):
-    """Outputs of the uncertainty head in a state dict file (`N_SIGMA_OUTPUTS` if none)."""
+def _state_layout(weights):
+    """``mask_channel`` and ``n_sigma`` of the network in a state dict file."""
     import torch
 
     from ._model import N_SIGMA_OUTPUTS
 
     state = torch.load(weights, map_location="cpu", weights_only=True)
     keys = sorted(k for k in state if k.startswith("sigma_head") and k.endswith(".bias"))
-    return int(state[keys[-1]].shape[0]) if keys else N_SIGMA_OUTPUTS
+    conv = state.get("conv.0.conv.weight")
+    return {"mask_channel": bool(conv is not None and conv.shape[1] == 2),
+            "n_sigma": int(state[keys[-1]].shape[0]) if keys else N_SIGMA_OUTPUTS}
 
 
 @contextlib.contextmanager
@@ -434,7 +435,7 @@ class SFHModel:
         from ._uncertainty import SUMMARY_KEYS
 
         cal = self.meta["uncertainty"]
-        k = np.asarray(cal["conformal_k"], float)  # (2, 20): 68 % and 95 % multipliers
+        k = np.asarray(cal["conformal_k"], float)  # (2, n_sigma): 68 % and 95 % multipliers
         sig = out["sigma_raw"]
         for j, key in enumerate(SUMMARY_KEYS):
             q = out[key]

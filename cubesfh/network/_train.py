@@ -155,7 +155,8 @@ def _band_mask(rng, n, p_drop=0.4):
 
 
 def _write_meta(out, training_set, seed, tr, n_tr, n_val, best, history, elapsed, device,
-                threads, band_dropout, batch_size, lr, light_weight, init=None):
+                threads, band_dropout, batch_size, lr, light_weight, init=None,
+                gap_share=GAP_SHARE):
     meta = {"seed": int(seed), "training_set": str(Path(training_set).name),
             "training_set_digest": _file_digest(training_set),
             "training_set_attrs": {k: v for k, v in tr["attrs"].items()
@@ -164,7 +165,7 @@ def _write_meta(out, training_set, seed, tr, n_tr, n_val, best, history, elapsed
             "best_val_loss": best, "epochs": len(history), "train_seconds": elapsed,
             "device": device, "threads": int(threads), "band_dropout": band_dropout,
             "batch_size": batch_size, "lr": lr, "light_weight": light_weight,
-            "init_weights": init, "mask_channel": True, "gap_share": GAP_SHARE}
+            "init_weights": init, "mask_channel": True, "gap_share": gap_share}
     (out / "train_meta.json").write_text(json.dumps(meta, indent=1, default=str))
 
 
@@ -288,7 +289,13 @@ def train(training_set, output_dir, *, seed=0, max_epochs=200, batch_size=128, l
         log.info("starting from the weights in %s", init_weights)
     if resume and ckpt.exists():
         state = torch.load(ckpt, map_location=device, weights_only=True)
-        net.load_state_dict(state["model"])
+        try:
+            net.load_state_dict(state["model"])
+        except RuntimeError as exc:
+            msg = (f"{ckpt} is the checkpoint of a network without the validity channel "
+                   "(cubesfh <= 0.3) and cannot be resumed by this version; start a new run "
+                   "in another folder, with --init-weights pointing at that run's best.pt.")
+            raise CubeSFHError(msg) from exc
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         start_epoch = int(state["epoch"]) + 1
@@ -379,7 +386,7 @@ def train(training_set, output_dir, *, seed=0, max_epochs=200, batch_size=128, l
         (out / "normalization.json").write_text(json.dumps(norm))
         _write_meta(out, training_set, seed, tr, n_tr, len(v_spec), best, history, elapsed,
                     device, torch.get_num_threads(), band_dropout, batch_size, lr, light_weight,
-                    init)
+                    init, gap_share)
         tmp = out / "checkpoint.pt.tmp"
         torch.save({"model": net.state_dict(), "optimizer": opt.state_dict(),
                     "scheduler": sched.state_dict(), "epoch": epoch, "best": best,
@@ -392,5 +399,6 @@ def train(training_set, output_dir, *, seed=0, max_epochs=200, batch_size=128, l
             log.info("time limit reached after epoch %d", epoch)
             break
     _write_meta(out, training_set, seed, tr, n_tr, len(v_spec), best, history, elapsed, device,
-                torch.get_num_threads(), band_dropout, batch_size, lr, light_weight, init)
+                torch.get_num_threads(), band_dropout, batch_size, lr, light_weight, init,
+                gap_share)
     return history

@@ -6,10 +6,12 @@ Design (the reasons are in :ref:`network-uncertainty`):
 
 1. The point network (:func:`~cubesfh.network.train`) is trained first and
    frozen.
-2. On the training split, with noise and band masks drawn as in training, the
-   frozen network gives its latent vectors and the residuals (truth minus
-   prediction) of LW/MW log age, LW/MW [Z/H] and of the 16 mass fractions,
-   computed exactly as :meth:`~cubesfh.network.SFHModel.predict` computes them.
+2. On the training split, with noise, band masks and (networks with the
+   validity channel) spectral gaps drawn as in training, the frozen network
+   gives its latent vectors and the residuals (truth minus prediction) of
+   LW/MW log age, LW/MW [Z/H], of the 16 mass fractions and of the mass
+   fractions younger than 0.1, 1 and 5 Gyr, computed exactly as
+   :meth:`~cubesfh.network.SFHModel.predict` computes them.
 3. ``sigma_head`` learns the scale of those residuals from the latent vector
    (Gaussian negative log-likelihood, a heteroscedastic error model), and
    ``recon_head`` learns to reconstruct the noise-free spectrum from it
@@ -18,7 +20,9 @@ Design (the reasons are in :ref:`network-uncertainty`):
    the 68.27 % and 95.45 % quantiles of |residual| / sigma become the
    multipliers of sigma that give the 16-84 % and 2.3-97.7 % intervals, so
    that the intervals cover the truth at the nominal rates on data drawn like
-   the training set (the guarantee of split conformal prediction).
+   the training set (the guarantee of split conformal prediction); the
+   largest multipliers over the groups of spectra (each training library;
+   with and without gaps) are kept.
 5. Out-of-distribution score: the squared Mahalanobis distance of the latent
    vector to the training latents and the reconstruction residual (rms of
    data minus reconstruction outside the emission lines, over a noise
@@ -193,7 +197,7 @@ def fit_uncertainty(run_dir, training_set, *, seed=0, epochs=12, noise_draws=2,
     """
     import torch
 
-    from ._data import GAP_SHARE, gap_masks
+    from ._data import gap_masks
     from ._train import _band_mask, load_split
 
     run = Path(run_dir)
@@ -233,7 +237,7 @@ def fit_uncertainty(run_dir, training_set, *, seed=0, epochs=12, noise_draws=2,
         phot = tr["photometry"] * (1 + tr["phot_error"]
                                    * rng.standard_normal((len(spec), len(HST_BANDS))))
         mask = _band_mask(rng, len(spec), band_dropout)
-        valid = (gap_masks(rng, len(spec), n_pix=spec.shape[1], share=GAP_SHARE)
+        valid = (gap_masks(rng, len(spec), n_pix=spec.shape[1], share=_gap_share(run))
                  if model.handles_gaps else None)
         out = model._run_downsampled(noisy.astype(np.float32), phot.astype(np.float32),
                                      mask, valid=valid, latent=True, progress_bar=progress_bar)
@@ -287,7 +291,7 @@ def fit_uncertainty(run_dir, training_set, *, seed=0, epochs=12, noise_draws=2,
                  tot_rec / len(z_all))
     net.eval()
 
-    info = _calibrate(model, va, truth_va, seed, band_dropout, progress_bar)
+    info = _calibrate(model, va, truth_va, seed, band_dropout, progress_bar, _gap_share(run))
     info.update({"n_heads_train": int(len(z_all)), "noise_draws": int(noise_draws),
                  "epochs": int(epochs), "history": history,
                  "seconds": time.perf_counter() - t_start})
@@ -298,7 +302,18 @@ def fit_uncertainty(run_dir, training_set, *, seed=0, epochs=12, noise_draws=2,
     return info
 
 
-def _calibrate(model, va, truth_va, seed, band_dropout, progress_bar):
+def _gap_share(run):
+    """The share of spectra with gaps the run was trained with (``train_meta.json``)."""
+    from ._data import GAP_SHARE
+
+    try:
+        return float(json.loads((Path(run) / "train_meta.json").read_text())
+                     .get("gap_share", GAP_SHARE))
+    except (OSError, ValueError):
+        return GAP_SHARE
+
+
+def _calibrate(model, va, truth_va, seed, band_dropout, progress_bar, gap_share=None):
     """Split-conformal multipliers and OOD thresholds on the validation split."""
     from ._data import GAP_SHARE, gap_masks
     from ._predict import CUMULATIVE_KEYS
@@ -309,38 +324,46 @@ def _calibrate(model, va, truth_va, seed, band_dropout, progress_bar):
     valid = None
     if model.handles_gaps:
         # the validation gaps of training (same stream)
+        share = GAP_SHARE if gap_share is None else gap_share
         valid = gap_masks(np.random.default_rng([seed, 98]), len(va["spectra"]),
-                          n_pix=va["spectra"].shape[1], share=GAP_SHARE)
+                          n_pix=va["spectra"].shape[1], share=share)
     out = model._run_downsampled(va["spectra"], va["photometry"], v_mask, valid=valid,
                                  latent=True, heads=True, progress_bar=progress_bar)
     n_sigma = out["sigma_raw"].shape[1]
     res_va = residual_targets(truth_va, out, n_sigma)
     k = calibrate(res_va, out["sigma_raw"])
-    per_library = {}
+    # group-conditional (Mondrian) calibration: the multipliers of the group whose
+    # spectra the network handles worst, so that the intervals hold for every training
+    # library and for spectra with and without gaps, not only on their mixture
+    groups = {}
     lib = va.get("library")
     if lib is not None and len(np.unique(lib)) > 1:
-        # group-conditional (Mondrian) calibration: the multipliers of the library whose
-        # spectra the network handles worst, so that the intervals hold for every
-        # training library, not only on their mixture
         names_lib = [x.decode() if isinstance(x, bytes) else str(x)
                      for x in va.get("attrs", {}).get("libraries", [])]
         for j in np.unique(lib):
-            sel = lib == j
-            kj = calibrate(res_va[sel], out["sigma_raw"][sel])
-            name = names_lib[j] if j < len(names_lib) else str(j)
-            per_library[name] = kj.tolist()
-            k = np.maximum(k, kj)
+            groups[names_lib[j] if j < len(names_lib) else str(j)] = lib == j
+    if valid is not None:
+        gapped = (valid == 0).any(axis=1)
+        if 0 < gapped.sum() < len(gapped):
+            groups["complete spectra"] = ~gapped
+            groups["spectra with gaps"] = gapped
+    per_group = {}
+    for name, sel in groups.items():
+        kj = calibrate(res_va[sel], out["sigma_raw"][sel])
+        per_group[name] = kj.tolist()
+        k = np.maximum(k, kj)
     names = list(SUMMARY_KEYS) + [f"mass_fraction_{i}" for i in range(N_AGE_BINS)]
     names += list(CUMULATIVE_KEYS)[:n_sigma - len(names)]
     return {
         "method": "post-hoc heteroscedastic heads on the frozen latent, split-conformal "
                   "calibration on the validation split (with model systematics and spectral "
-                  "gaps; the largest multiplier over the training libraries), latent "
+                  "gaps; the largest multiplier over the training libraries and over "
+                  "spectra with and without gaps), latent "
                   "Mahalanobis + reconstruction OOD score",
         "outputs": names,
         "levels": list(COVERAGE_LEVELS),
         "conformal_k": k.tolist(),
-        "conformal_k_per_library": per_library,
+        "conformal_k_per_group": per_group,
         "ood_quantile": OOD_QUANTILE,
         "ood_threshold_latent": float(np.quantile(out["ood_latent_raw"], OOD_QUANTILE)),
         "ood_threshold_recon": float(np.quantile(out["ood_recon_raw"], OOD_QUANTILE)),

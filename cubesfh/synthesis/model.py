@@ -131,7 +131,7 @@ def attenuation_curve(wavelength, law):
     >>> import numpy as np
     >>> from cubesfh.synthesis.model import attenuation_curve
     >>> np.round(attenuation_curve([2750.0, 5500.0, 8000.0], "calzetti"), 3)
-    array([1.787, 1.   , 0.592])
+    array([1.816, 1.   , 0.635])
     """
     w = u.Quantity(wavelength, u.AA).to_value(u.micron)
 

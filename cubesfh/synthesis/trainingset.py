@@ -255,10 +255,11 @@ def extended_history(rng, n, edges, *, t_universe=None):
 
     Real discs formed a large share of their mass in the last few Gyr; the
     paper's families rarely do. Each history is one of `EXTENDED_TYPES`
-    (equal probabilities), in cosmic time ``t`` since the first edge:
+    (equal probabilities), in cosmic time ``t`` counted from the oldest edge
+    (``t_universe``), starting at a time drawn uniformly in the first third
+    of the age range (no stars before it):
 
-    * ``constant``: SFR constant since a start time uniform over the oldest
-      third of the age range;
+    * ``constant``: SFR constant;
     * ``declining``: SFR ~ exp(-t / tau), tau log-uniform in 2-20 Gyr;
     * ``rising``: SFR ~ exp(+t / tau), tau log-uniform in 3-20 Gyr;
     * ``delayed``: SFR ~ t exp(-t / tau), tau log-uniform in 1-20 Gyr;
@@ -511,6 +512,8 @@ def _simulate_broad(rng, families, models, *, snr, snr_values, phot_error, noise
             if ext.any():
                 m[ext], kind = extended_history(rng, int(ext.sum()), edges)
                 extended[ext] = kind
+                for key in params:  # the family's parameters no longer apply
+                    params[key][ext] = np.nan
         w = np.ones(n) if c == 0 else 10 ** rng.uniform(*SECONDARY_MASS_RANGE, n)
         w = np.where(n_comp > c, w, 0.0)
         mass[:, c] = m * w[:, None]
