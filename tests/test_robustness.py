@@ -163,6 +163,7 @@ def test_fast_path_with_validity_channel():
     net = SFHNet(mask_channel=True, uncertainty=True).eval()
     with torch.no_grad():
         net.conv[0].conv.weight[:, 1] += 0.3  # a validity channel that matters
+        net.conv[2].act.weight[:3] = torch.tensor([1.3, -0.2, 0.5])  # slopes > 1 and < 0
     std = np.full(880, 0.5, np.float32)
     fast = FastSFHNet(net, std, continuum_pixels())
     assert fast.supports

@@ -86,6 +86,10 @@ def test_intervals_and_coverage(tiny_model):
     np.testing.assert_allclose(plain["logage_lw"], out["logage_lw"])
 
 
+@pytest.mark.xfail(strict=True, reason="0.4 networks: the reconstruction score flags a 10 % "
+                   "ripple of 60 A period in 3 % of spectra (0.3: > 90 %); the training spectra "
+                   "now carry inter-library differences of a few per cent that its threshold "
+                   "accepts (docs/network.rst, Limits)")
 def test_ood_fires_on_strong_residuals():
     # the bundled network on simulated spectra, with and without a 10 % sinusoidal
     # ripple (a bad flat field or sky subtraction) that no simulated galaxy has

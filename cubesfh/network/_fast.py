@@ -18,10 +18,11 @@ once at construction, and plain torch operators:
   operators on the pooled (half-size) tensor: the per-sample, per-channel
   statistics are taken on the convolution output, and because the
   normalisation is an increasing affine map (all ``gamma`` > 0, checked) and
-  ``PReLU(y) = max(y, alpha y)`` for ``alpha <= 1`` (checked), the max-pool
-  commutes with them: ``pool(PReLU(a y + b)) = max(a Y+ + b, alpha (a Y +
-  b))`` with ``Y+`` the pair maximum and ``Y`` the pair maximum (``alpha >=
-  0``) or minimum (``alpha < 0``). The selected values are the same ones, so
+  ``PReLU(y) = max(y, alpha y)`` for ``alpha <= 1`` (``min(y, alpha y)`` for
+  ``alpha > 1``), the max-pool commutes with them: ``pool(PReLU(a y + b)) =
+  max(a Y+ + b, alpha (a Y + b))`` (``min`` for ``alpha > 1``) with ``Y+``
+  the pair maximum and ``Y`` the pair maximum (``alpha >= 0``) or minimum
+  (``alpha < 0``). The selected values are the same ones, so
   only the rounding of the statistics differs from the module (1e-7).
   (InstanceNorm uses per-sample statistics, so unlike BatchNorm it cannot be
   folded into the convolution weights.)
@@ -117,8 +118,9 @@ class FastSFHNet:
                     "gamma": gamma.contiguous(), "beta": st.norm.bias.detach().float().contiguous(),
                     "eps": float(st.norm.eps),
                     "alpha": alpha, "neg": (alpha < 0), "any_neg": bool((alpha < 0).any()),
+                    "big": (alpha > 1), "any_big": bool((alpha > 1).any()),
                     "ok": bool(st.norm.affine and not st.norm.track_running_stats
-                               and (gamma > 0).all() and (alpha <= 1).all()
+                               and (gamma > 0).all()
                                and isinstance(st.pool, torch.nn.MaxPool1d)
                                and st.pool.kernel_size == 2 and st.pool.stride == 2
                                and st.pool.padding == 0),
@@ -189,6 +191,9 @@ class FastSFHNet:
         top = torch.addcmul(shift, hi, scale)
         other = torch.addcmul(shift, sel, scale).mul_(st["alpha"])
         out = torch.maximum(top, other)  # (b, half, ch) contiguous
+        if st["any_big"]:
+            # a slope above 1 (a retrained network can have one): PReLU(z) = min(z, alpha z)
+            out = torch.where(st["big"], torch.minimum(top, other), out)
         return out
 
     def encode(self, x, photometry, mask, valid=None):
