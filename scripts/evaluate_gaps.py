@@ -51,12 +51,12 @@ def _shift_stats(pred, ref, truth=None):
     return out
 
 
-def own_mock():
+def mock_pair():
+    """The project's mock galaxy and its AO version, prepared at the true kinematics."""
     from astropy.io import fits
 
-    from cubesfh import Cube, CubeSFHWarning, HSTImage, pipeline
+    from cubesfh import Cube, CubeSFHWarning, HSTImage
     from cubesfh.conventions import HST_BANDS
-    from cubesfh.gaps import gap_fraction
     from cubesfh.preprocess import prepare_observation
     from cubesfh.synthesis import mock_observation
 
@@ -76,7 +76,14 @@ def own_mock():
                 prepared.append(prepare_observation(Cube.read(obs.cube_path), hst,
                                                     kinematics=str(d / "kin.fits"),
                                                     target_snr=35, progress_bar=False))
-    full, ao = prepared
+    return prepared
+
+
+def own_mock():
+    from cubesfh import pipeline
+    from cubesfh.gaps import gap_fraction
+
+    full, ao = mock_pair()
     result = {"n_bins": int(ao.n_bins),
               "gap_fraction_median": float(np.median(gap_fraction(ao.spectra.flux)))}
     ones = _replace_flux(ao, np.where(np.isfinite(ao.spectra.flux), ao.spectra.flux, 1.0))

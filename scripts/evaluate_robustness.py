@@ -140,33 +140,11 @@ def own_split(models, ts, n_own):
 
 def own_mock_ao(models):
     """The project's mock galaxy (BC03, 40 x 40) and its AO version: shift of the bin values."""
-    import tempfile
-    import warnings
+    from evaluate_gaps import mock_pair  # scripts/ is on the path of a script
 
-    from astropy.io import fits
+    from cubesfh import pipeline
 
-    from cubesfh import Cube, CubeSFHWarning, HSTImage, pipeline
-    from cubesfh.conventions import HST_BANDS
-    from cubesfh.preprocess import prepare_observation
-    from cubesfh.synthesis import mock_observation
-
-    prepared = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for ao in (False, True):
-            d = Path(tmp) / ("ao" if ao else "full")
-            obs = mock_observation(d, ao_notch=ao, progress_bar=False)
-            with fits.open(obs.truth_path) as h:
-                fits.HDUList([fits.PrimaryHDU(),
-                              fits.ImageHDU(h["V"].data, h["V"].header, name="V_STARS"),
-                              fits.ImageHDU(h["SIGMA"].data, h["V"].header, name="SIGMA_STARS")]
-                             ).writeto(d / "kin.fits")
-            hst = {b: HSTImage.read(obs.hst_paths[b]) for b in HST_BANDS}
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", CubeSFHWarning)
-                prepared.append(prepare_observation(Cube.read(obs.cube_path), hst,
-                                                    kinematics=str(d / "kin.fits"),
-                                                    target_snr=35, progress_bar=False))
-    full, ao = prepared
+    full, ao = mock_pair()
     out = {"n_bins": int(ao.n_bins)}
     for name, m in models.items():
         out[name] = {}
