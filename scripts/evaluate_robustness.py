@@ -82,18 +82,12 @@ def _cases(models, spectra, photometry, truth, wavelength):
 
 
 def heldout(models, n, n_ppxf):
+    from cubesfh.network._evaluate import simulate_heldout
     from cubesfh.synthesis import ForwardModel
-    from cubesfh.synthesis.trainingset import _family_plan, simulate_samples, with_young_from_bc03
     from cubesfh.templates import load_heldout_library
 
     ref_model = next(iter(models.values()))
-    fm = ForwardModel(with_young_from_bc03(load_heldout_library()),
-                      sigma_target=ref_model.sigma_target)
-    rng = np.random.default_rng([2026, 11])
-    fam = _family_plan(n, (150_000, 9_000, 6_000), 2026)
-    chunks = [simulate_samples(rng, fam[s:s + 2500], fm, snr_values=(15, 20, 35, 50),
-                               prior="broad") for s in range(0, n, 2500)]
-    sim = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
+    fm, _, sim = simulate_heldout(load_heldout_library(), ref_model.sigma_target, n=n)
     truth = {k: sim[k] for k in (*QUANTITIES, "mass_fraction")}
     w = fm.wavelength.value
     out = {"n": int(n), "training_snr": _cases(models, sim["spectra"], sim["photometry"], truth,

@@ -259,6 +259,33 @@ def evaluate(training_set, model=None, *, seed=None, n_ppxf=300, snr_grid=(5, 10
     return metrics
 
 
+def simulate_heldout(library, sigma_target, *, n=5000, seed=2026,
+                     snr_values=(15, 20, 35, 50), prior="broad"):
+    """
+    The spectra of the leave-one-library-out test (`evaluate_heldout`).
+
+    Returns
+    -------
+    model : `~cubesfh.synthesis.ForwardModel`
+        The held-out library's forward model.
+    rng : `numpy.random.Generator`
+        The stream after the draws (`evaluate_heldout` re-noises with it).
+    sim : dict of `~numpy.ndarray`
+        The outputs of `~cubesfh.synthesis.trainingset.simulate_samples`.
+    """
+    from ..synthesis import ForwardModel
+    from ..synthesis.trainingset import _family_plan, simulate_samples, with_young_from_bc03
+
+    # the held-out grid starts at 63 Myr: younger sub-intervals are BC03's, as
+    # for the training libraries (otherwise their labels would be wrong)
+    fm = ForwardModel(with_young_from_bc03(library), sigma_target=sigma_target)
+    rng = np.random.default_rng([int(seed), 11])
+    fam = _family_plan(n, (150_000, 9_000, 6_000), seed)
+    chunks = [simulate_samples(rng, fam[s:s + 2500], fm, snr_values=snr_values, prior=prior)
+              for s in range(0, n, 2500)]
+    return fm, rng, {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
+
+
 def evaluate_heldout(library, model=None, *, n=5000, seed=2026, snr_values=(15, 20, 35, 50),
                      low_snr=(5.0, 10.0), prior="broad", n_ppxf=150, output_json=None,
                      progress_bar=True):
@@ -299,20 +326,11 @@ def evaluate_heldout(library, model=None, *, n=5000, seed=2026, snr_values=(15, 
     metrics : dict
     """
     from ..synthesis import ForwardModel
-    from ..synthesis.trainingset import _family_plan, simulate_samples, with_young_from_bc03
     from ._predict import SFHModel
 
     model = SFHModel.load() if model is None else model
-    # the held-out grid starts at 63 Myr: younger sub-intervals are BC03's, as
-    # for the training libraries (otherwise their labels would be wrong)
-    fm = ForwardModel(with_young_from_bc03(library), sigma_target=model.sigma_target)
-    rng = np.random.default_rng([int(seed), 11])
-    fam = _family_plan(n, (150_000, 9_000, 6_000), seed)
-    chunks = []
-    for s in range(0, n, 2500):
-        chunks.append(simulate_samples(rng, fam[s:s + 2500], fm, snr_values=snr_values,
-                                       prior=prior))
-    sim = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
+    fm, rng, sim = simulate_heldout(library, model.sigma_target, n=n, seed=seed,
+                                    snr_values=snr_values, prior=prior)
     truth = {k: sim[k] for k in (*QUANTITIES, "mass_fraction", "snr")}
     name = str(library.meta.get("MODELS", "held-out"))
     metrics = {"library": name, "stellib": str(library.meta.get("STELLIB", "")),

@@ -78,7 +78,7 @@ def export_model(run_dir, stem=DEFAULT_MODEL, *, metrics=None, extra=None):
         "architecture": {"class": "SFHNet", "n_pix": 880, "n_bands": len(HST_BANDS),
                          "channels": [16, 32, 64], "kernels": [8, 5, 5], "strides": [2, 1, 1],
                          "heads": 4, "uncertainty": with_unc,
-                         **_state_layout(weights)},
+                         **state_layout(weights)},
         "inputs": {"wavelength_start": float(OUTPUT_WAVELENGTH[0].value),
                    "wavelength_step": 1.25, "n_pixels": int(OUTPUT_WAVELENGTH.size),
                    "downsample": 2, "bands": list(HST_BANDS),
@@ -102,13 +102,20 @@ def export_model(run_dir, stem=DEFAULT_MODEL, *, metrics=None, extra=None):
     return weights
 
 
-def _state_layout(weights):
-    """``mask_channel`` and ``n_sigma`` of the network in a state dict file."""
-    import torch
+def state_layout(state):
+    """
+    ``mask_channel`` and ``n_sigma`` of the network in a state dict (or its ``.pt`` file).
 
+    The validity channel is a second input channel of the first convolution;
+    ``n_sigma`` is the size of the last bias of the uncertainty head
+    (`N_SIGMA_OUTPUTS` when the state has no head).
+    """
     from ._model import N_SIGMA_OUTPUTS
 
-    state = torch.load(weights, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict):
+        import torch
+
+        state = torch.load(state, map_location="cpu", weights_only=True)
     keys = sorted(k for k in state if k.startswith("sigma_head") and k.endswith(".bias"))
     conv = state.get("conv.0.conv.weight")
     return {"mask_channel": bool(conv is not None and conv.shape[1] == 2),

@@ -143,6 +143,16 @@ def widen_first_convolution(state, own):
     return state
 
 
+def validation_gap_masks(seed, n, n_pix, share):
+    """
+    The fixed spectral gaps of the validation split (training loss and calibration).
+
+    Drawn from their own stream of ``seed``, so that the calibration of the
+    uncertainty heads sees exactly the gaps the training validated on.
+    """
+    return gap_masks(np.random.default_rng([seed, 98]), n, n_pix=n_pix, share=share)
+
+
 def _band_mask(rng, n, p_drop=0.4):
     mask = np.ones((n, len(HST_BANDS)), dtype=np.float32)
     drop = rng.uniform(size=n) < p_drop
@@ -318,8 +328,7 @@ def train(training_set, output_dir, *, seed=0, max_epochs=200, batch_size=128, l
     level = np.float32(1.0)
     v_spec, v_phot = va["spectra"], va["photometry"]
     v_mask = _band_mask(np.random.default_rng([seed, 99]), len(v_spec), band_dropout)
-    v_valid = gap_masks(np.random.default_rng([seed, 98]), len(v_spec), n_pix=v_spec.shape[1],
-                        share=gap_share)
+    v_valid = validation_gap_masks(seed, *v_spec.shape, gap_share)
     v_f = torch.from_numpy(va["mass_fraction"]).to(device)
     v_z = torch.from_numpy(va["metallicity"]).to(device)
     v_l = torch.from_numpy(va["light_fraction"]).to(device)

@@ -34,6 +34,7 @@ Design (the reasons are in :ref:`network-uncertainty`):
 import json
 import logging
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -95,28 +96,24 @@ def noise_level(spectra, valid=None):
         ``(n,)``.
     """
     f = np.asarray(spectra, float)
-    if valid is not None:
-        v = np.asarray(valid) > 0
-        use = v[:, 2:-2] & v[:, :-4] & v[:, 4:]
-        if not use.all():
-            d = np.abs(2.0 * f[:, 2:-2] - f[:, :-4] - f[:, 4:])
-            d = np.where(use, d, np.nan)
-            with np.errstate(all="ignore"):
-                import warnings
-
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", RuntimeWarning)
-                    med = np.nanmedian(d, axis=1)
-            return 1.482602 / np.sqrt(6.0) * np.nan_to_num(med, nan=0.0) + 1e-6
     d = f[:, 2:-2] * 2.0
     d -= f[:, :-4]
     d -= f[:, 4:]
     np.abs(d, out=d)
-    n = d.shape[1]
-    h = n // 2
-    d.partition(h, axis=1)  # one selection, in place (np.median makes two)
-    # as np.median: the central value (odd n) or the mean of the two central ones
-    med = d[:, h] if n % 2 else (d[:, :h].max(axis=1) + d[:, h]) / 2.0
+    use = None
+    if valid is not None:
+        v = np.asarray(valid) > 0
+        use = v[:, 2:-2] & v[:, :-4] & v[:, 4:]
+    if use is not None and not use.all():
+        with warnings.catch_warnings():  # a spectrum with no usable difference: 0
+            warnings.simplefilter("ignore", RuntimeWarning)
+            med = np.nan_to_num(np.nanmedian(np.where(use, d, np.nan), axis=1), nan=0.0)
+    else:
+        n = d.shape[1]
+        h = n // 2
+        d.partition(h, axis=1)  # one selection, in place (np.median makes two)
+        # as np.median: the central value (odd n) or the mean of the two central ones
+        med = d[:, h] if n % 2 else (d[:, :h].max(axis=1) + d[:, h]) / 2.0
     return 1.482602 / np.sqrt(6.0) * med + 1e-6
 
 
@@ -208,6 +205,7 @@ def fit_uncertainty(run_dir, training_set, *, seed=0, epochs=12, noise_draws=2,
         raise CubeSFHError(msg)
     t_start = time.perf_counter()
     model = _run_model(run, "best.pt")
+    gap_share = _gap_share(run)
     net = model._net
 
     tr = load_split(training_set, seed, which="train")
@@ -237,7 +235,7 @@ def fit_uncertainty(run_dir, training_set, *, seed=0, epochs=12, noise_draws=2,
         phot = tr["photometry"] * (1 + tr["phot_error"]
                                    * rng.standard_normal((len(spec), len(HST_BANDS))))
         mask = _band_mask(rng, len(spec), band_dropout)
-        valid = (gap_masks(rng, len(spec), n_pix=spec.shape[1], share=_gap_share(run))
+        valid = (gap_masks(rng, len(spec), n_pix=spec.shape[1], share=gap_share)
                  if model.handles_gaps else None)
         out = model._run_downsampled(noisy.astype(np.float32), phot.astype(np.float32),
                                      mask, valid=valid, latent=True, progress_bar=progress_bar)
@@ -291,7 +289,7 @@ def fit_uncertainty(run_dir, training_set, *, seed=0, epochs=12, noise_draws=2,
                  tot_rec / len(z_all))
     net.eval()
 
-    info = _calibrate(model, va, truth_va, seed, band_dropout, progress_bar, _gap_share(run))
+    info = _calibrate(model, va, truth_va, seed, band_dropout, progress_bar, gap_share)
     info.update({"n_heads_train": int(len(z_all)), "noise_draws": int(noise_draws),
                  "epochs": int(epochs), "history": history,
                  "seconds": time.perf_counter() - t_start})
@@ -315,18 +313,16 @@ def _gap_share(run):
 
 def _calibrate(model, va, truth_va, seed, band_dropout, progress_bar, gap_share=None):
     """Split-conformal multipliers and OOD thresholds on the validation split."""
-    from ._data import GAP_SHARE, gap_masks
+    from ._data import GAP_SHARE
     from ._predict import CUMULATIVE_KEYS
-    from ._train import _band_mask
+    from ._train import _band_mask, validation_gap_masks
 
     rng = np.random.default_rng([seed, 99])
     v_mask = _band_mask(rng, len(va["spectra"]), band_dropout)
     valid = None
     if model.handles_gaps:
-        # the validation gaps of training (same stream)
-        share = GAP_SHARE if gap_share is None else gap_share
-        valid = gap_masks(np.random.default_rng([seed, 98]), len(va["spectra"]),
-                          n_pix=va["spectra"].shape[1], share=share)
+        valid = validation_gap_masks(seed, *va["spectra"].shape,
+                                     GAP_SHARE if gap_share is None else gap_share)
     out = model._run_downsampled(va["spectra"], va["photometry"], v_mask, valid=valid,
                                  latent=True, heads=True, progress_bar=progress_bar)
     n_sigma = out["sigma_raw"].shape[1]
@@ -407,17 +403,12 @@ def _run_model(run, weights):
     """
     import torch
 
-    from ._model import N_SIGMA_OUTPUTS, SFHNet
-    from ._predict import SFHModel
+    from ._model import SFHNet
+    from ._predict import SFHModel, state_layout
 
     norm = json.loads((run / "normalization.json").read_text())
     state = torch.load(run / weights, map_location="cpu", weights_only=True)
-    conv = state.get("conv.0.conv.weight")
-    mask_channel = conv is not None and conv.shape[1] == 2
-    bias = sorted(k for k in state if k.startswith("sigma_head") and k.endswith(".bias"))
-    n_sigma = int(state[bias[-1]].shape[0]) if bias else N_SIGMA_OUTPUTS
-    net = SFHNet(zh_offset=norm["zh_offset"], uncertainty=True, mask_channel=mask_channel,
-                 n_sigma=n_sigma)
+    net = SFHNet(zh_offset=norm["zh_offset"], uncertainty=True, **state_layout(state))
     missing, unexpected = net.load_state_dict(state, strict=False)
     if unexpected or any(not k.startswith(("sigma_head", "recon_head", "latent_"))
                          for k in missing) or (missing and weights != "best.pt"):
