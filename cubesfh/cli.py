@@ -127,12 +127,33 @@ def _add_run_options(p):
                         "the bundled 150 and 300 km/s models)")
     p.add_argument("--k-correct", choices=("auto", "yes", "no"), default="auto",
                    help="K-correct the HST photometry (auto: when z > 0.01)")
+    p.add_argument("--distance", type=_positive("--distance", "MPC, e.g. 11.3"),
+                   metavar="MPC",
+                   help="distance of the galaxy in Mpc: adds the stellar-mass and SFR "
+                        "surface-density maps (default: a DISTANCE keyword of the cube, "
+                        "else none)")
+    p.add_argument("--inclination", type=_inclination, metavar="DEG",
+                   help="disc inclination in degrees: adds LOGMSTAR_SD_DEPROJ")
+    p.add_argument("--imf", choices=("chabrier", "salpeter", "kroupa"), default="chabrier",
+                   help="IMF of the masses and SFRs (templates: chabrier; others converted)")
     p.add_argument("--plot", action="store_true", help="also write a quick-look PNG")
     p.add_argument("--no-register", dest="register", action="store_false",
                    help="do not measure and correct the MUSE-HST offset")
     p.add_argument("--max-offset", type=_positive("--max-offset", "ARCSEC, e.g. 2"),
                    default=2.0, metavar="ARCSEC",
                    help="largest MUSE-HST offset accepted (default 2 arcsec)")
+
+
+def _inclination(text):
+    """argparse type: an inclination in degrees, 0 <= i < 90."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (np.isfinite(value) and 0 <= value < 90):
+        msg = f"--inclination must be in 0-90 degrees (0 = face-on); got {text!r}"
+        raise argparse.ArgumentTypeError(msg)
+    return value
 
 
 def _positive(option, example):
@@ -269,6 +290,9 @@ def _run(cube_path, hst_paths, args, output):
                         k_correct=k_correct, snr_window=_snr_window(args),
                         ebv_galactic=getattr(args, "ebv", 0.0),
                         ppxf_mc=getattr(args, "ppxf_mc", 0),
+                        distance=getattr(args, "distance", None),
+                        inclination=getattr(args, "inclination", None),
+                        imf=getattr(args, "imf", "chabrier"),
                         max_memory=args.max_memory * u.GB, progress_bar=not args.no_progress)
     maps.write(output, overwrite=args.overwrite)
     if "registration" in maps.meta:

@@ -129,6 +129,47 @@ _UNCERTAINTY_COLUMNS = tuple(
      "out-of-distribution score (>1: outside training set)", False),
     ("ood_latent", u.dimensionless_unscaled, False, "ood_score part: latent distance", False),
     ("ood_recon", u.dimensionless_unscaled, False, "ood_score part: reconstruction", False),
+) + tuple(
+    (f"av_stars{s}", u.mag, False,
+     "effective V-band attenuation of the stellar light" + (f" {_PERCENTILE_DOCS[s[1:]]}"
+                                                            if s else ""), False)
+    for s in ("", "_p16", "_p84", "_p02", "_p98", "_err")) + (
+    ("logmstar_sd_err", u.dex, False, "half-width of the 68% interval of log Sigma_star",
+     False),
+    ("logmstar_sd_err95", u.dex, False, "half-width of the 95% interval of log Sigma_star",
+     False),
+    ("log_ml_v_head", u.dex, False, "attenuation head's own log M/L_V (a check)", False),
+) + tuple(
+    (f"mass_younger_{a}{s}", u.dimensionless_unscaled, False,
+     f"living-mass fraction younger than {a}" + (f" {_PERCENTILE_DOCS[s[1:]]}" if s else ""),
+     False)
+    for a in ("100myr", "1gyr", "5gyr") for s in ("", "_p16", "_p84", "_p02", "_p98"))
+
+# Physical quantities (cubesfh.physical, with a distance): column (without cnn_), unit,
+# per age bin?, description.
+_PHYSICAL_COLUMNS = (
+    ("ml_v", u.solMass / u.solLum, False,
+     "dust-free M/L_V, stars + remnants (templates, SFH, Z(t))"),
+    ("ml_v_living", u.solMass / u.solLum, False, "dust-free M/L_V, living stars only"),
+    ("logmstar_sd", u.dex(u.solMass / u.pc**2), False,
+     "log stellar-mass surface density, stars + remnants"),
+    ("logmstar_sd_p16", u.dex(u.solMass / u.pc**2), False, "16th percentile of logmstar_sd"),
+    ("logmstar_sd_p84", u.dex(u.solMass / u.pc**2), False, "84th percentile of logmstar_sd"),
+    ("logmstar_sd_living", u.dex(u.solMass / u.pc**2), False,
+     "log stellar-mass surface density, living stars"),
+    ("logmstar_sd_deproj", u.dex(u.solMass / u.pc**2), False,
+     "logmstar_sd deprojected (times cos i)"),
+    ("logmstar", u.dex(u.solMass), False, "log stellar mass of the bin (stars + remnants)"),
+    ("sfr_sd", u.solMass / u.yr / u.kpc**2, True,
+     "mean SFR surface density per age bin (formed mass)"),
+    ("sfr_sd_p16", u.solMass / u.yr / u.kpc**2, True, "16th percentile of sfr_sd"),
+    ("sfr_sd_p84", u.solMass / u.yr / u.kpc**2, True, "84th percentile of sfr_sd"),
+    ("logsfr_sd_100myr", u.dex(u.solMass / u.yr / u.kpc**2), False,
+     "log mean SFR surface density over the last 100 Myr"),
+    ("logsfr_sd_100myr_p16", u.dex(u.solMass / u.yr / u.kpc**2), False,
+     "16th percentile of logsfr_sd_100myr"),
+    ("logsfr_sd_100myr_p84", u.dex(u.solMass / u.yr / u.kpc**2), False,
+     "84th percentile of logsfr_sd_100myr"),
 )
 
 # Image extensions: extension name, column of BINS, description.
@@ -154,7 +195,25 @@ _INTERVAL_IMAGES = tuple(
     ("SFH_P16", "mass_fraction_p16", "16th percentile of the living-mass fraction per age bin"),
     ("SFH_P84", "mass_fraction_p84", "84th percentile of the living-mass fraction per age bin"),
 )
-_CUBE_NAMES = ("SFH", "ZH_AGE", "SFH_P16", "SFH_P84")
+# Physical image extensions, written when their column is in BINS: extension, column,
+# description. AV_STARS and ML_V need the attenuation head; the rest a distance.
+_PHYSICAL_IMAGES = (
+    ("AV_STARS", "cnn_av_stars", "effective V-band attenuation of the stellar light"),
+    ("AV_STARS_P16", "cnn_av_stars_p16", "16th percentile of AV_STARS"),
+    ("AV_STARS_P84", "cnn_av_stars_p84", "84th percentile of AV_STARS"),
+    ("ML_V", "cnn_ml_v", "dust-free M/L_V, stars + remnants"),
+    ("LOGMSTAR_SD", "cnn_logmstar_sd", "log stellar-mass surface density (stars+remnants)"),
+    ("LOGMSTAR_SD_P16", "cnn_logmstar_sd_p16", "16th percentile of LOGMSTAR_SD"),
+    ("LOGMSTAR_SD_P84", "cnn_logmstar_sd_p84", "84th percentile of LOGMSTAR_SD"),
+    ("LOGMSTAR_SD_DEPROJ", "cnn_logmstar_sd_deproj", "LOGMSTAR_SD deprojected (x cos i)"),
+    ("SFR_SD", "cnn_sfr_sd", "mean SFR surface density in each age bin (formed mass)"),
+    ("SFR_SD_P16", "cnn_sfr_sd_p16", "16th percentile of SFR_SD"),
+    ("SFR_SD_P84", "cnn_sfr_sd_p84", "84th percentile of SFR_SD"),
+    ("LOGSFR_SD_100MYR", "cnn_logsfr_sd_100myr", "log mean SFR surface density, last 100 Myr"),
+    ("LOGSFR_SD_100MYR_P16", "cnn_logsfr_sd_100myr_p16", "16th percentile of LOGSFR_SD_100MYR"),
+    ("LOGSFR_SD_100MYR_P84", "cnn_logsfr_sd_100myr_p84", "84th percentile of LOGSFR_SD_100MYR"),
+)
+_CUBE_NAMES = ("SFH", "ZH_AGE", "SFH_P16", "SFH_P84", "SFR_SD", "SFR_SD_P16", "SFR_SD_P84")
 
 _COLUMN_DOCS = {
     "bin": "bin number (value of BIN_ID)",
@@ -172,6 +231,7 @@ _COLUMN_DOCS = {
     "sigma_target": "common dispersion the spectrum was broadened to (selects the model)",
     "norm": "mean rest-frame flux density in 5300-5500 A per spaxel",
     "gap_fraction": "fraction of 4800-7000 A rest missing (filled by a fit)",
+    "v_flux": "mean of the prepared spectrum in 5450-5550 A (V), in units of norm",
     "flag": "quality bitmask (BinFlag bits + PPXF_FAILED)",
     "ppxf_flag": "BaselineFlag of the pPXF fit",
     "ppxf_av": "Calzetti A_V of the pPXF fit",
@@ -846,6 +906,13 @@ class StellarPopulationMaps:
             from .gaps import gap_fraction
 
             t["gap_fraction"] = gap_fraction(flux) if n else np.zeros(0)
+            from .physical import V_WINDOW, v_window_flux
+
+            wave = getattr(prepared.spectra, "wavelength", None)
+            if wave is not None and np.shape(flux)[1] == np.size(wave):
+                wave = u.Quantity(wave, u.AA)
+                if wave.min() <= V_WINDOW[0] and wave.max() >= V_WINDOW[1]:
+                    t["v_flux"] = v_window_flux(np.asarray(flux), wave) if n else np.zeros(0)
         phot = prepared.photometry_normalized
         phot = (np.full((n, len(HST_BANDS)), np.nan) if phot is None
                 else np.asarray(phot, float))
@@ -872,6 +939,9 @@ class StellarPopulationMaps:
         for source, result, prefix in (("cnn", cnn, "cnn_"), ("ppxf", ppxf, "ppxf_")):
             if result is None:
                 continue
+            if source == "cnn" and isinstance(result, dict):
+                # SFHModel.predict names the youngest cumulative fraction 0.1gyr
+                result = {k.replace("0.1gyr", "100myr"): v for k, v in result.items()}
             keys = _keys(result)
             zh_key = "zh" if "zh" in keys else "metallicity"
             wanted = {"logage_lw": "logage_lw", "logage_mw": "logage_mw", "zh_lw": "zh_lw",
@@ -966,6 +1036,7 @@ class StellarPopulationMaps:
         names += [e for e, _, _ in _MEAN_IMAGES] + [e for e, _, _ in _CUBE_IMAGES]
         if self.has_uncertainty:
             names += [e for e, _, _ in _INTERVAL_IMAGES] + ["OOD_SCORE"]
+        names += [e for e, c, _ in _PHYSICAL_IMAGES if c in self.table.colnames]
         if self.has_ppxf:
             names += ["PPXF_" + e for e, _, _ in _MEAN_IMAGES + _CUBE_IMAGES]
             if self.has_ppxf_uncertainty:
@@ -994,6 +1065,96 @@ class StellarPopulationMaps:
         from .profiles import radial_profile
 
         return radial_profile(self, center, pa=pa, inclination=inclination, **kwargs)
+
+    @property
+    def has_physical(self):
+        """Whether the physical maps (Sigma_star, Sigma_SFR) are included."""
+        return "cnn_logmstar_sd" in self.table.colnames
+
+    def add_physical(self, distance, *, inclination=None, imf="chabrier", redshift=None,
+                     library=None):
+        """
+        Add the stellar-mass and SFR surface densities (in place; see :doc:`/physical`).
+
+        Needs the attenuation head's columns (``cnn_av_stars``, the bundled
+        networks since 0.5), ``norm`` in an absolute flux-density unit and
+        ``v_flux`` (both written by `from_results`).
+
+        Parameters
+        ----------
+        distance : `~astropy.units.Quantity` or float
+            Distance of the galaxy (plain numbers: Mpc).
+        inclination : `~astropy.units.Quantity` or float, optional
+            Disc inclination (plain numbers: degrees); adds
+            ``LOGMSTAR_SD_DEPROJ``.
+        imf : {'chabrier', 'salpeter', 'kroupa'}, optional
+            IMF of the masses and SFRs (`cubesfh.physical.IMF_FACTORS`).
+        redshift : float, optional
+            Systemic redshift (default: the one recorded in the provenance);
+            checked against the distance, and used for the (1 + z)^4
+            surface-brightness dimming.
+        library : `~cubesfh.templates.TemplateLibrary`, optional
+            Templates of the mass-to-light ratios (default: the shipped BC03
+            library, that of the network).
+
+        Returns
+        -------
+        maps : `StellarPopulationMaps`
+            ``self``.
+
+        Raises
+        ------
+        CubeSFHError
+            Bad distance, inclination or IMF; no attenuation head columns;
+            spectra not in an absolute flux unit.
+        """
+        from astropy.wcs.utils import proj_plane_pixel_area
+
+        from .physical import check_distance, physical_columns
+
+        params = self.meta.get("parameters", {}) or {}
+        if redshift is None:
+            redshift = params.get("systemic_redshift", params.get("median_redshift"))
+        try:
+            redshift = float(redshift) if redshift is not None else None
+        except (TypeError, ValueError):
+            redshift = None
+        if redshift is not None and not np.isfinite(redshift):
+            redshift = None
+        distance = check_distance(distance, redshift=redshift)
+        if inclination is not None:
+            inclination = u.Quantity(inclination, u.deg)
+            if not (inclination.ndim == 0 and 0 <= inclination.value < 90):
+                msg = (f"inclination={inclination}: it must be one angle in 0-90 deg (0 = "
+                       "face-on).")
+                raise CubeSFHError(msg)
+        missing = [c for c in ("cnn_av_stars", "cnn_logmstar_sd_err", "norm", "v_flux")
+                   if c not in self.table.colnames]
+        if missing:
+            msg = (f"the product lacks {missing}: the physical maps need the attenuation "
+                   "head of the cubesfh >= 0.5 networks and the bins' flux levels; run the "
+                   "pipeline again with this version.")
+            raise CubeSFHError(msg)
+        cunit = u.Unit(self.wcs.wcs.cunit[0] or "deg")
+        area = (proj_plane_pixel_area(self.wcs) * cunit**2).to(u.deg**2)
+        cols = physical_columns(self.table, spaxel_area=area, distance=distance,
+                                redshift=0.0 if redshift is None else redshift,
+                                inclination=inclination, imf=imf, library=library)
+        docs = {k: d for k, _, _, d in _PHYSICAL_COLUMNS}
+        for name in [c for c in self.table.colnames if c.startswith("cnn_") and
+                     c[4:] in docs]:
+            del self.table[name]  # a second call replaces the first
+        for name, values in cols.items():
+            self.table[name] = values
+            self.table[name].info.description = f"CNN: {docs.get(name[4:], '')}"
+        self.meta["physical"] = {
+            "distance_mpc": float(distance.to_value(u.Mpc)), "imf": str(imf).lower(),
+            "inclination_deg": (None if inclination is None
+                                else float(inclination.to_value(u.deg))),
+            "redshift": redshift, "spaxel_area_arcsec2": float(area.to_value(u.arcsec**2)),
+            "mass": "stars + remnants (living only: cnn_logmstar_sd_living)",
+            "sfr": "formed mass per age bin / bin duration"}
+        return self
 
     def compare(self, other, **kwargs):
         """
@@ -1036,6 +1197,9 @@ class StellarPopulationMaps:
                     return "cnn_" + col, f"CNN: {doc}", "CNN"
             if name == "OOD_SCORE":
                 return "cnn_ood_score", "CNN out-of-distribution score (>1: outside)", "CNN"
+        for ext, col, doc in _PHYSICAL_IMAGES:
+            if name == ext and col in self.table.colnames:
+                return col, f"CNN: {doc}", "CNN"
         if self.has_ppxf_uncertainty:
             for ext, col, doc in _INTERVAL_IMAGES:
                 if name == "PPXF_" + ext:
@@ -1138,6 +1302,31 @@ class StellarPopulationMaps:
                     w = w[np.isfinite(w)]
                     if w.size:
                         lines.append(f"    {col:<10s} {label:<9s} {np.median(w):7.3f}")
+        if "cnn_av_stars" in t.colnames:
+            av = np.asarray(getattr(t["cnn_av_stars"], "value", t["cnn_av_stars"]), float)
+            av = av[np.isfinite(av)]
+            if av.size:
+                p16, p50, p84 = np.percentile(av, [16, 50, 84])
+                lines.append(f"    {'av_stars':<10s} {'CNN':<9s} {p50:7.3f} ({p16:.3f} to "
+                             f"{p84:.3f}) mag")
+        if self.has_physical:
+            phys = self.meta.get("physical", {}) or {}
+            lines.append(f"  physical maps at D = {phys.get('distance_mpc', float('nan')):g} "
+                         f"Mpc, {str(phys.get('imf', 'chabrier')).capitalize()} IMF:")
+            for col, label in (("cnn_logmstar_sd", "log Sigma_star [Msun/pc2]"),
+                               ("cnn_logsfr_sd_100myr", "log Sigma_SFR(100 Myr) [Msun/yr/kpc2]")):
+                v = np.asarray(getattr(t[col], "value", t[col]), float)
+                v = v[np.isfinite(v)]
+                if v.size:
+                    p16, p50, p84 = np.percentile(v, [16, 50, 84])
+                    lines.append(f"    {label}: {p50:.3f} ({p16:.3f} to {p84:.3f})")
+            m = np.asarray(getattr(t["cnn_logmstar"], "value", t["cnn_logmstar"]), float)
+            if np.isfinite(m).any():
+                lines.append(f"    log total stellar mass of the bins: "
+                             f"{np.log10(np.nansum(10**m)):.3f} [Msun]")
+        elif "cnn_av_stars" in t.colnames:
+            lines.append("  no physical maps (Sigma_star, Sigma_SFR): give a distance "
+                         "(cubesfh run --distance MPC, or maps.add_physical(distance))")
         flags = np.asarray(t["flag"], dtype=np.int64)
         if self.has_uncertainty:
             lines.append(f"  {int(np.count_nonzero(flags & BinFlag.OUT_OF_DISTRIBUTION))} bins "
@@ -1207,6 +1396,36 @@ class StellarPopulationMaps:
             elif not ppxf:
                 header.add_comment("pPXF was run without Monte Carlo (--ppxf-mc): its sigma "
                                    "is 0 here, the CNN interval alone sets the scale.")
+
+    def _describe_physical(self, header, name):
+        """IMF, mass definition, distance and method cards of the physical extensions."""
+        phys = self.meta.get("physical", {}) or {}
+        _header_card(header, "IMF", str(phys.get("imf", "chabrier")).capitalize(),
+                     "IMF of the masses and SFRs")
+        if name.startswith(("AV_STARS", "ML_V")):
+            header.add_comment("From the CNN's attenuation head (AV_STARS: -2.5 log10 of the "
+                               "attenuated / dust-free stellar light at 5500 A) and the "
+                               "templates of the predicted SFH and Z(t) (ML_V).")
+            if name == "ML_V":
+                _header_card(header, "MASSDEF", "stars+remnants", "mass of ML_V")
+            return
+        _header_card(header, "DISTANCE", float(phys.get("distance_mpc", np.nan)),
+                     "[Mpc] distance used")
+        if phys.get("inclination_deg") is not None:
+            _header_card(header, "INCLIN", float(phys["inclination_deg"]),
+                         "[deg] inclination (DEPROJ only)")
+        if name.startswith("LOGMSTAR"):
+            _header_card(header, "MASSDEF", "stars+remnants",
+                         "living stars only: BINS cnn_logmstar_sd_living")
+            header.add_comment("Sigma_star = (M/L_V of the predicted SFH and Z(t)) x (V-band "
+                               "surface brightness corrected by AV_STARS); projected on the "
+                               "sky" + (" (DEPROJ: x cos i)" if name.endswith("DEPROJ") else
+                                        ", no inclination correction") + ".")
+        else:
+            _header_card(header, "MASSDEF", "formed", "SFR of formed mass (before mass loss)")
+            header.add_comment("SFR surface density of the mass formed in each age bin "
+                               "(AGEBINS) divided by the bin's duration; no inclination "
+                               "correction.")
 
     def _cube_header(self, unit, doc, method):
         """3-D WCS: the celestial axes plus a linear age-bin axis (plane k = age bin k)."""
@@ -1358,6 +1577,8 @@ class StellarPopulationMaps:
             else:
                 header = self._image_header(unit, doc, method)
             self._describe(header, name, base)
+            if name in {e for e, _, _ in _PHYSICAL_IMAGES}:
+                self._describe_physical(header, name)
             hdus.append(fits.ImageHDU(np.asarray(image.value, dtype=np.float32), header=header,
                                       name=name))
         hdus.append(self._agebins_hdu())

@@ -26,8 +26,8 @@ from .photometry._kcorr import K_CORRECT_MIN_Z, k_correct_bins
 from .utils import CubeSFHError
 from .utils._io import file_digest
 
-__all__ = ["UNCERTAINTY_KEYS", "UNCERTAINTY_VECTOR_KEYS", "predict_bins", "run_baseline",
-           "run_pipeline"]
+__all__ = ["PHYSICAL_KEYS", "UNCERTAINTY_KEYS", "UNCERTAINTY_VECTOR_KEYS", "add_physical_maps",
+           "predict_bins", "run_baseline", "run_pipeline"]
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +111,9 @@ def predict_bins(prepared, *, model=None, photometry=True):
         out.update({k: np.full(n, np.nan) for k in UNCERTAINTY_KEYS})
         out.update({k: np.full((n, 16), np.nan) for k in UNCERTAINTY_VECTOR_KEYS})
         out["ood"] = np.zeros(n, bool)
+    with_physical = any(getattr(m, "has_physical_head", False) for m in models)
+    if with_physical:
+        out.update({k: np.full(n, np.nan) for k in PHYSICAL_KEYS})
     done = np.zeros(n, bool)
     for j, m in enumerate(models):
         sel = ok & np.isclose(targets, m.sigma_target.value)
@@ -131,6 +134,15 @@ def predict_bins(prepared, *, model=None, photometry=True):
                 for k in UNCERTAINTY_KEYS + UNCERTAINTY_VECTOR_KEYS + ("ood",):
                     if k in res:
                         out[k][sel] = res[k]
+            if with_physical:
+                for k in PHYSICAL_KEYS:
+                    if k in res:
+                        out[k][sel] = res[k]
+            for k, v in res.items():
+                # cumulative young fractions (and their intervals): 0.1 Gyr -> 100myr
+                if k.startswith("mass_younger_"):
+                    name = k.replace("0.1gyr", "100myr")
+                    out.setdefault(name, np.full(n, np.nan))[sel] = v
             out["model_index"][sel] = j
             done |= sel
     if np.any(ok & ~done):
@@ -149,6 +161,10 @@ UNCERTAINTY_KEYS = tuple(f"{q}_{s}" for q in ("logage_lw", "logage_mw", "zh_lw",
                          for s in ("p16", "p84", "p02", "p98", "err")) + (
     "ood_score", "ood_latent", "ood_recon")
 UNCERTAINTY_VECTOR_KEYS = tuple(f"mass_fraction_{s}" for s in ("p16", "p84", "p02", "p98"))
+#: Per-bin outputs of models with the attenuation head
+#: (`~cubesfh.network.SFHModel.has_physical_head`).
+PHYSICAL_KEYS = tuple(f"av_stars{s}" for s in ("", "_p16", "_p84", "_p02", "_p98", "_err")) + (
+    "logmstar_sd_err", "logmstar_sd_err95", "log_ml_v_head")
 
 
 def run_baseline(prepared, *, scheduler=None, n_workers=None, cache_dir=None, n_mc=0,
@@ -244,7 +260,7 @@ def run_pipeline(cube, hst=None, *, target_snr=35.0, min_snr=1.0, regions=None, 
                  kinematics=None, redshift=None, ppxf=False, model=None, scheduler=None,
                  n_workers=None, cache_dir=None, register=True, max_offset=None,
                  k_correct="auto", snr_window=None, ebv_galactic=0.0, r_v=3.1, max_memory=None,
-                 ppxf_mc=0, progress_bar=True):
+                 ppxf_mc=0, distance=None, inclination=None, imf="chabrier", progress_bar=True):
     """
     Bin a cube, run the CNN (and optionally pPXF) and return the maps.
 
@@ -281,6 +297,17 @@ def run_pipeline(cube, hst=None, *, target_snr=35.0, min_snr=1.0, regions=None, 
         ``'auto'`` (default) does so when the median redshift of the bins
         exceeds `K_CORRECT_MIN_Z` = 0.01. The factors are in the product's
         ``kcorr_<band>`` columns.
+    distance : `~astropy.units.Quantity` or float, optional
+        Distance of the galaxy (plain numbers: Mpc); default: a ``DISTANCE``
+        (or ``DIST_MPC``) keyword of the cube's primary header, else none.
+        With a distance and a flux-calibrated cube, the physical maps
+        (stellar-mass and SFR surface densities, :doc:`/physical`) are added;
+        without one they are absent and the summary says how to get them.
+    inclination : `~astropy.units.Quantity` or float, optional
+        Disc inclination (plain numbers: degrees) for the deprojected
+        ``LOGMSTAR_SD_DEPROJ``.
+    imf : {'chabrier', 'salpeter', 'kroupa'}, optional
+        IMF of the masses and SFRs (`cubesfh.physical.IMF_FACTORS`).
     progress_bar : bool, optional
 
     Returns
@@ -293,6 +320,23 @@ def run_pipeline(cube, hst=None, *, target_snr=35.0, min_snr=1.0, regions=None, 
 
     timings = {}
     report = None
+    # bad physical-map options stop the run before any work
+    from .physical import IMF_FACTORS, check_distance, distance_from_header
+
+    if str(imf).lower() not in IMF_FACTORS:
+        msg = f"imf={imf!r}: choose one of {sorted(IMF_FACTORS)}."
+        raise CubeSFHError(msg)
+    if distance is not None:
+        distance = check_distance(distance)
+    else:
+        distance = distance_from_header(getattr(cube, "meta", None))
+        if distance is not None:
+            log.info("distance %s from the cube header", distance)
+    if inclination is not None:
+        inclination = u.Quantity(inclination, u.deg)
+        if not (inclination.ndim == 0 and 0 <= inclination.value < 90):
+            msg = f"inclination={inclination}: it must be one angle in 0-90 deg (0 = face-on)."
+            raise CubeSFHError(msg)
     if hst:
         from .hst import check_parity
 
@@ -354,7 +398,46 @@ def run_pipeline(cube, hst=None, *, target_snr=35.0, min_snr=1.0, regions=None, 
     if report is not None:
         prov["registration"] = report.summary()
         prov["header_cards"] = [list(c) for c in report.to_header_cards()]
-    return StellarPopulationMaps.from_results(prepared, cnn, base, provenance=prov)
+    maps = StellarPopulationMaps.from_results(prepared, cnn, base, provenance=prov)
+    add_physical_maps(maps, distance, inclination=inclination, imf=imf)
+    return maps
+
+
+def add_physical_maps(maps, distance, *, inclination=None, imf="chabrier"):
+    """
+    Add the physical maps when they can be made; log or warn why not otherwise.
+
+    `~cubesfh.maps.StellarPopulationMaps.add_physical` with the checks of
+    the pipeline: no distance, a network without the attenuation head, or
+    spectra not in an absolute flux unit leave the maps without them (the
+    last two with a `~cubesfh.utils.CubeSFHWarning` naming the reason).
+
+    Returns
+    -------
+    added : bool
+    """
+    import warnings
+
+    from .utils import CubeSFHWarning
+
+    if distance is None:
+        log.info("no distance: the physical maps (Sigma_star, Sigma_SFR) are not made; "
+                 "give --distance MPC (or distance=) to add them")
+        return False
+    if "cnn_av_stars" not in maps.table.colnames:
+        warnings.warn("the physical maps are not made: the network has no attenuation head "
+                      "(cubesfh >= 0.5 networks have one).", CubeSFHWarning, stacklevel=2)
+        return False
+    norm = maps.table["norm"]
+    unit = getattr(norm, "unit", None)
+    if unit is None or not unit.is_equivalent(u.erg / u.s / u.cm**2 / u.AA):
+        warnings.warn(f"the physical maps are not made: the cube's flux unit "
+                      f"({unit if unit is not None else 'none'}) is not an absolute flux "
+                      "density (BUNIT such as 1e-20 erg/s/cm2/Angstrom is needed).",
+                      CubeSFHWarning, stacklevel=2)
+        return False
+    maps.add_physical(distance, inclination=inclination, imf=imf)
+    return True
 
 
 def provenance(cube, hst, model, parameters):

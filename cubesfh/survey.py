@@ -144,6 +144,9 @@ OPTIONS = {
     "register": (True, "measure and correct the MUSE-HST offset"),
     "max_offset": (2.0, "largest MUSE-HST offset accepted, arcsec"),
     "allow_other_instrument": (False, "accept non-WFC3/UVIS images"),
+    "distance": (None, "distance in Mpc: adds the physical maps (default: cube header)"),
+    "inclination": (None, "disc inclination in degrees (LOGMSTAR_SD_DEPROJ)"),
+    "imf": ("chabrier", "IMF of the masses and SFRs: chabrier, salpeter or kroupa"),
 }
 
 _PARSERS = {
@@ -152,6 +155,8 @@ _PARSERS = {
     "psf_fwhm": _as_optional_float, "max_memory": float, "ppxf": _as_bool,
     "ppxf_mc": _as_int, "model": _as_paths, "k_correct": _as_k_correct,
     "register": _as_bool, "max_offset": float, "allow_other_instrument": _as_bool,
+    "distance": _as_optional_float, "inclination": _as_optional_float,
+    "imf": lambda v: str(v).strip().lower(),
 }
 _PATH_OPTIONS = ("mask", "kinematics", "model")
 _ENTRY_KEYS = ("name", "cube", "hst", "output")
@@ -634,6 +639,7 @@ def _run_entry(entry, product, digest, *, scheduler, n_workers, cache_dir, progr
                 snr_window=None if window is None else np.asarray(window) * u.AA,
                 ebv_galactic=opts["ebv"], r_v=opts["r_v"],
                 max_memory=opts["max_memory"] * u.GB, ppxf_mc=opts["ppxf_mc"],
+                distance=opts["distance"], inclination=opts["inclination"], imf=opts["imf"],
                 progress_bar=progress_bar)
             t1 = time.perf_counter()
             survey = {"name": entry.name, "hash": digest, "n_warnings": len(caught),

@@ -277,7 +277,14 @@ class SFHModel:
             Always the cumulative mass fractions younger than 0.1, 1 and 5 Gyr,
             ``mass_younger_0.1gyr``, ``mass_younger_1gyr`` and
             ``mass_younger_5gyr`` (n,); with the uncertainty heads of 0.4 also
-            their ``_p16`` / ``_p84`` / ``_p02`` / ``_p98``.
+            their ``_p16`` / ``_p84`` / ``_p02`` / ``_p98``. With the
+            attenuation head (:attr:`has_physical_head`, 0.5): ``av_stars``
+            (effective V-band attenuation of the stellar light, mag) with
+            ``_p16`` / ``_p84`` / ``_p02`` / ``_p98`` / ``_err``,
+            ``logmstar_sd_err`` and ``logmstar_sd_err95`` (half-widths, dex,
+            of the 68 and 95 % intervals of log Sigma_star as
+            :func:`cubesfh.physical.physical_columns` estimates it) and
+            ``log_ml_v_head`` (see :ref:`physical-head`).
         """
         spectra = np.atleast_2d(np.asarray(spectra, dtype=np.float32))
         n = spectra.shape[0]
@@ -301,11 +308,16 @@ class SFHModel:
             raise CubeSFHError(msg)
         mask = None if band_mask is None else np.broadcast_to(band_mask, photometry.shape)
         heads = self.has_uncertainty and uncertainty
+        physical = self.has_physical_head
         with _torch_threads(threads):
             out = self._run_downsampled(spectra, photometry, mask, batch_size=batch_size,
-                                        heads=heads, full_resolution=True)
+                                        heads=heads, latent=physical, full_resolution=True)
         if heads:
             self._apply_calibration(out)
+        if physical:
+            from ._physical import physical_outputs
+
+            out.update(physical_outputs(self.meta["physical_head"], out["latent"]))
         for k in ("latent", "sigma_raw", "ood_latent_raw", "ood_recon_raw"):
             out.pop(k, None)
         return out
@@ -314,6 +326,11 @@ class SFHModel:
     def handles_gaps(self):
         """Whether the network has a pixel-validity input (missing pixels are inputs)."""
         return bool(getattr(self._net, "mask_channel", False))
+
+    @property
+    def has_physical_head(self):
+        """Whether the model has the attenuation head (A_V, stellar-mass intervals)."""
+        return "physical_head" in self.meta
 
     @property
     def has_uncertainty(self):

@@ -265,9 +265,13 @@ def _component_quantities(model, comps, bands, redshift):
     zh = np.log10(z / Z_SUN)
     bins = np.zeros((N_AGE_BINS, lib.n_age))
     bins[lib.age_bin, np.arange(lib.n_age)] = 1.0
+    budget = model.stellar_budget(mass, z, tau_ism, tau_bc)
     return {
         "native": native,
         "photometry": phot,
+        "present_total": budget["living"] + budget["remnants"],
+        "v_intrinsic": budget["v_intrinsic"],
+        "v_attenuated": budget["v_attenuated"],
         "living_bin": living @ bins.T,
         "light_bin": light @ bins.T,
         "zweight_bin": wgt @ bins.T,
@@ -298,6 +302,8 @@ def _combined_labels(weights, q):
         "sfh": mf,
         "zh_age": zbin,
         "living": weights @ q["living_total"],
+        "present": weights @ q["present_total"],
+        "av_stars": -2.5 * np.log10((weights @ q["v_attenuated"]) / (weights @ q["v_intrinsic"])),
     }
 
 
@@ -763,6 +769,10 @@ def mock_observation(directory, *, shape=(40, 40), seed=0, snr=50.0, distance=10
     for nm in names:
         truth[f"mass_{nm}"] = mass_maps[nm] * u.solMass
     truth["mass_living"] = labels["living"].reshape(shape) * u.solMass
+    # stars + remnants (cubesfh.templates._remnants), and the effective V-band
+    # attenuation of the stellar light (cubesfh.physical)
+    truth["mass_present"] = labels["present"].reshape(shape) * u.solMass
+    truth["av_stars"] = labels["av_stars"].reshape(shape) * u.mag
     truth["hst_flux"] = (weights @ q["photometry"]).T.reshape((len(bands), *shape)) * (
         lum_to_flux * FLUX_UNIT)
     if star_fraction is not None:
@@ -796,7 +806,8 @@ def mock_observation(directory, *, shape=(40, 40), seed=0, snr=50.0, distance=10
 _TRUTH_UNITS = {
     "LOGAGE_LW": "dex(yr)", "LOGAGE_MW": "dex(yr)", "ZH_LW": "dex", "ZH_MW": "dex",
     "V": "km/s", "SIGMA": "km/s", "SFH": "", "ZH_AGE": "dex", "MASS_LIVING": "solMass",
-    "HST_FLUX": "10**(-20)*erg/s/cm**2/Angstrom", "STAR": "",
+    "HST_FLUX": "10**(-20)*erg/s/cm**2/Angstrom", "STAR": "", "MASS_PRESENT": "solMass",
+    "AV_STARS": "mag",
 }
 _PLANE_AXES = {"SFH": "AGEBIN", "ZH_AGE": "AGEBIN", "HST_FLUX": "BAND"}
 _COMMENTS = {
@@ -809,6 +820,8 @@ _COMMENTS = {
     "SFH": "living-mass fraction per age bin (AGE_BINS)",
     "ZH_AGE": "living-mass-weighted [Z/H] per age bin",
     "MASS_LIVING": "living stellar mass per spaxel",
+    "MASS_PRESENT": "stellar mass per spaxel, living stars + remnants",
+    "AV_STARS": "effective V-band (5500 A) attenuation of the stellar light",
     "HST_FLUX": "noise-free HST mean f_lambda per spaxel, MUSE PSF",
     "STAR": "fraction of the 5300-5500 A flux from the star",
 }
@@ -917,7 +930,7 @@ def read_mock_truth(path):
                 continue
             array = np.asarray(hdu.data, dtype=float)
             bunit = str(hdu.header.get("BUNIT", "")).strip()
-            if bunit in ("km/s", "solMass"):
+            if bunit in ("km/s", "solMass", "mag"):
                 truth[hdu.name.lower()] = array * u.Unit(bunit)
             elif bunit.endswith("Angstrom"):
                 truth[hdu.name.lower()] = array * parse_flux_unit(bunit)

@@ -416,6 +416,43 @@ class ForwardModel:
             phot = phot + self.line_photometry(lum * trans, lw)
         return spec, phot
 
+    def stellar_budget(self, mass, z, tau_ism, tau_bc, *, ism_slope=DUST_SLOPE, ism_law=None):
+        """
+        Present-day stellar mass and V-band light of star formation histories.
+
+        The truths behind the physical maps (:mod:`cubesfh.physical`): the
+        mass in living stars and in remnants, and the dust-free and
+        attenuated stellar light in the V window (5450-5550 A; the
+        attenuation is evaluated at 5500 A, with the same dust model as
+        `synthesize`; nebular emission is not stellar light and is left out).
+
+        Parameters
+        ----------
+        mass, z, tau_ism, tau_bc, ism_slope, ism_law
+            As in `synthesize`.
+
+        Returns
+        -------
+        budget : dict of `~numpy.ndarray`
+            ``(n,)`` arrays: ``living`` and ``remnants`` (solar masses),
+            ``v_intrinsic`` and ``v_attenuated`` (mean L_lambda in the V
+            window, L_sun / A).
+        """
+        coef = self.coefficients(mass, z)  # (n, nz, na)
+        lib = self.library
+        n = coef.shape[0]
+        living = np.einsum("nza,za->n", coef, lib.living_fraction)
+        remnants = np.einsum("nza,za->n", coef, lib.remnant_fraction)
+        light = coef * self.v_light[None]
+        young = light[:, :, :self.n_young].sum(axis=(1, 2))
+        old = light.sum(axis=(1, 2)) - young
+        law = np.zeros(n, int) if ism_law is None else np.asarray(ism_law, int)
+        v = np.array([DUST_PIVOT])
+        t_ism = ism_transmission(v, np.asarray(tau_ism, float), ism_slope, law)[:, 0]
+        t_bc = dust_transmission(v, np.asarray(tau_bc, float))[:, 0]
+        return {"living": living, "remnants": remnants, "v_intrinsic": old + young,
+                "v_attenuated": t_ism * (old + t_bc * young)}
+
     def line_spectra(self, flux, wavelength, sigma_kms):
         """
         Gaussian emission lines on the output grid, each spectrum with its own width.

@@ -449,11 +449,26 @@ def simulate_samples(rng, families, model, *, snr=None, snr_values=SNR_VALUES,
     tau_bc = 10 ** rng.uniform(np.log10(0.5), np.log10(4.0), n)
     z = metallicity_history(mass, z_final, z_start=z_start)
     spec0, phot0 = model.synthesize(mass * TOTAL_MASS, z, tau_ism, tau_bc)
+    budget = model.stellar_budget(mass * TOTAL_MASS, z, tau_ism, tau_bc)
     out = _observe(rng, model, spec0, phot0, snr, snr_values, noise, phot_error)
     out.update({"family": families.astype(np.int8), "tau_ism": tau_ism, "tau_bc": tau_bc,
                 "z_start": z_start, "z_final": z_final, **params})
+    out.update(_budget_columns(budget))
     out.update(model.labels(mass, z))
     return out
+
+
+#: Per-spectrum truths of the physical quantities (:mod:`cubesfh.physical`).
+BUDGET_COLUMNS = ("log_mstar", "log_mstar_living", "log_lv_intrinsic", "av_stars")
+
+
+def _budget_columns(budget):
+    """Log present-day masses, log dust-free V light and the effective A_V of the stars."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return {"log_mstar": np.log10(budget["living"] + budget["remnants"]),
+                "log_mstar_living": np.log10(budget["living"]),
+                "log_lv_intrinsic": np.log10(budget["v_intrinsic"]),
+                "av_stars": -2.5 * np.log10(budget["v_attenuated"] / budget["v_intrinsic"])}
 
 
 def _observe(rng, model, spec0, phot0, snr, snr_values, noise, phot_error):
@@ -546,6 +561,7 @@ def _simulate_broad(rng, families, models, *, snr, snr_values, phot_error, noise
     phot0 = np.zeros((n, len(ref.bands)))
     lab = {}
     sec_light = np.zeros(n)
+    budget = {k: np.zeros(n) for k in ("living", "remnants", "v_intrinsic", "v_attenuated")}
     for j, model in enumerate(models):
         sel = np.flatnonzero(library == j)
         if sel.size == 0:
@@ -563,6 +579,9 @@ def _simulate_broad(rng, families, models, *, snr, snr_values, phot_error, noise
                                       tau_ism[ok, c], tau_bc[ok, c], ism_slope=ism_slope[ok],
                                       line_sigma=line_sigma[ok], line_scale=line_scale[ok],
                                       ism_law=law[ok, c])
+            bud = model.stellar_budget(mass[ok, c] * share * TOTAL_MASS, z[ok, c],
+                                       tau_ism[ok, c], tau_bc[ok, c], ism_slope=ism_slope[ok],
+                                       ism_law=law[ok, c])
             two = np.flatnonzero(patchy[ok, c])
             if two.size:
                 # the rest of the component's stars behind a second screen
@@ -573,6 +592,14 @@ def _simulate_broad(rng, families, models, *, snr, snr_values, phot_error, noise
                     line_sigma=line_sigma[o2], line_scale=line_scale[o2], ism_law=law[o2, c])
                 sp[two] += sp2
                 ph[two] += ph2
+                bud2 = model.stellar_budget(
+                    mass[o2, c] * (1 - patch_share[o2, c])[:, None] * TOTAL_MASS, z[o2, c],
+                    tau_ism[o2, c] * patch_tau[o2, c], tau_bc[o2, c], ism_slope=ism_slope[o2],
+                    ism_law=law[o2, c])
+                for key in bud:
+                    bud[key][two] += bud2[key]
+            for key in bud:
+                budget[key][ok] += bud[key]
             spec0[ok] += sp
             phot0[ok] += ph
             if c > 0:
@@ -626,6 +653,7 @@ def _simulate_broad(rng, families, models, *, snr, snr_values, phot_error, noise
            "secondary_light": sec_light, "ism_law": law[:, 0].astype(float),
            "patchy": patchy[:, 0].astype(float), "extended": extended,
            "systematics_rms": sys_rms, "phot_offset_rms": np.sqrt(np.mean(offsets**2, axis=1))})
+    out.update(_budget_columns(budget))
     out.update(lab)
     return out
 
@@ -788,7 +816,7 @@ def make_training_set(output, *, n=N_DEFAULT, seed=0, mix=DEFAULT_MIX,
                                  chunks=(min(256, n), *shp))
             extra = _BROAD_COLUMNS if prior != "paper" else ()
             for k in (*_LABEL_COLUMNS, "snr", "tau_ism", "tau_bc", "z_start", "z_final", "norm",
-                      *_PARAM_COLUMNS, *extra):
+                      *_PARAM_COLUMNS, *extra, *BUDGET_COLUMNS):
                 f.create_dataset(k, shape=(n,), dtype="f8")
             f.create_dataset("family", shape=(n,), dtype="i1")
             f.create_dataset("chunk_done", data=np.zeros(n_chunks, dtype=bool))

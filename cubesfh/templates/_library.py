@@ -197,6 +197,35 @@ class TemplateLibrary:
         """Living-mass fraction of a constant SFR over each age bin, ``(n_metallicity, 16)``."""
         return self.living_fraction @ self.bin_matrix().T
 
+    @property
+    def remnant_fraction(self):
+        """
+        Fraction of the formed mass in stellar remnants, ``(n_metallicity, n_age)``.
+
+        Derived from :attr:`living_fraction` with the Chabrier IMF and the
+        initial-final mass relation of Renzini & Ciotti (1993)
+        (:mod:`cubesfh.templates._remnants`); living + remnants is the
+        present-day stellar mass per unit mass formed.
+        """
+        from ._remnants import remnant_fraction
+
+        return remnant_fraction(self.living_fraction)
+
+    def binned_remnant_fraction(self):
+        """Remnant-mass fraction of a constant SFR over each age bin, ``(n_metallicity, 16)``."""
+        return self.remnant_fraction @ self.bin_matrix().T
+
+    def binned_v_light(self):
+        """
+        Dust-free light in the V window per unit mass formed, ``(n_metallicity, 16)``.
+
+        Mean L_lambda in 5450-5550 A (L_sun / A per solar mass formed) of a
+        constant SFR over each age bin, at the template resolution.
+        """
+        w = self.wavelength.to_value(u.AA)
+        v = (w >= 5450.0) & (w <= 5550.0)
+        return self.flux[:, :, v].mean(axis=2) @ self.bin_matrix().T
+
 
 def _read(path):
     if not path.exists():
