@@ -32,11 +32,15 @@ from .conventions import AGE_BIN_EDGES
 from .flags import BinFlag
 from .utils import CubeSFHError
 
-__all__ = ["DEFAULT_EXCLUDE", "FLAGGED_BITS", "PROFILE_QUANTITIES", "plot_profile",
-           "radial_profile", "write_profile", "younger_fraction"]
+__all__ = ["DEFAULT_EXCLUDE", "FLAGGED_BITS", "OPTIONAL_QUANTITIES", "PROFILE_QUANTITIES",
+           "plot_profile", "radial_profile", "write_profile", "younger_fraction"]
 
 #: Quantities of `radial_profile` by default: name -> (BINS column or callable, label).
-PROFILE_QUANTITIES = ("logage_lw", "logage_mw", "zh_lw", "zh_mw", "young_1gyr", "young_5gyr")
+PROFILE_QUANTITIES = ("logage_lw", "logage_mw", "zh_lw", "zh_mw", "young_1gyr", "young_5gyr",
+                      "av_stars", "logmstar_sd")
+#: Quantities profiled only when the maps have them: the stellar attenuation
+#: (networks with the attenuation head) and log Sigma_star (with a distance).
+OPTIONAL_QUANTITIES = ("av_stars", "logmstar_sd")
 
 #: Bins left out of the profiles by default: no usable CNN answer, or one whose
 #: spectrum lost more than 25 % or lies outside the training distribution.
@@ -48,11 +52,13 @@ DEFAULT_EXCLUDE = int(BinFlag.SPECTRUM_FAILED | BinFlag.KINEMATICS_FAILED
 FLAGGED_BITS = DEFAULT_EXCLUDE | int(BinFlag.SKY_SUSPECT | BinFlag.KINEMATICS_SUSPECT)
 
 _FITS_CODES = {"logage_lw": "AGLW", "logage_mw": "AGMW", "zh_lw": "ZHLW", "zh_mw": "ZHMW",
-               "young_1gyr": "Y1G", "young_5gyr": "Y5G"}
+               "young_1gyr": "Y1G", "young_5gyr": "Y5G", "av_stars": "AV",
+               "logmstar_sd": "MSD"}
 
 _LABELS = {"logage_lw": "log age (LW) [log yr]", "logage_mw": "log age (MW) [log yr]",
            "zh_lw": "[Z/H] (LW)", "zh_mw": "[Z/H] (MW)",
-           "young_1gyr": "mass fraction < 1 Gyr", "young_5gyr": "mass fraction < 5 Gyr"}
+           "young_1gyr": "mass fraction < 1 Gyr", "young_5gyr": "mass fraction < 5 Gyr",
+           "av_stars": "A_V (stars) [mag]", "logmstar_sd": "log Sigma_star [Msun/pc2]"}
 
 
 def younger_fraction(mass_fraction, age):
@@ -149,7 +155,7 @@ def _per_bin(maps, name, prefix):
 
 
 def radial_profile(maps, center, *, pa, inclination, width=None, re=None, distance=None,
-                   quantities=PROFILE_QUANTITIES, method="cnn", exclude=DEFAULT_EXCLUDE,
+                   quantities=None, method="cnn", exclude=DEFAULT_EXCLUDE,
                    n_boot=200, seed=0):
     """
     Radial profiles of the maps in deprojected elliptical annuli.
@@ -171,9 +177,12 @@ def radial_profile(maps, center, *, pa, inclination, width=None, re=None, distan
     distance : `~astropy.units.Quantity` or float, optional
         Distance (Mpc): radii in kpc and gradients in dex per kpc.
     quantities : sequence of str, optional
-        Among `PROFILE_QUANTITIES`: the four mean ages and metallicities and
-        the (living) mass fraction younger than 1 and 5 Gyr
-        (`younger_fraction`).
+        Among `PROFILE_QUANTITIES`: the four mean ages and metallicities, the
+        (living) mass fraction younger than 1 and 5 Gyr
+        (`younger_fraction`), the stellar attenuation ``av_stars`` (mag) and
+        ``logmstar_sd`` (log Sigma_star, :doc:`/physical`). Default: all of
+        them that the maps have (the last two are CNN only and need the
+        attenuation head, and a distance for Sigma_star).
     method : {'cnn', 'ppxf'}, optional
         Which results to profile.
     exclude : int, optional
@@ -216,6 +225,9 @@ def radial_profile(maps, center, *, pa, inclination, width=None, re=None, distan
         msg = f"method must be 'cnn' or 'ppxf'; got {method!r}."
         raise CubeSFHError(msg)
     prefix = f"{method}_"
+    if quantities is None:
+        quantities = [q for q in PROFILE_QUANTITIES if q not in OPTIONAL_QUANTITIES
+                      or f"{prefix}{q}" in maps.table.colnames]
     unknown = [q for q in quantities if q not in PROFILE_QUANTITIES]
     if unknown:
         msg = f"unknown quantities {unknown}; choose among {list(PROFILE_QUANTITIES)}."
@@ -339,7 +351,8 @@ def radial_profile(maps, center, *, pa, inclination, width=None, re=None, distan
                      "q: area-weighted median over bins; q_p16/q_p84 their spread; "
                      "q_boot_*: bootstrap interval of the median",
                      "gradients: straight line through the bins (each bin once), "
-                     "bootstrap errors; ages and [Z/H] in dex, mass fractions as fractions"]})
+                     "bootstrap errors; ages, [Z/H] and log Sigma_star in dex, mass "
+                     "fractions as fractions, A_V in mag"]})
     return table
 
 
@@ -409,7 +422,7 @@ def write_profile(profile, path, *, overwrite=False):
     or FITS (``.fits``; the gradient of each quantity as header cards ``G<code>``
     per arcsec, ``GE<code>`` its error, ``GK<code>`` per kpc and ``GR<code>``
     per R_e, with the codes ``AGLW``, ``AGMW``, ``ZHLW``, ``ZHMW``, ``Y1G``,
-    ``Y5G`` for the quantities of `PROFILE_QUANTITIES`).
+    ``Y5G``, ``AV``, ``MSD`` for the quantities of `PROFILE_QUANTITIES`).
 
     Parameters
     ----------
