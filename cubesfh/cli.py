@@ -384,6 +384,11 @@ def _cmd_demo(args):
           f"in {out}")
     args.plot = True
     args.overwrite = True  # the demo folder is the demo's own: regenerated every time
+    from astropy.io import fits
+
+    truth_header = fits.getheader(obs.truth_path)
+    if getattr(args, "distance", None) is None:
+        args.distance = float(truth_header["DISTANCE"])  # Mpc: adds the physical maps
     hst_paths = {b: str(p) for b, p in obs.hst_paths.items()}
     _check_outputs(out / "demo_maps.fits", args, obs.cube_path, hst_paths)
     with _scheduler_client(args):
@@ -421,7 +426,40 @@ def _cmd_demo(args):
         print(f"pPXF Monte-Carlo intervals in {fits_path}: PPXF_*_P16/_P84")
     if any(n.endswith("_SIG") for n in maps.extension_names):
         print(f"CNN - pPXF in sigma units in {fits_path}: DIFF_*_SIG (FLAG bit DISAGREE)")
+    if maps.has_physical:
+        _demo_physical(maps, obs, truth_header, out, args)
     return 0
+
+
+def _demo_physical(maps, obs, truth_header, out, args):
+    """Sigma_star and A_V against the mock's truth, and a radial profile (the demo)."""
+    from astropy import units as u
+    from astropy.wcs.utils import proj_plane_pixel_area
+
+    from .profiles import plot_profile, write_profile
+
+    d_pc = float(truth_header["DISTANCE"]) * 1e6
+    area_pc2 = proj_plane_pixel_area(maps.wcs) * (np.pi / 180) ** 2 * d_pc**2
+    bmap, nb, t = maps.bin_map, maps.n_bins, maps.table
+    true_sd = np.log10([np.mean(obs.truth["mass_present"].value[bmap == i]) / area_pc2
+                        for i in range(nb)])
+    true_av = np.array([np.mean(obs.truth["av_stars"].value[bmap == i]) for i in range(nb)])
+    d_sd = np.asarray(t["cnn_logmstar_sd"].value) - true_sd
+    d_av = np.asarray(t["cnn_av_stars"].value) - true_av
+    print(f"physical maps in {out / 'demo_maps.fits'} (D = {truth_header['DISTANCE']} Mpc): "
+          "LOGMSTAR_SD, SFR_SD (16 age bins), LOGSFR_SD_100MYR, AV_STARS, ML_V")
+    print(f"  log Sigma_star: median offset {np.nanmedian(d_sd):+.3f} dex, median |offset| "
+          f"{np.nanmedian(np.abs(d_sd)):.3f} dex; A_V(stars): median offset "
+          f"{np.nanmedian(d_av):+.3f} mag, median |offset| {np.nanmedian(np.abs(d_av)):.3f} mag")
+    c = maps.wcs.wcs.crval
+    prof = maps.radial_profile((float(c[0]), float(c[1])), pa=float(truth_header["PA"]),
+                               inclination=float(truth_header["INCLIN"]),
+                               distance=float(truth_header["DISTANCE"]) * u.Mpc)
+    write_profile(prof, out / "demo_profile.ecsv", overwrite=True)
+    plot_profile(prof, out / "demo_profile.png", overwrite=True)
+    g = prof.meta["gradients"].get("logmstar_sd", {})
+    print(f"radial profile in {out / 'demo_profile.ecsv'} and {out / 'demo_profile.png'}: "
+          f"log Sigma_star gradient {g.get('per_kpc', float('nan')):+.3f} dex/kpc")
 
 
 def _cmd_make_example(args):
