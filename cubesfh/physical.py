@@ -31,6 +31,7 @@ from .conventions import AGE_BIN_EDGES, N_AGE_BINS, Z_SUN
 from .utils import CubeSFHError, CubeSFHWarning
 
 __all__ = [
+    "DISTANCE_KEYWORDS",
     "HUBBLE_CONSTANT",
     "IMF_FACTORS",
     "L_V_SUN",
@@ -40,6 +41,7 @@ __all__ = [
     "distance_from_header",
     "mass_to_light",
     "physical_columns",
+    "v_window_flux",
 ]
 
 log = logging.getLogger(__name__)

@@ -203,6 +203,10 @@ def _reference_predict(model, spectra, photometry):
     out["ood_recon_raw"] = (np.sqrt((resid2 * use).sum(axis=1) / use.sum(axis=1))
                             / noise_level(spec, valid if model.handles_gaps else None))
     model._apply_calibration(out)
+    if model.has_physical_head:
+        from cubesfh.network import physical_outputs
+
+        out.update(physical_outputs(model.meta["physical_head"], z.numpy()))
     for k in ("sigma_raw", "ood_latent_raw", "ood_recon_raw"):
         out.pop(k)
     return out

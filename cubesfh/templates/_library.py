@@ -204,7 +204,7 @@ class TemplateLibrary:
 
         Derived from :attr:`living_fraction` with the Chabrier IMF and the
         initial-final mass relation of Renzini & Ciotti (1993)
-        (:mod:`cubesfh.templates._remnants`); living + remnants is the
+        (``cubesfh.templates._remnants``); living + remnants is the
         present-day stellar mass per unit mass formed.
         """
         from ._remnants import remnant_fraction
