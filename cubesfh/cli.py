@@ -579,9 +579,12 @@ def _cmd_profile(args):
     if args.plot:
         _check_output(args.plot, args, [args.maps, out], option="--plot")
     maps = StellarPopulationMaps.read(args.maps)
+    distance = args.distance
+    if distance is None:  # the distance of the product's physical maps, if any
+        distance = (maps.meta.get("physical") or {}).get("distance_mpc")
     profile = maps.radial_profile(tuple(args.center), pa=args.pa,
                                   inclination=args.inclination, width=args.width,
-                                  re=args.re, distance=args.distance, method=args.method,
+                                  re=args.re, distance=distance, method=args.method,
                                   exclude=0 if args.keep_flagged else DEFAULT_EXCLUDE)
     write_profile(profile, out, overwrite=args.overwrite)
     print(f"{len(profile)} annuli of {profile.meta['width_arcsec']:.2f} arcsec out to "
@@ -888,7 +891,8 @@ def build_parser():
     p.add_argument("--re", type=_positive("--re", "ARCSEC, e.g. 30"), metavar="ARCSEC",
                    help="effective radius: radii and gradients also per R_e")
     p.add_argument("--distance", type=_positive("--distance", "MPC, e.g. 11.3"),
-                   metavar="MPC", help="distance: radii in kpc and gradients per kpc")
+                   metavar="MPC", help="distance: radii in kpc and gradients per kpc "
+                                       "(default: that of the product's physical maps)")
     p.add_argument("--method", choices=("cnn", "ppxf"), default="cnn",
                    help="profile the CNN (default) or the pPXF results")
     p.add_argument("--keep-flagged", action="store_true",
