@@ -23,7 +23,7 @@ what `cubesfh.pipeline.run_pipeline` runs, timing each stage with
   photometry (`~cubesfh.photometry.bin_photometry`), and the rest (flags,
   normalised photometry);
 * **K-correction** (only with ``--systemic-velocity`` beyond z = 0.01):
-  `cubesfh.photometry.k_correct_bins`;
+  `cubesfh.pipeline.k_correct_bins`;
 * **CNN inference**: `cubesfh.pipeline.predict_bins`;
 * **maps assembly**: provenance (`cubesfh.pipeline.provenance`, which hashes
   the input files) and `cubesfh.maps.StellarPopulationMaps.from_results`;
@@ -138,8 +138,8 @@ def maps_class():
 
 def run(args):
     from cubesfh.conventions import SNR_WINDOW
-    from cubesfh.photometry import K_CORRECT_MIN_Z, k_correct_bins
-    from cubesfh.pipeline import predict_bins, provenance
+    from cubesfh.photometry import K_CORRECT_MIN_Z
+    from cubesfh.pipeline import k_correct_bins, predict_bins, provenance
     from cubesfh.preprocess import prepare_observation
 
     info = machine_info()

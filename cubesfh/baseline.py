@@ -154,6 +154,11 @@ class PopulationFit(NamedTuple):
     #: (floats) and ``mass_fraction`` (16 values), and ``n_mc`` (realisations
     #: fitted successfully).
     mc: dict | None = None
+    #: The best-fitting spectrum on the input grid (``templates.wavelength``,
+    #: the network's 4800-7000 A), in the units of the normalised input: the
+    #: weighted templates on that grid times pPXF's dust and polynomial
+    #: (smooth, interpolated from its log grid); `None` when nothing was fitted.
+    bestfit: np.ndarray | None = None
 
 
 def age_bin_spectra(model):
@@ -274,6 +279,8 @@ class BaselineTemplates:
         nb, nz = spec.shape[:2]
         self.spectra = np.ascontiguousarray(
             (self.rebin @ spec.reshape(nb * nz, -1).T).reshape(-1, nb, nz))
+        # the same templates on the input (linear) grid, for the best fit there
+        self.linear_spectra = np.ascontiguousarray(spec.reshape(nb * nz, -1).T)
 
         sed = np.einsum("ba,zas->bzs", bm, model.sed_stellar)  # (16, nz, n_sed)
         bw = np.asarray(model.band_weights)  # (n_sed, n_bands)
@@ -636,7 +643,20 @@ def fit_population(spectrum, variance, photometry=None, *, templates=None, phot_
         light_weights=light, mass_weights=mass, logage_lw=float(mq["logage_lw"]),
         logage_mw=float(mq["logage_mw"]), zh_lw=float(mq["zh_lw"]), zh_mw=float(mq["zh_mw"]),
         av=av, chi2=chi2, phot_chi2=phot_chi2, noise_scale=scale, n_good=n_good,
-        n_bands=n_fit_bands, flag=int(flag), seconds=time.perf_counter() - t0, mc=mc)
+        n_bands=n_fit_bands, flag=int(flag), seconds=time.perf_counter() - t0, mc=mc,
+        bestfit=_linear_bestfit(tpl, weights, np.asarray(pp.bestfit, float)[:galaxy.size]))
+
+
+def _linear_bestfit(tpl, weights, bestfit_log):
+    """pPXF's best fit on the templates' input grid (see `PopulationFit.bestfit`)."""
+    stars_log = tpl.spectra.reshape(tpl.spectra.shape[0], -1) @ weights.ravel()
+    with np.errstate(invalid="ignore", divide="ignore"):
+        factor = bestfit_log / stars_log  # dust x polynomial: smooth
+    ok = np.isfinite(factor) & (stars_log > 0)
+    w = tpl.wavelength.to_value(u.AA)
+    if ok.sum() < 2:
+        return None
+    return (tpl.linear_spectra @ weights.ravel()) * np.interp(w, tpl.lam[ok], factor[ok])
 
 
 #: Mean quantities given Monte-Carlo percentiles.
@@ -766,6 +786,12 @@ mask_emission, mask_width, rescale_noise, blas_threads, n_mc, mc_seed
     table = QTable()
     for name in PopulationFit._fields:
         if name == "mc":
+            continue
+        if name == "bestfit":
+            npix = tpl.wavelength.size
+            col = np.stack([np.full(npix, np.nan) if r.bestfit is None else r.bestfit
+                            for r in results]) if results else np.zeros((0, npix))
+            table[name] = col
             continue
         col = np.array([getattr(r, name) for r in results])
         if name == "av":

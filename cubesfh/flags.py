@@ -65,3 +65,16 @@ class BinFlag(enum.IntFlag):
     #: without one see them completed by a template fit to the bin's valid
     #: pixels (`~cubesfh.gaps.fill_gaps`).
     SPECTRAL_GAP = 2048
+    #: The spectrum and HST fluxes that the CNN's SFH and Z(t) imply
+    #: (re-synthesised on the templates, attenuation and a multiplicative
+    #: polynomial fitted; :func:`~cubesfh.pipeline.fit_check_bins`) fit the
+    #: spectrum worse than correct answers do at the bin's S/N: ``CNN_CHI2``
+    #: above ``cnn_fit_chi2_limit`` (the 95th percentile of simulated bins,
+    #: :ref:`fitcheck`).
+    POOR_FIT = 4096
+    #: The HST fluxes disagree with those implied by the spectrum-only
+    #: answer, beyond the calibrated model systematic of each band: a band
+    #: off in part of the field, misregistered or in the wrong unit
+    #: (``TENSION`` above ``tension_limit``; the worst band is
+    #: ``tension_band`` in ``BINS``, :ref:`fitcheck`).
+    PHOT_TENSION = 8192

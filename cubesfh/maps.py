@@ -77,6 +77,8 @@ _FLAG_COMMENTS = {
     "KINEMATICS_SUSPECT": "kinematic chi2 or velocity an outlier",
     "SKY_SUSPECT": "negative continuum or low MUSE/HST flux",
     "SPECTRAL_GAP": "pixels missing in 4800-7000 A rest",
+    "POOR_FIT": "CNN_CHI2 above the limit for correct answers",
+    "PHOT_TENSION": "HST fluxes disagree with the spectrum's answer",
     "NOT_BINNED": "spaxel in no bin: maps are NaN",
     "PPXF_FAILED": "pPXF baseline fit failed",
 }
@@ -144,6 +146,33 @@ _UNCERTAINTY_COLUMNS = tuple(
      f"living-mass fraction younger than {a}" + (f" {_PERCENTILE_DOCS[s[1:]]}" if s else ""),
      False)
     for a in ("100myr", "1gyr", "5gyr") for s in ("", "_p16", "_p84", "_p02", "_p98"))
+
+# Fit check (cubesfh.pipeline.fit_check_bins): result key, column, unit, per band?,
+# description.
+_FIT_COLUMNS = (
+    ("fit_chi2", "cnn_fit_chi2", None, False,
+     "reduced chi2 of the re-synthesised CNN answer (spectrum)"),
+    ("fit_chi2_limit", "cnn_fit_chi2_limit", None, False,
+     "POOR_FIT limit of cnn_fit_chi2 at the bin's S/N"),
+    ("fit_snr", "fit_snr", None, False, "S/N per A of the prepared spectrum, 5300-5500 A"),
+    ("av_fit", "cnn_av_fit", u.mag, False, "Calzetti A_V fitted to the HST fluxes"),
+    ("phot_model", "cnn_phot_model", None, True,
+     "HST fluxes implied by the CNN answer (units of phot_*)"),
+    ("phot_resid", "cnn_phot_resid", None, True, "HST measured / implied - 1, per band"),
+    ("phot_chi2", "cnn_phot_chi2", None, False, "HST chi2 per dof of the CNN answer"),
+    ("tension", "tension", None, False,
+     "max |HST - spectrum-only answer| over bands, in sigma"),
+    ("tension_limit", "tension_limit", None, False, "PHOT_TENSION limit of tension"),
+    ("tension_z", "tension_z", None, True, "HST - spectrum-only answer per band, in sigma"),
+)
+_FIT_IMAGES = (
+    ("CNN_CHI2", "cnn_fit_chi2", "reduced chi2 of the re-synthesised CNN answer"),
+    ("PPXF_CHI2", "ppxf_fit_chi2", "reduced chi2 of the pPXF fit, same pixels and noise"),
+    ("AV_FIT", "cnn_av_fit", "Calzetti A_V of the re-synthesis fitted to the HST fluxes"),
+    ("PHOT_RESID", "cnn_phot_resid", "HST flux measured / implied by the CNN answer - 1"),
+    ("TENSION", "tension", "HST fluxes against the spectrum-only answer (sigma)"),
+)
+_BAND_CUBES = ("PHOT_RESID",)
 
 # Physical quantities (cubesfh.physical, with a distance): column (without cnn_), unit,
 # per age bin?, description.
@@ -454,6 +483,13 @@ def _per_bin(result, key, n_bins, *, source, vector, unit=None):
                "one row per bin in bin-number order.")
         raise CubeSFHError(msg)
     return values
+
+
+def _fit_results(cnn):
+    """The fit-check entries of a CNN result (`~cubesfh.pipeline.fit_check_bins`)."""
+    keys = _keys(cnn)
+    names = {k for k, *_ in _FIT_COLUMNS} | {"tension_band", "poor_fit", "phot_tension"}
+    return {k: cnn[k] for k in keys if k in names}
 
 
 def _centroids(bin_map, n_bins):
@@ -979,6 +1015,29 @@ class StellarPopulationMaps:
                         values = _plain_values(f"ppxf[{extra!r}]", result[extra], unit)
                         t[f"ppxf_{extra}"] = values if unit is None else values * unit
                 flags[failed] |= FLAG_PPXF_FAILED
+        fit = None if cnn is None else _fit_results(cnn)
+        if fit:
+            for key, col, unit, per_band, doc in _FIT_COLUMNS:
+                if key not in fit:
+                    continue
+                values = np.asarray(fit[key], float)
+                shape = (n, len(HST_BANDS)) if per_band else (n,)
+                if values.shape != shape:
+                    msg = f"cnn[{key!r}] has shape {values.shape}; expected {shape}."
+                    raise CubeSFHError(msg)
+                t[col] = values if unit is None else values * unit
+                t[col].info.description = doc
+            if "tension_band" in fit:
+                t["tension_band"] = np.asarray(fit["tension_band"], dtype="U5")
+                t["tension_band"].info.description = "HST band of the largest |tension_z|"
+            if "poor_fit" in fit:
+                flags[np.asarray(fit["poor_fit"], bool)] |= int(BinFlag.POOR_FIT)
+            if "phot_tension" in fit:
+                flags[np.asarray(fit["phot_tension"], bool)] |= int(BinFlag.PHOT_TENSION)
+        if ppxf is not None and "fit_chi2" in _keys(ppxf):
+            t["ppxf_fit_chi2"] = np.asarray(ppxf["fit_chi2"], float)
+            t["ppxf_fit_chi2"].info.description = ("reduced chi2 of the pPXF fit on the "
+                                                   "pixels and noise of cnn_fit_chi2")
         if ppxf is not None:
             _synthetic_ppxf_errors(t)
             with np.errstate(invalid="ignore"):
@@ -1037,6 +1096,7 @@ class StellarPopulationMaps:
         if self.has_uncertainty:
             names += [e for e, _, _ in _INTERVAL_IMAGES] + ["OOD_SCORE"]
         names += [e for e, c, _ in _PHYSICAL_IMAGES if c in self.table.colnames]
+        names += [e for e, c, _ in _FIT_IMAGES if c in self.table.colnames]
         if self.has_ppxf:
             names += ["PPXF_" + e for e, _, _ in _MEAN_IMAGES + _CUBE_IMAGES]
             if self.has_ppxf_uncertainty:
@@ -1200,6 +1260,9 @@ class StellarPopulationMaps:
         for ext, col, doc in _PHYSICAL_IMAGES:
             if name == ext and col in self.table.colnames:
                 return col, f"CNN: {doc}", "CNN"
+        for ext, col, doc in _FIT_IMAGES:
+            if name == ext and col in self.table.colnames:
+                return col, doc, "PPXF" if ext == "PPXF_CHI2" else "CNN"
         if self.has_ppxf_uncertainty:
             for ext, col, doc in _INTERVAL_IMAGES:
                 if name == "PPXF_" + ext:
@@ -1427,6 +1490,22 @@ class StellarPopulationMaps:
                                "(AGEBINS) divided by the bin's duration; no inclination "
                                "correction.")
 
+    def _band_header(self, unit, doc, method):
+        """3-D WCS: the celestial axes plus the HST band index (plane k = HST_BANDS[k])."""
+        header = self._image_header(unit, doc, method)
+        header["WCSAXES"] = 3
+        for key, value, comment in (
+                ("CTYPE3", "BAND", "HST band index, see BANDnn"),
+                ("CRPIX3", 1.0, "pixel coordinate of the reference point"),
+                ("CRVAL3", 0.0, "the first plane is band 0"),
+                ("CDELT3", 1.0, "one plane per band"),
+                ("CUNIT3", "", "band index (no unit)")):
+            _header_card(header, key, value, comment)
+        for i, band in enumerate(HST_BANDS):
+            _header_card(header, f"BAND{i:02d}", band, f"HST band of plane {i}")
+        header.add_comment("NaN where the band is missing; see docs 'Checking a fit'.")
+        return header
+
     def _cube_header(self, unit, doc, method):
         """3-D WCS: the celestial axes plus a linear age-bin axis (plane k = age bin k)."""
         header = self._image_header(unit, doc, method)
@@ -1572,7 +1651,9 @@ class StellarPopulationMaps:
             image = self[name]
             unit = image.unit
             base = name.removeprefix("PPXF_")
-            if base in _CUBE_NAMES:
+            if name in _BAND_CUBES:
+                header = self._band_header(unit, doc, method)
+            elif base in _CUBE_NAMES:
                 header = self._cube_header(unit, doc, method)
             else:
                 header = self._image_header(unit, doc, method)

@@ -10,6 +10,7 @@ Each stage is also callable on its own.
 """
 
 import datetime
+import functools
 import logging
 import time
 from importlib import metadata
@@ -22,12 +23,12 @@ from .conventions import HST_BANDS
 from .flags import BinFlag
 from .gaps import fill_gaps
 from .maps import _versions
-from .photometry._kcorr import K_CORRECT_MIN_Z, k_correct_bins
+from .photometry._kcorr import K_CORRECT_MIN_Z, bin_k_factors, k_correction_filters
 from .utils import CubeSFHError
 from .utils._io import file_digest
 
 __all__ = ["PHYSICAL_KEYS", "UNCERTAINTY_KEYS", "UNCERTAINTY_VECTOR_KEYS", "add_physical_maps",
-           "predict_bins", "run_baseline", "run_pipeline"]
+           "fit_check_bins", "k_correct_bins", "predict_bins", "run_baseline", "run_pipeline"]
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +156,200 @@ def predict_bins(prepared, *, model=None, photometry=True):
     return out
 
 
+def k_correct_bins(prepared, instruments=None, *, model=None, dust=True, iterations=3,
+                   tolerance=0.005):
+    """
+    K-correct the HST photometry of a prepared observation to the rest frame.
+
+    The network was trained on rest-frame WFC3/UVIS band fluxes, while an
+    image of a galaxy at redshift z samples the band at rest-frame
+    wavelengths ``lambda / (1 + z)``. For every usable bin this takes the
+    star formation history and metallicities predicted from the *spectrum
+    alone* (the same network, photometry ignored), builds its SED on the
+    template library (attenuated, with ``dust``, to match the bin's colours)
+    and multiplies the bin's network photometry by its K-correction
+    (:func:`~cubesfh.photometry.bin_k_factors`: observed band of the image's
+    camera -> rest-frame WFC3/UVIS band), in place; then it predicts again
+    with the corrected photometry and repeats.
+
+    Parameters
+    ----------
+    prepared : `~cubesfh.preprocess.PreparedObservation`
+        Modified in place: ``photometry_normalized`` is multiplied by the
+        factors, which are also stored as ``prepared.k_correction``.
+    instruments : dict, optional
+        Camera of each band's image (``{'F814W': 'WFPC2'}``); default
+        WFC3/UVIS. A camera without bundled throughputs uses the WFC3/UVIS
+        curve.
+    model : `~cubesfh.network.SFHModel` or list of them, optional
+        Default: the bundled family.
+    dust : bool, optional
+        Attenuate each SED by the optical depth that best matches the bin's
+        HST colours (:func:`~cubesfh.photometry.fit_attenuation`; bins with
+        fewer than two bands get none), stored as ``prepared.k_correction_tau``.
+    iterations, tolerance : int, float, optional
+        Repeat prediction and correction at most ``iterations`` times, until
+        no factor changes by more than ``tolerance``.
+
+    Returns
+    -------
+    factors : `~numpy.ndarray`
+        ``(n_bins, 5)`` in `~cubesfh.conventions.HST_BANDS` order; NaN for
+        bands without data and bins without a usable spectrum.
+    """
+    n = prepared.n_bins
+    phot = prepared.photometry_normalized.copy()
+    z = np.asarray(prepared.spectra.redshift, float)
+    filters, rest_filters = k_correction_filters(instruments)
+    factors = np.full((n, len(HST_BANDS)), np.nan)
+    tau = np.zeros(n)
+    for it in range(iterations + 1):
+        # it = 0: SFH from the spectrum alone; then from spectrum + corrected photometry
+        current = np.where(np.isfinite(factors), phot * factors, phot)
+        prepared.photometry_normalized = current
+        pred = predict_bins(prepared, model=model, photometry=it > 0)
+        mf, zh = pred["mass_fraction"], pred["metallicity"]
+        ok = np.all(np.isfinite(mf), axis=1) & (np.nansum(mf, axis=1) > 0) & np.isfinite(z)
+        new = np.full_like(factors, np.nan)
+        if ok.any():
+            new[ok], tau[ok] = bin_k_factors(mf[ok], zh[ok], current[ok], z[ok], filters,
+                                             rest_filters, dust=dust)
+            new[ok] = np.where(np.isfinite(phot[ok]), new[ok], np.nan)
+        change = np.nanmax(np.abs(new / factors - 1)) if it else np.inf
+        factors = new
+        log.debug("K-correction iteration %d: largest change %.4f", it, change)
+        if change < tolerance:
+            break
+    prepared.photometry_normalized = np.where(np.isfinite(factors), phot * factors, phot)
+    prepared.k_correction = factors
+    prepared.k_correction_tau = tau
+    done = np.isfinite(factors)
+    if done.any():
+        log.info("K-corrections (median per band): %s", ", ".join(
+            f"{b} {np.nanmedian(factors[:, j]):.3f}" for j, b in enumerate(HST_BANDS)
+            if done[:, j].any()))
+    return factors
+
+
+@functools.lru_cache(maxsize=4)
+def _forward_model(sigma_kms):
+    from .synthesis import ForwardModel
+
+    return ForwardModel(sigma_target=sigma_kms * u.km / u.s)
+
+
+def fit_check_bins(prepared, cnn, ppxf=None, *, model=None, tension=True, keep_models=False):
+    """
+    Re-synthesise every bin's CNN answer and hold it against its spectrum and HST fluxes.
+
+    For each usable bin, the spectrum and HST fluxes implied by the CNN's
+    SFH and Z(t) are built on the templates at the bin's dispersion and
+    fitted with what the network does not give (a Calzetti screen from the
+    HST colours, a multiplicative polynomial of degree 8, the gas lines
+    masked; :func:`cubesfh.synthesis.resynthesis.fit_check`). With
+    ``tension``, the answer from the spectrum alone is re-synthesised the
+    same way and its implied HST fluxes compared with the measured ones.
+    The limits of ``POOR_FIT`` and ``PHOT_TENSION`` come from the
+    calibration stored with each model (``fit_check`` in its metadata; see
+    :ref:`fitcheck`).
+
+    Parameters
+    ----------
+    prepared : `~cubesfh.preprocess.PreparedObservation`
+        With the variance of the spectra (no chi^2 without it).
+    cnn : dict
+        Output of `predict_bins` (``mass_fraction``, ``metallicity``,
+        ``model_index``).
+    ppxf : dict, optional
+        Output of `run_baseline`: with ``bestfit``, pPXF's chi^2 on the same
+        pixels and noise is added to it as ``fit_chi2``.
+    model : `~cubesfh.network.SFHModel` or list of them, optional
+        The models of `predict_bins` (their calibrations; default: bundled).
+    tension : bool, optional
+        Also the spectrum-photometry tension (one more network pass).
+    keep_models : bool, optional
+        Also return the model spectra (``model_spectra``: ``cnn``, ``ppxf``,
+        ``good``), for :func:`~cubesfh.maps.write_model_spectra`.
+
+    Returns
+    -------
+    fit : dict of `~numpy.ndarray`
+        Per bin: ``fit_chi2``, ``fit_chi2_limit``, ``fit_snr``, ``av_fit``,
+        ``phot_model`` and ``phot_resid`` (n, 5), ``phot_chi2``,
+        ``poor_fit`` (bool), and with ``tension``: ``tension``,
+        ``tension_z`` (n, 5), ``tension_band``, ``tension_limit``,
+        ``phot_tension`` (bool). NaN (`False`) for bins not fitted. `None`
+        when the spectra have no variance.
+    """
+    from .synthesis.resynthesis import calibrated_limit, fit_check, fit_chi2
+
+    spec = prepared.spectra
+    if spec.variance is None:
+        log.info("no variance: the fit check (CNN_CHI2, TENSION) is skipped")
+        return None
+    models = _as_models(model)
+    n = prepared.n_bins
+    nb = len(HST_BANDS)
+    index = np.asarray(cnn.get("model_index", np.zeros(n, int)))
+    ok = (index >= 0) & np.all(np.isfinite(cnn["mass_fraction"]), axis=1)
+    out = {k: np.full(n, np.nan) for k in ("fit_chi2", "fit_chi2_limit", "fit_snr", "av_fit",
+                                            "phot_chi2")}
+    out.update({k: np.full((n, nb), np.nan) for k in ("phot_model", "phot_resid")})
+    out["poor_fit"] = np.zeros(n, bool)
+    phot = prepared.photometry_normalized
+    have_phot = phot is not None and np.isfinite(phot).any()
+    if tension and have_phot:
+        out.update({"tension": np.full(n, np.nan), "tension_limit": np.full(n, np.nan),
+                    "tension_z": np.full((n, nb), np.nan), "phot_tension": np.zeros(n, bool),
+                    "tension_band": np.full(n, "", dtype="U5")})
+        alone = predict_bins(prepared, model=models, photometry=False)
+    good_all = np.zeros(spec.flux.shape, bool)
+    cnn_models = np.full(spec.flux.shape, np.nan) if keep_models else None
+    for j, m in enumerate(models):
+        sel = np.flatnonzero(ok & (index == j))
+        if sel.size == 0:
+            continue
+        fm = _forward_model(float(m.sigma_target.to_value(u.km / u.s)))
+        res = fit_check(spec.flux[sel], spec.variance[sel],
+                        None if phot is None else phot[sel], cnn["mass_fraction"][sel],
+                        cnn["metallicity"][sel], forward_model=fm)
+        out["fit_chi2"][sel] = res["chi2"]
+        out["fit_snr"][sel] = res["snr"]
+        for k in ("av_fit", "phot_chi2", "phot_model", "phot_resid"):
+            out[k][sel] = res[k]
+        good_all[sel] = res["good"]
+        if keep_models:
+            cnn_models[sel] = res["model"]
+        cal = m.meta.get("fit_check")
+        if cal:
+            out["fit_chi2_limit"][sel] = calibrated_limit(cal["chi2"], res["snr"])
+            with np.errstate(invalid="ignore"):
+                out["poor_fit"][sel] = res["chi2"] > out["fit_chi2_limit"][sel]
+        if "tension" in out:
+            a = fit_check(spec.flux[sel], spec.variance[sel], phot[sel],
+                          alone["mass_fraction"][sel], alone["metallicity"][sel],
+                          forward_model=fm)
+            z = a["phot_z"]
+            out["tension_z"][sel] = z
+            absz = np.where(np.isfinite(z), np.abs(z), -1.0)
+            worst = np.argmax(absz, axis=1)
+            has = absz.max(axis=1) >= 0
+            out["tension"][sel] = np.where(has, absz.max(axis=1), np.nan)
+            out["tension_band"][sel] = np.where(has, np.asarray(HST_BANDS)[worst], "")
+            if cal and "tension" in cal:
+                limit = float(cal["tension"]["limit"])
+                out["tension_limit"][sel] = limit
+                with np.errstate(invalid="ignore"):
+                    out["phot_tension"][sel] = out["tension"][sel] > limit
+    if ppxf is not None and "bestfit" in ppxf:
+        ppxf["fit_chi2"] = fit_chi2(spec.flux, spec.variance, ppxf["bestfit"], good_all)
+        ppxf["fit_chi2"][~good_all.any(axis=1)] = np.nan
+    if keep_models:
+        out["model_spectra"] = {"cnn": cnn_models, "good": good_all,
+                                "ppxf": None if ppxf is None else ppxf.get("bestfit")}
+    return out
+
+
 #: Per-bin uncertainty outputs of models with uncertainty heads
 #: (`~cubesfh.network.SFHModel.has_uncertainty`): scalar and (n, 16) keys.
 UNCERTAINTY_KEYS = tuple(f"{q}_{s}" for q in ("logage_lw", "logage_mw", "zh_lw", "zh_mw")
@@ -231,16 +426,21 @@ def run_baseline(prepared, *, scheduler=None, n_workers=None, cache_dir=None, n_
     if items:
         results = map_bins(fit_grouped, items, kwargs=kwargs, scheduler=scheduler,
                            n_workers=n_workers, chunk_size=chunk_size, cache_dir=cache_dir,
-                           cache_tag="ppxf" + "-".join(f"{st:g}" for st in groups)
+                           cache_tag="ppxf5-" + "-".join(f"{st:g}" for st in groups)
                            + (f"mc{int(n_mc)}" if n_mc else ""),
                            progress_bar=progress_bar, desc="pPXF bins")
     out = {k: np.full((n, 16), np.nan) for k in ("mass_fraction", "metallicity",
                                                   "light_fraction")}
     out.update({k: np.full(n, np.nan) for k in ("logage_lw", "logage_mw", "zh_lw", "zh_mw")})
     out["failed"] = np.ones(n, bool)
+    # the best fits on the network's grid, for the fit check (same pixels and noise)
+    out["bestfit"] = np.full(spec.flux.shape, np.nan)
+    wave = u.Quantity(spec.wavelength, u.AA).value
     for i, r in zip(ok, results):
         if r is None or (r.flag & (BaselineFlag.NO_DATA | BaselineFlag.FIT_FAILED)):
             continue
+        if getattr(r, "bestfit", None) is not None and np.shape(r.bestfit) == wave.shape:
+            out["bestfit"][i] = r.bestfit
         out["mass_fraction"][i] = r.mass_fraction
         out["metallicity"][i] = r.zh
         out["light_fraction"][i] = r.light_fraction
@@ -260,7 +460,8 @@ def run_pipeline(cube, hst=None, *, target_snr=35.0, min_snr=1.0, regions=None, 
                  kinematics=None, redshift=None, ppxf=False, model=None, scheduler=None,
                  n_workers=None, cache_dir=None, register=True, max_offset=None,
                  k_correct="auto", snr_window=None, ebv_galactic=0.0, r_v=3.1, max_memory=None,
-                 ppxf_mc=0, distance=None, inclination=None, imf="chabrier", progress_bar=True):
+                 ppxf_mc=0, distance=None, inclination=None, imf="chabrier", fit_check=True,
+                 model_spectra=False, progress_bar=True):
     """
     Bin a cube, run the CNN (and optionally pPXF) and return the maps.
 
@@ -308,6 +509,15 @@ def run_pipeline(cube, hst=None, *, target_snr=35.0, min_snr=1.0, regions=None, 
         ``LOGMSTAR_SD_DEPROJ``.
     imf : {'chabrier', 'salpeter', 'kroupa'}, optional
         IMF of the masses and SFRs (`cubesfh.physical.IMF_FACTORS`).
+    fit_check : bool, optional
+        Re-synthesise every bin's answer and fit it to its spectrum and HST
+        fluxes (`fit_check_bins`: ``CNN_CHI2``, ``PPXF_CHI2``, ``AV_FIT``,
+        ``PHOT_RESID``, ``TENSION``, flags ``POOR_FIT`` and
+        ``PHOT_TENSION``; :ref:`fitcheck`). Default on.
+    model_spectra : bool, optional
+        Keep the bins' spectra and model spectra as ``maps.model_spectra``
+        (for :func:`~cubesfh.maps.write_model_spectra` and
+        :meth:`~cubesfh.maps.StellarPopulationMaps.plot_bin`).
     progress_bar : bool, optional
 
     Returns
@@ -384,6 +594,13 @@ def run_pipeline(cube, hst=None, *, target_snr=35.0, min_snr=1.0, regions=None, 
         base = run_baseline(prepared, scheduler=scheduler, n_workers=n_workers,
                             cache_dir=cache_dir, n_mc=ppxf_mc, progress_bar=progress_bar)
         timings["ppxf"] = time.perf_counter() - t0
+    fit = None
+    if fit_check:
+        t0 = time.perf_counter()
+        fit = fit_check_bins(prepared, cnn, base, model=models, keep_models=model_spectra)
+        timings["fit_check"] = time.perf_counter() - t0
+        if fit is not None:
+            cnn.update({k: v for k, v in fit.items() if k != "model_spectra"})
     prov = provenance(cube, hst, models, {
         "target_snr": target_snr, "min_snr": min_snr, "regions": str(regions or ""),
         "kinematics": str(kinematics or "ppxf"), "redshift": str(redshift),
@@ -400,6 +617,15 @@ def run_pipeline(cube, hst=None, *, target_snr=35.0, min_snr=1.0, regions=None, 
         prov["header_cards"] = [list(c) for c in report.to_header_cards()]
     maps = StellarPopulationMaps.from_results(prepared, cnn, base, provenance=prov)
     add_physical_maps(maps, distance, inclination=inclination, imf=imf)
+    if model_spectra:
+        spec = prepared.spectra
+        kept = (fit or {}).get("model_spectra") or {}
+        maps.model_spectra = {
+            "wavelength": u.Quantity(spec.wavelength, u.AA),
+            "flux": np.asarray(spec.flux, float),
+            "error": (None if spec.variance is None
+                      else np.sqrt(np.clip(np.asarray(spec.variance, float), 0, None))),
+            "cnn": kept.get("cnn"), "ppxf": kept.get("ppxf"), "good": kept.get("good")}
     return maps
 
 

@@ -68,7 +68,7 @@ class PreparedObservation:
         self.photometry = photometry
         self.photometry_normalized = photometry_normalized
         #: ``(n_bins, 5)`` K-correction factors applied to
-        #: ``photometry_normalized`` (`~cubesfh.photometry.k_correct_bins`), or `None`.
+        #: ``photometry_normalized`` (`~cubesfh.pipeline.k_correct_bins`), or `None`.
         self.k_correction = None
         #: ``(n_bins,)`` optical depth of the SEDs of the K-correction, or `None`.
         self.k_correction_tau = None

@@ -11,7 +11,16 @@ import numpy as np
 
 from ..conventions import HST_BANDS, N_AGE_BINS, OUTPUT_WAVELENGTH
 from ..utils import CubeSFHError, sha256_file
-from ._data import downsample_spectra, photometry_features
+from ._data import (
+    CUMULATIVE_KEYS,
+    SUMMARY_KEYS,
+    continuum_pixels,
+    cumulative_fractions,
+    downsample_spectra,
+    downsample_valid,
+    noise_level,
+    photometry_features,
+)
 
 #: Largest sub-batch of the CPU network path: its intermediate arrays (up to
 #: 7040 floats a spectrum a layer) then stay in the caches (see
@@ -342,7 +351,6 @@ class SFHModel:
         if str(self.device) != "cpu":
             return None
         from ._fast import FastSFHNet
-        from ._uncertainty import continuum_pixels
 
         # built for every call: cheap (a copy of 3 MB of weights), and never stale
         # while fit_uncertainty trains the heads of the same module
@@ -367,8 +375,6 @@ class SFHModel:
 
         from ..populations import mean_quantities
         from ..utils import progress
-        from ._data import downsample_valid
-        from ._uncertainty import continuum_pixels, noise_level
 
         n = spec.shape[0]
         gaps = self.handles_gaps
@@ -456,7 +462,6 @@ class SFHModel:
 
     def _apply_calibration(self, out):
         """Calibrated percentiles and the OOD score from the raw head outputs (in place)."""
-        from ._uncertainty import SUMMARY_KEYS
 
         cal = self.meta["uncertainty"]
         k = np.asarray(cal["conformal_k"], float)  # (2, n_sigma): 68 % and 95 % multipliers
@@ -489,36 +494,6 @@ class SFHModel:
         out["ood_recon"] = rec
         out["ood_score"] = np.maximum(lat, rec)
         out["ood"] = out["ood_score"] > 1.0
-
-
-#: Keys of the cumulative mass fractions younger than ``CUMULATIVE_AGES``.
-CUMULATIVE_KEYS = ("mass_younger_0.1gyr", "mass_younger_1gyr", "mass_younger_5gyr")
-
-
-def cumulative_fractions(mass_fraction):
-    """
-    Mass fractions younger than 0.1, 1 and 5 Gyr.
-
-    As :func:`cubesfh.profiles.younger_fraction`: whole bins below the age,
-    and the share (in age) of the bin that contains it.
-
-    Parameters
-    ----------
-    mass_fraction : `~numpy.ndarray`
-        ``(n, 16)``.
-
-    Returns
-    -------
-    out : dict of `~numpy.ndarray`
-        `CUMULATIVE_KEYS` -> ``(n,)``.
-    """
-    from astropy import units as u
-
-    from ..profiles import younger_fraction
-    from ._model import CUMULATIVE_AGES
-
-    return {key: younger_fraction(mass_fraction, age * u.Gyr)
-            for key, age in zip(CUMULATIVE_KEYS, CUMULATIVE_AGES)}
 
 
 def _load(stem, device):

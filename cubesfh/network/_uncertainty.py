@@ -34,87 +34,31 @@ Design (the reasons are in :ref:`network-uncertainty`):
 import json
 import logging
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
 
 from ..conventions import HST_BANDS, N_AGE_BINS
 from ..utils import CubeSFHError, progress
+from ._data import (  # noqa: F401 (re-exported: their home before 0.5)
+    LINE_HALF_WIDTH,
+    OOD_LINES,
+    SUMMARY_KEYS,
+    continuum_pixels,
+    noise_level,
+)
+from ._predict import SFHModel, state_layout
 
 __all__ = ["COVERAGE_LEVELS", "OOD_LINES", "OOD_QUANTILE", "SUMMARY_KEYS", "continuum_pixels",
            "fit_uncertainty", "noise_level", "recalibrate"]
 
 log = logging.getLogger(__name__)
 
-#: Mean quantities with uncertainties, in the order of the uncertainty head.
-SUMMARY_KEYS = ("logage_lw", "logage_mw", "zh_lw", "zh_mw")
 #: Central probabilities of the two calibrated intervals.
 COVERAGE_LEVELS = (0.6827, 0.9545)
 #: Validation quantile that sets each out-of-distribution threshold.
 OOD_QUANTILE = 0.995
 _SIGMA_FLOOR = 1e-4
-#: Rest wavelengths (A) of the emission lines left out of the reconstruction
-#: residual (+-``LINE_HALF_WIDTH``): their strengths and widths vary freely in
-#: real galaxies and in the simulator, and the 40-dimensional latent space
-#: does not encode them, so they would dominate the residual (median 6.6 times
-#: the noise with them, 0.9 without, on the validation split of the 150 km/s
-#: network).
-OOD_LINES = (4861.3, 4958.9, 5006.8, 5875.7, 6300.3, 6363.8, 6548.0, 6562.8, 6583.4,
-             6678.2, 6716.4, 6730.8)
-LINE_HALF_WIDTH = 12.0
-
-
-def continuum_pixels(n_pix=880, start=4800.625, step=2.5):
-    """Pixels of the 2.5 A network input used by the reconstruction score."""
-    w = start + step * np.arange(n_pix)
-    keep = np.ones(n_pix, bool)
-    for line in OOD_LINES:
-        keep &= np.abs(w - line) > LINE_HALF_WIDTH
-    return keep
-
-
-def noise_level(spectra, valid=None):
-    """
-    Noise per pixel estimated from the spectra themselves (DER_SNR, Stoehr et al. 2008).
-
-    ``1.482602 / sqrt(6) * median |2 f_i - f_(i-2) - f_(i+2)|``: insensitive
-    to features broader than a few pixels. Used only as the unit of the
-    reconstruction residual, identically in calibration and prediction.
-
-    Parameters
-    ----------
-    spectra : `~numpy.ndarray`
-        ``(n, n_pix)``.
-    valid : `~numpy.ndarray`, optional
-        ``(n, n_pix)``, 0 at missing pixels: differences that touch one are
-        left out.
-
-    Returns
-    -------
-    noise : `~numpy.ndarray`
-        ``(n,)``.
-    """
-    f = np.asarray(spectra, float)
-    d = f[:, 2:-2] * 2.0
-    d -= f[:, :-4]
-    d -= f[:, 4:]
-    np.abs(d, out=d)
-    use = None
-    if valid is not None:
-        v = np.asarray(valid) > 0
-        use = v[:, 2:-2] & v[:, :-4] & v[:, 4:]
-    if use is not None and not use.all():
-        with warnings.catch_warnings():  # a spectrum with no usable difference: 0
-            warnings.simplefilter("ignore", RuntimeWarning)
-            med = np.nan_to_num(np.nanmedian(np.where(use, d, np.nan), axis=1), nan=0.0)
-    else:
-        n = d.shape[1]
-        h = n // 2
-        d.partition(h, axis=1)  # one selection, in place (np.median makes two)
-        # as np.median: the central value (odd n) or the mean of the two central ones
-        med = d[:, h] if n % 2 else (d[:, :h].max(axis=1) + d[:, h]) / 2.0
-    return 1.482602 / np.sqrt(6.0) * med + 1e-6
 
 
 def residual_targets(truth, pred, n_outputs=None):
@@ -124,8 +68,8 @@ def residual_targets(truth, pred, n_outputs=None):
     The four mean quantities, the 16 mass fractions and (23 outputs, 0.4)
     the cumulative fractions younger than 0.1, 1 and 5 Gyr.
     """
+    from ._data import CUMULATIVE_KEYS, cumulative_fractions
     from ._model import N_SIGMA_OUTPUTS
-    from ._predict import CUMULATIVE_KEYS, cumulative_fractions
 
     n_outputs = N_SIGMA_OUTPUTS if n_outputs is None else int(n_outputs)
     cols = [np.asarray(truth[k], float) - np.asarray(pred[k], float) for k in SUMMARY_KEYS]
@@ -313,8 +257,7 @@ def _gap_share(run):
 
 def _calibrate(model, va, truth_va, seed, band_dropout, progress_bar, gap_share=None):
     """Split-conformal multipliers and OOD thresholds on the validation split."""
-    from ._data import GAP_SHARE
-    from ._predict import CUMULATIVE_KEYS
+    from ._data import CUMULATIVE_KEYS, GAP_SHARE
     from ._train import _band_mask, validation_gap_masks
 
     rng = np.random.default_rng([seed, 99])
@@ -404,7 +347,6 @@ def _run_model(run, weights):
     import torch
 
     from ._model import SFHNet
-    from ._predict import SFHModel, state_layout
 
     norm = json.loads((run / "normalization.json").read_text())
     state = torch.load(run / weights, map_location="cpu", weights_only=True)

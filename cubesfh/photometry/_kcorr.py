@@ -7,10 +7,11 @@ import astropy.units as u
 import numpy as np
 
 from ..conventions import HST_BANDS
+from ..synthesis.resynthesis import history_sed
 from ..utils import CubeSFHError
 
-__all__ = ["K_CORRECT_MIN_Z", "attenuation", "fit_attenuation", "history_sed",
-           "k_correct_bins", "k_correction", "sed_attenuation", "sed_k_factors"]
+__all__ = ["K_CORRECT_MIN_Z", "attenuation", "bin_k_factors", "fit_attenuation", "history_sed",
+           "k_correction", "k_correction_filters", "sed_attenuation", "sed_k_factors"]
 
 log = logging.getLogger(__name__)
 
@@ -124,52 +125,6 @@ def attenuation(wavelength, tau_v, *, n=None):
     return np.atleast_2d(dust_transmission(wavelength, tau))
 
 
-def history_sed(mass_fraction, zh, *, living=True, templates=None):
-    """
-    Dust-free SED (1200-11000 A) of star formation histories on the template library.
-
-    Parameters
-    ----------
-    mass_fraction, zh : array-like
-        Shape ``(16,)`` or ``(n, 16)``; see :func:`k_correction`.
-    living : bool, optional
-        ``mass_fraction`` is living mass (default) rather than mass formed.
-    templates : `~cubesfh.templates.TemplateLibrary`, optional
-
-    Returns
-    -------
-    wavelength : `~astropy.units.Quantity`
-    sed : `~numpy.ndarray`
-        Shape ``(n, n_wavelength)``, f_lambda per unit of ``mass_fraction``.
-    """
-    from ..templates import TemplateLibrary
-
-    lib = TemplateLibrary.load() if templates is None else templates
-    seds = lib.binned(sed=True)  # (n_Z, 16, n_sed), per solar mass formed
-    if living:  # per solar mass still alive
-        seds = seds / lib.binned_living_fraction()[:, :, None]
-    grid = np.asarray(lib.zh, dtype=float)
-    mf = np.atleast_2d(np.asarray(mass_fraction, dtype=float))
-    z = np.atleast_2d(np.asarray(zh, dtype=float))
-    if mf.shape != z.shape or mf.shape[-1] != seds.shape[1]:
-        msg = (f"mass_fraction and zh must both have shape (..., {seds.shape[1]}); got "
-               f"{mf.shape} and {z.shape}.")
-        raise CubeSFHError(msg)
-    mf = np.nan_to_num(mf)
-    if not (mf.sum(axis=1) > 0).all():
-        msg = "Every mass_fraction row needs a positive sum; drop the failed fits."
-        raise CubeSFHError(msg)
-    mean_z = np.nansum(mf * z, axis=1, keepdims=True) / mf.sum(axis=1, keepdims=True)
-    z = np.clip(np.where(np.isfinite(z), z, mean_z), grid[0], grid[-1])
-    sed = np.zeros((mf.shape[0], lib.sed_wavelength.size))
-    for j in range(mf.shape[1]):
-        k = np.clip(np.searchsorted(grid, z[:, j]) - 1, 0, grid.size - 2)
-        t = (z[:, j] - grid[k]) / (grid[k + 1] - grid[k])
-        tpl = (1 - t)[:, None] * seds[k, j] + t[:, None] * seds[k + 1, j]
-        sed += mf[:, j, None] * tpl
-    return lib.sed_wavelength, sed
-
-
 def fit_attenuation(mass_fraction, zh, photometry, *, bands=None, norm_window=None,
                     tau_grid=None, templates=None):
     """
@@ -258,54 +213,25 @@ def sed_attenuation(wave, sed, photometry, *, bands=None, norm_window=None, tau_
 K_CORRECT_MIN_Z = 0.01
 
 
-def k_correct_bins(prepared, instruments=None, *, model=None, dust=True, iterations=3,
-                   tolerance=0.005):
+def k_correction_filters(instruments=None):
     """
-    K-correct the HST photometry of a prepared observation to the rest frame.
-
-    The network was trained on rest-frame WFC3/UVIS band fluxes, while an
-    image of a galaxy at redshift z samples the band at rest-frame
-    wavelengths ``lambda / (1 + z)``. For every usable bin this takes the
-    star formation history and metallicities predicted from the *spectrum
-    alone* (the same network, photometry ignored), builds its SED on the
-    template library (attenuated, with ``dust``, to match the bin's colours)
-    and multiplies the bin's network photometry by its K-correction
-    (:func:`~cubesfh.photometry.k_correction`: observed band of the image's
-    camera -> rest-frame WFC3/UVIS band), in place; then it predicts again
-    with the corrected photometry and repeats.
+    Observed-band and rest-frame filter curves of the five bands.
 
     Parameters
     ----------
-    prepared : `~cubesfh.preprocess.PreparedObservation`
-        Modified in place: ``photometry_normalized`` is multiplied by the
-        factors, which are also stored as ``prepared.k_correction``.
     instruments : dict, optional
         Camera of each band's image (``{'F814W': 'WFPC2'}``); default
         WFC3/UVIS. A camera without bundled throughputs uses the WFC3/UVIS
-        curve.
-    model : `~cubesfh.network.SFHModel` or list of them, optional
-        Default: the bundled family.
-    dust : bool, optional
-        Attenuate each SED by the optical depth that best matches the bin's
-        HST colours (:func:`~cubesfh.photometry.fit_attenuation`; bins with
-        fewer than two bands get none), stored as ``prepared.k_correction_tau``.
-    iterations, tolerance : int, float, optional
-        Repeat prediction and correction at most ``iterations`` times, until
-        no factor changes by more than ``tolerance``.
+        curve (with a log message).
 
     Returns
     -------
-    factors : `~numpy.ndarray`
-        ``(n_bins, 5)`` in `~cubesfh.conventions.HST_BANDS` order; NaN for
-        bands without data and bins without a usable spectrum.
+    filters, rest_filters : list of `~cubesfh.templates.FilterCurve`
+        In `~cubesfh.conventions.HST_BANDS` order.
     """
-    from ..pipeline import predict_bins
     from ..templates import load_filter
 
     instruments = dict(instruments or {})
-    n = prepared.n_bins
-    phot = prepared.photometry_normalized.copy()
-    z = np.asarray(prepared.spectra.redshift, float)
     filters = []
     for band in HST_BANDS:
         inst = instruments.get(band, "WFC3/UVIS")
@@ -315,35 +241,42 @@ def k_correct_bins(prepared, instruments=None, *, model=None, dust=True, iterati
             log.warning("no throughput curve for %s %s: K-correcting with WFC3/UVIS %s",
                         inst, band, band)
             filters.append(load_filter(band))
-    rest_filters = [load_filter(band) for band in HST_BANDS]
-    factors = np.full((n, len(HST_BANDS)), np.nan)
-    tau = np.zeros(n)
-    for it in range(iterations + 1):
-        # it = 0: SFH from the spectrum alone; then from spectrum + corrected photometry
-        current = np.where(np.isfinite(factors), phot * factors, phot)
-        prepared.photometry_normalized = current
-        pred = predict_bins(prepared, model=model, photometry=it > 0)
-        mf, zh = pred["mass_fraction"], pred["metallicity"]
-        ok = np.all(np.isfinite(mf), axis=1) & (np.nansum(mf, axis=1) > 0) & np.isfinite(z)
-        new = np.full_like(factors, np.nan)
-        if ok.any():
-            wave, sed = history_sed(mf[ok], zh[ok])  # once per iteration, for every band
-            if dust:
-                tau[ok] = sed_attenuation(wave, sed, current[ok])
-            sed = sed * attenuation(wave, tau[ok])
-            k = sed_k_factors(wave, sed, z[ok], filters, rest_filters)
-            new[ok] = np.where(np.isfinite(phot[ok]), k, np.nan)
-        change = np.nanmax(np.abs(new / factors - 1)) if it else np.inf
-        factors = new
-        log.debug("K-correction iteration %d: largest change %.4f", it, change)
-        if change < tolerance:
-            break
-    prepared.photometry_normalized = np.where(np.isfinite(factors), phot * factors, phot)
-    prepared.k_correction = factors
-    prepared.k_correction_tau = tau
-    done = np.isfinite(factors)
-    if done.any():
-        log.info("K-corrections (median per band): %s", ", ".join(
-            f"{b} {np.nanmedian(factors[:, j]):.3f}" for j, b in enumerate(HST_BANDS)
-            if done[:, j].any()))
-    return factors
+    return filters, [load_filter(band) for band in HST_BANDS]
+
+
+def bin_k_factors(mass_fraction, zh, photometry, redshift, filters, rest_filters, *,
+                  dust=True):
+    """
+    K-corrections of the bins for their histories: one step of the iteration.
+
+    The SED of each history (`history_sed`), attenuated (with ``dust``) to
+    match the bin's colours (`sed_attenuation`), redshifted and integrated
+    through the observed and rest-frame bands (`sed_k_factors`). The
+    iteration (predict, correct, predict again) is
+    :func:`cubesfh.pipeline.k_correct_bins`.
+
+    Parameters
+    ----------
+    mass_fraction, zh : `~numpy.ndarray`
+        ``(n, 16)`` histories (every row usable).
+    photometry : `~numpy.ndarray`
+        ``(n, 5)`` the bins' current normalised photometry (NaN: no band).
+    redshift : `~numpy.ndarray`
+        ``(n,)``.
+    filters, rest_filters : sequence of `~cubesfh.templates.FilterCurve`
+        From `k_correction_filters`.
+    dust : bool, optional
+
+    Returns
+    -------
+    factors : `~numpy.ndarray`
+        ``(n, 5)``, NaN where the band has no data.
+    tau_v : `~numpy.ndarray`
+        ``(n,)`` the optical depth of each SED (0 without ``dust``).
+    """
+    wave, sed = history_sed(mass_fraction, zh)
+    tau = (sed_attenuation(wave, sed, photometry) if dust
+           else np.zeros(sed.shape[0]))
+    sed = sed * attenuation(wave, tau)
+    k = sed_k_factors(wave, sed, redshift, filters, rest_filters)
+    return np.where(np.isfinite(photometry), k, np.nan), tau
