@@ -77,6 +77,8 @@ def _check_outputs(output, args, cube_path, hst_paths):
     _check_output(output, args, inputs)
     if getattr(args, "plot", False):
         _check_output(Path(output).with_suffix(".png"), args, inputs, option="--plot")
+    if getattr(args, "model_spectra", None):
+        _check_output(args.model_spectra, args, [*inputs, output], option="--model-spectra")
 
 
 def _add_force_band(p):
@@ -278,6 +280,7 @@ def _run(cube_path, hst_paths, args, output):
 
     t0 = time.perf_counter()
     png = Path(output).with_suffix(".png") if args.plot else None
+    spectra_path = getattr(args, "model_spectra", None)
     cube, hst = _load_inputs(cube_path, hst_paths, args)
     paths = getattr(args, "model", None)
     model = [SFHModel.load(p) for p in paths] if paths else None
@@ -293,7 +296,14 @@ def _run(cube_path, hst_paths, args, output):
                         distance=getattr(args, "distance", None),
                         inclination=getattr(args, "inclination", None),
                         imf=getattr(args, "imf", "chabrier"),
+                        model_spectra=bool(spectra_path),
                         max_memory=args.max_memory * u.GB, progress_bar=not args.no_progress)
+    if spectra_path:
+        from .modelspectra import write_model_spectra
+
+        maps.meta["model_spectra_file"] = Path(spectra_path).name
+        write_model_spectra(maps, spectra_path, overwrite=args.overwrite)
+        print(f"wrote {spectra_path}")
     maps.write(output, overwrite=args.overwrite)
     if "registration" in maps.meta:
         print(maps.meta["registration"])
@@ -570,6 +580,28 @@ def _cmd_make_mock(args):
     return 0
 
 
+def _cmd_show(args):
+    from .maps import StellarPopulationMaps
+    from .modelspectra import _select_bin, plot_bin
+
+    maps = StellarPopulationMaps.read(args.maps)
+    b = _select_bin(maps, args.bin, args.ra, args.dec)
+    spectra = args.spectra
+    if spectra is None:
+        name = maps.meta.get("model_spectra_file")
+        candidate = Path(args.maps).parent / name if name else None
+        if candidate is not None and candidate.is_file():
+            spectra = candidate
+        else:
+            print("no model-spectra file (run with --model-spectra FILE, or give --spectra): "
+                  "the figure has no spectrum panel", file=sys.stderr)
+    out = Path(args.output or Path(args.maps).with_name(f"{Path(args.maps).stem}_bin{b}.png"))
+    _check_output(out, args, [args.maps] + ([spectra] if spectra else []))
+    plot_bin(maps, b, spectra=spectra, path=out, overwrite=args.overwrite)
+    print(f"bin {b}: wrote {out}")
+    return 0
+
+
 def _cmd_profile(args):
     from .maps import StellarPopulationMaps
     from .profiles import DEFAULT_EXCLUDE, plot_profile, write_profile
@@ -703,6 +735,9 @@ def build_parser():
     _add_force_band(p)
     _add_prepare_options(p)
     _add_run_options(p)
+    p.add_argument("--model-spectra", metavar="FILE",
+                   help="also write every bin's spectrum, error, CNN and pPXF model spectra "
+                        "and fitted pixels there (for 'cubesfh show')")
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("run-many", help="run a survey of cubes listed in a manifest",
@@ -873,6 +908,23 @@ def build_parser():
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_make_mock)
+
+    p = sub.add_parser("show", help="the fit of one bin: spectrum, models, HST, SFH, Z(t)",
+                       description="Draw one bin of a maps product: its spectrum with the "
+                                   "re-synthesised CNN answer and the pPXF fit, residuals, "
+                                   "the HST fluxes against the implied ones, the SFH with its "
+                                   "16-84 % band, Z(t), flags and chi2.")
+    p.add_argument("maps", help="maps product (cubesfh run --output)")
+    p.add_argument("--bin", type=int, help="bin number (value of BIN_ID)")
+    p.add_argument("--ra", type=float, help="or the bin at this RA (deg) ...")
+    p.add_argument("--dec", type=float, help="... and Dec (deg)")
+    p.add_argument("--spectra", metavar="FILE",
+                   help="model-spectra file (default: the one written with the maps by "
+                        "--model-spectra, next to them)")
+    p.add_argument("--output", "-o", help="figure file (PNG, PDF...; default: "
+                                          "<maps>_bin<N>.png)")
+    _add_overwrite(p)
+    p.set_defaults(func=_cmd_show)
 
     p = sub.add_parser("profile", help="radial profiles of a maps product",
                        description="Profiles of the mean ages and metallicities and of the "

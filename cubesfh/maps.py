@@ -83,6 +83,15 @@ _FLAG_COMMENTS = {
     "PPXF_FAILED": "pPXF baseline fit failed",
 }
 
+# Flags in the quick-look figure, most serious first, and their colours.
+_FLAG_PRIORITY = ("SPECTRUM_FAILED", "KINEMATICS_FAILED", "SPECTRUM_INCOMPLETE",
+                  "OUT_OF_DISTRIBUTION", "POOR_FIT", "PHOT_TENSION", "PPXF_FAILED",
+                  "DISAGREE", "SKY_SUSPECT", "KINEMATICS_SUSPECT", "SPECTRAL_GAP",
+                  "KINEMATICS_AT_BOUND", "SIGMA_TOO_HIGH", "PHOTOMETRY_NONPOSITIVE",
+                  "NO_PHOTOMETRY")
+_FLAG_COLOURS = ("#4477aa", "#cc3311", "#ee7733", "#ccbb44", "#aa3377", "#66ccee",
+                 "#228833", "#bbbbbb", "#000000")
+
 # Versions recorded in the primary header: package -> 8-character keyword.
 _VERSION_KEYS = {
     "cubesfh": "CSFH_VER",
@@ -160,6 +169,8 @@ _FIT_COLUMNS = (
      "HST fluxes implied by the CNN answer (units of phot_*)"),
     ("phot_resid", "cnn_phot_resid", None, True, "HST measured / implied - 1, per band"),
     ("phot_chi2", "cnn_phot_chi2", None, False, "HST chi2 per dof of the CNN answer"),
+    ("phot_chi2_limit", "cnn_phot_chi2_limit", None, False,
+     "POOR_FIT limit of cnn_phot_chi2"),
     ("tension", "tension", None, False,
      "max |HST - spectrum-only answer| over bands, in sigma"),
     ("tension_limit", "tension_limit", None, False, "PHOT_TENSION limit of tension"),
@@ -1216,6 +1227,18 @@ class StellarPopulationMaps:
             "sfr": "formed mass per age bin / bin duration"}
         return self
 
+    def plot_bin(self, bin_number=None, **kwargs):
+        """
+        The fit of one bin (spectrum, models, residuals, HST, SFH, Z(t), flags).
+
+        See `cubesfh.modelspectra.plot_bin` for the parameters (``spectra``,
+        ``ra``, ``dec``, ``path``, ``overwrite``, ``dpi``); the model spectra
+        default to ``self.model_spectra`` (``run_pipeline(model_spectra=True)``).
+        """
+        from .modelspectra import plot_bin
+
+        return plot_bin(self, bin_number, **kwargs)
+
     def compare(self, other, **kwargs):
         """
         Median offset, robust scatter and N against another pipeline's maps.
@@ -1704,6 +1727,21 @@ class StellarPopulationMaps:
 
     # ------------------------------------------------------------------ figure
 
+    def _flag_categories(self):
+        """Image of the most serious flag of each bin (0 = none) and the category names."""
+        flags = self.flag_map
+        present = [(value, name) for _, value, name, _ in flag_bits()
+                   if value != FLAG_NOT_BINNED and np.any(flags & value)]
+        # the most serious first: the order of _FLAG_PRIORITY, then the bit order
+        order = {nm: i for i, nm in enumerate(_FLAG_PRIORITY)}
+        present.sort(key=lambda x: order.get(x[1], len(order)))
+        present = present[:len(_FLAG_COLOURS) - 1]
+        image = np.zeros(flags.shape, float)
+        for k, (value, _) in reversed(list(enumerate(present, start=1))):
+            image[(flags & value) != 0] = k
+        image[(flags & FLAG_NOT_BINNED) != 0] = np.nan
+        return image, ["ok"] + [nm for _, nm in present]
+
     def plot(self, path=None, *, overwrite=False, dpi=100, figsize=None, cmap="viridis",
              diff_cmap="RdBu_r"):
         """
@@ -1750,13 +1788,32 @@ class StellarPopulationMaps:
             rows.append(("uncertainty", [n for n in ("OOD_SCORE", "DIFF_LOGAGE_LW_SIG",
                                                      "DIFF_LOGAGE_MW_SIG", "DIFF_ZH_LW_SIG")
                                          if n in names]))
+        # the SFH in three broad age ranges, and the fit check
+        from .profiles import younger_fraction
+
+        frac = np.asarray(getattr(self.table["cnn_mass_fraction"], "value",
+                                  self.table["cnn_mass_fraction"]), float)
+        y05 = younger_fraction(frac, 0.5 * u.Gyr)
+        y5 = younger_fraction(frac, 5.0 * u.Gyr)
+        virtual = {"SFH_YOUNG": self._paint(y05), "SFH_MID": self._paint(y5 - y05),
+                   "SFH_OLD": self._paint(1.0 - y5)}
+        rows.append(("SFH", ["SFH_YOUNG", "SFH_MID", "SFH_OLD"]
+                     + [n for n in ("CNN_CHI2",) if n in names]))
+        extra = [n for n in ("TENSION", "AV_STARS", "LOGMSTAR_SD", "LOGSFR_SD_100MYR")
+                 if n in names]
+        if extra:
+            rows.append(("fit", extra))
         titles = {"LOGAGE_LW": "log age (LW)", "LOGAGE_MW": "log age (MW)",
                   "ZH_LW": "[Z/H] (LW)", "ZH_MW": "[Z/H] (MW)", "SNR": "S/N per Å",
                   "V_STARS": "V stars", "SIGMA_STARS": "sigma stars",
                   "FLAG": "flagged bins", "OOD_SCORE": "OOD score (>1: outside)",
                   "LOGAGE_LW_SIG": "(CNN-pPXF)/sigma log age (LW)",
                   "LOGAGE_MW_SIG": "(CNN-pPXF)/sigma log age (MW)",
-                  "ZH_LW_SIG": "(CNN-pPXF)/sigma [Z/H] (LW)"}
+                  "ZH_LW_SIG": "(CNN-pPXF)/sigma [Z/H] (LW)",
+                  "SFH_YOUNG": "mass fraction < 0.5 Gyr", "SFH_MID": "mass fraction 0.5-5 Gyr",
+                  "SFH_OLD": "mass fraction > 5 Gyr", "CNN_CHI2": "chi2 of the CNN answer",
+                  "TENSION": "HST tension (sigma)", "AV_STARS": "A_V stars",
+                  "LOGMSTAR_SD": "log Sigma_star", "LOGSFR_SD_100MYR": "log SFR_SD (100 Myr)"}
         nrow, ncol = len(rows), 4
         fig = Figure(figsize=figsize or (3.4 * ncol, 2.9 * nrow), layout="constrained")
 
@@ -1781,30 +1838,31 @@ class StellarPopulationMaps:
             for j, name in enumerate(names):
                 ax = fig.add_subplot(nrow, ncol, i * ncol + j + 1, projection=self.wcs)
                 cm = cmap
+                flag_names = None
                 if name == "FLAG":
-                    flags = self.flag_map
-                    data = np.where(flags & FLAG_NOT_BINNED, np.nan,
-                                    ((flags & ~FLAG_NOT_BINNED) != 0).astype(float))
-                    unit, (vmin, vmax), cm = "", (0.0, 1.0), None
+                    data, flag_names = self._flag_categories()
+                    unit, (vmin, vmax), cm = "", (-0.5, len(flag_names) - 0.5), None
+                elif name in virtual:
+                    data, unit, (vmin, vmax) = virtual[name], "", (0.0, 1.0)
                 else:
                     image = self[name]
                     data, unit = image.value, image.unit
                     if name.startswith("DIFF_") or name == "V_STARS":
                         vmin, vmax = limits([data], symmetric=True)
                         cm = diff_cmap
-                    elif name == "OOD_SCORE":
+                    elif name == "OOD_SCORE" or name in ("CNN_CHI2", "TENSION"):
                         vmin, vmax = 0.0, max(2.0, limits([data])[1] or 2.0)
                     elif label in ("CNN", "pPXF"):
                         vmin, vmax = shared[j]
                     else:
                         vmin, vmax = limits([data])
-                colormap = (ListedColormap(["#4477aa", "#cc3311"]) if cm is None
+                colormap = (ListedColormap(_FLAG_COLOURS[:len(flag_names)]) if cm is None
                             else matplotlib.colormaps[cm])
                 colormap = colormap.with_extremes(bad="0.85")
                 im = ax.imshow(data, origin="lower", cmap=colormap, vmin=vmin, vmax=vmax,
                                interpolation="nearest")
                 base = name.removeprefix("PPXF_").removeprefix("DIFF_")
-                prefix = "" if label in ("data", "uncertainty") else f"{label}: "
+                prefix = "" if label in ("data", "uncertainty", "SFH", "fit") else f"{label}: "
                 ax.set_title(prefix + titles[base], fontsize=9)
                 lon, lat = ax.coords[0], ax.coords[1]
                 lon.set_axislabel("RA" if i == nrow - 1 else "")
@@ -1816,7 +1874,8 @@ class StellarPopulationMaps:
                 cbar = fig.colorbar(im, ax=ax, shrink=0.85)
                 unit_label = "" if name == "FLAG" else _plot_label(unit)
                 if name == "FLAG":
-                    cbar.set_ticks([0.25, 0.75], labels=["ok", "flagged"])
+                    cbar.set_ticks(np.arange(len(flag_names)), labels=flag_names)
+                    cbar.ax.tick_params(labelsize=6)
                 elif unit_label:
                     cbar.set_label(unit_label, fontsize=8)
                 cbar.ax.tick_params(labelsize=7)

@@ -276,10 +276,11 @@ def fit_check_bins(prepared, cnn, ppxf=None, *, model=None, tension=True, keep_m
     fit : dict of `~numpy.ndarray`
         Per bin: ``fit_chi2``, ``fit_chi2_limit``, ``fit_snr``, ``av_fit``,
         ``phot_model`` and ``phot_resid`` (n, 5), ``phot_chi2``,
-        ``poor_fit`` (bool), and with ``tension``: ``tension``,
-        ``tension_z`` (n, 5), ``tension_band``, ``tension_limit``,
-        ``phot_tension`` (bool). NaN (`False`) for bins not fitted. `None`
-        when the spectra have no variance.
+        ``phot_chi2_limit``, ``poor_fit`` (bool: either chi^2 above its
+        limit), and with ``tension``: ``tension``, ``tension_z`` (n, 5),
+        ``tension_band``, ``tension_limit``, ``phot_tension`` (bool). NaN
+        (`False`) for bins not fitted. `None` when the spectra have no
+        variance.
     """
     from .synthesis.resynthesis import calibrated_limit, fit_check, fit_chi2
 
@@ -293,7 +294,7 @@ def fit_check_bins(prepared, cnn, ppxf=None, *, model=None, tension=True, keep_m
     index = np.asarray(cnn.get("model_index", np.zeros(n, int)))
     ok = (index >= 0) & np.all(np.isfinite(cnn["mass_fraction"]), axis=1)
     out = {k: np.full(n, np.nan) for k in ("fit_chi2", "fit_chi2_limit", "fit_snr", "av_fit",
-                                            "phot_chi2")}
+                                            "phot_chi2", "phot_chi2_limit")}
     out.update({k: np.full((n, nb), np.nan) for k in ("phot_model", "phot_resid")})
     out["poor_fit"] = np.zeros(n, bool)
     phot = prepared.photometry_normalized
@@ -323,8 +324,10 @@ def fit_check_bins(prepared, cnn, ppxf=None, *, model=None, tension=True, keep_m
         cal = m.meta.get("fit_check")
         if cal:
             out["fit_chi2_limit"][sel] = calibrated_limit(cal["chi2"], res["snr"])
+            out["phot_chi2_limit"][sel] = float(cal["phot_chi2"]["limit"])
             with np.errstate(invalid="ignore"):
-                out["poor_fit"][sel] = res["chi2"] > out["fit_chi2_limit"][sel]
+                out["poor_fit"][sel] = ((res["chi2"] > out["fit_chi2_limit"][sel])
+                                        | (res["phot_chi2"] > out["phot_chi2_limit"][sel]))
         if "tension" in out:
             a = fit_check(spec.flux[sel], spec.variance[sel], phot[sel],
                           alone["mass_fraction"][sel], alone["metallicity"][sel],

@@ -30,7 +30,7 @@ import numpy as np
 
 from ..utils import CubeSFHError, progress
 
-__all__ = ["attach_physical_head", "fit_physical_head", "physical_outputs"]
+__all__ = ["attach_metadata", "attach_physical_head", "fit_physical_head", "physical_outputs"]
 
 log = logging.getLogger(__name__)
 
@@ -264,16 +264,19 @@ def fit_physical_head(model, *, n_train=40000, n_calibration=12000, seed=2026, e
     return head
 
 
-def attach_physical_head(stem, head):
+def attach_metadata(stem, key, value):
     """
-    Store an attenuation head in a model's JSON metadata (and re-sign it).
+    Store a post-hoc calibration in a model's JSON metadata (and re-sign it).
 
     Parameters
     ----------
     stem : str or `~pathlib.Path`
         Model path without suffix (``.json`` beside the ``.pt``).
-    head : dict
-        Output of `fit_physical_head`.
+    key : str
+        ``'physical_head'`` (`fit_physical_head`) or ``'fit_check'``
+        (``scripts/calibrate_fit_check.py``).
+    value : dict
+        JSON-serialisable.
     """
     from ._predict import _meta_digest
 
@@ -282,7 +285,12 @@ def attach_physical_head(stem, head):
     if meta.get("meta_sha256") != _meta_digest(meta):
         msg = f"{path} does not match its checksum; export the model again first."
         raise CubeSFHError(msg)
-    meta["physical_head"] = head
+    meta[key] = value
     meta["meta_sha256"] = _meta_digest(meta)
     path.write_text(json.dumps(meta, indent=1))
     return path
+
+
+def attach_physical_head(stem, head):
+    """Store an attenuation head (`fit_physical_head`) in a model's metadata."""
+    return attach_metadata(stem, "physical_head", head)
