@@ -56,6 +56,8 @@ def write_model_spectra(maps, path, *, overwrite=False):
     -------
     path : `~pathlib.Path`
     """
+    from .maps import _unit_string
+
     ms = getattr(maps, "model_spectra", None)
     if not ms:
         msg = ("these maps carry no model spectra; run the pipeline with "
@@ -98,7 +100,7 @@ def write_model_spectra(maps, path, *, overwrite=False):
             v = np.asarray(getattr(t[name], "value", t[name]))
             unit = getattr(t[name], "unit", None)
             cols.append(fits.Column(name=name, format="J" if v.dtype.kind in "iu" else "D",
-                                    array=v, unit=None if unit is None else unit.to_string()))
+                                    array=v, unit=_unit_string(unit) or None))
     for name in ("phot", "cnn_phot_model"):
         if name == "phot":
             v = np.stack([np.asarray(t[f"phot_{b}"], float) for b in HST_BANDS], axis=1)

@@ -332,7 +332,7 @@ def fit_check_bins(prepared, cnn, ppxf=None, *, model=None, tension=True, keep_m
             a = fit_check(spec.flux[sel], spec.variance[sel], phot[sel],
                           alone["mass_fraction"][sel], alone["metallicity"][sel],
                           forward_model=fm)
-            z = a["phot_z"]
+            z = a["phot_z_loo"]
             out["tension_z"][sel] = z
             absz = np.where(np.isfinite(z), np.abs(z), -1.0)
             worst = np.argmax(absz, axis=1)

@@ -253,6 +253,8 @@ def fit_check(spectra, variance, photometry, mass_fraction, zh, *, forward_model
         (n, 5; the implied normalised fluxes and measured / implied - 1),
         ``phot_chi2`` (n,; per degree of freedom, with the allowance),
         ``phot_z`` (n, 5; (measured - implied) / its 1-sigma allowance),
+        ``phot_z_loo`` (n, 5; the same with the A_V fitted to the other
+        bands, with at least three bands),
         ``model`` (n, 1761; the fitted model spectrum) and ``good`` (n, 1761).
     """
     from .model import attenuation_curve
@@ -268,7 +270,8 @@ def fit_check(spectra, variance, photometry, mass_fraction, zh, *, forward_model
     zh = np.atleast_2d(np.asarray(zh, float))
     out = {k: np.full(n, np.nan) for k in ("chi2", "snr", "av_fit", "phot_chi2")}
     out["n_good"] = np.zeros(n, int)
-    out.update({k: np.full((n, nb), np.nan) for k in ("phot_model", "phot_resid", "phot_z")})
+    out.update({k: np.full((n, nb), np.nan)
+                for k in ("phot_model", "phot_resid", "phot_z", "phot_z_loo")})
     out["model"] = np.full((n, npix), np.nan)
     wave = fm.wavelength.to_value(u.AA)
     good = fit_pixels(spectra, variance, wave, mask_emission=mask_emission)
@@ -319,6 +322,13 @@ def fit_check(spectra, variance, photometry, mass_fraction, zh, *, forward_model
             with np.errstate(invalid="ignore", divide="ignore"):
                 out["phot_resid"][i] = np.where(use, p / pm[best] - 1.0, np.nan)
             out["phot_z"][i, use] = (p[use] - pm[best, use]) / np.sqrt(sig2[best])
+            if use.sum() >= 3:
+                # each band against the A_V of the others: one wrong band cannot pull
+                # the attenuation its way and share its error with its neighbours
+                terms = (p[use] - pm[:, use]) ** 2 / sig2  # (n_av, n_use)
+                for j, band in enumerate(np.flatnonzero(use)):
+                    k = int(np.argmin(terms.sum(axis=1) - terms[:, j]))
+                    out["phot_z_loo"][i, band] = (p[band] - pm[k, band]) / np.sqrt(sig2[k, j])
         m = spec0[row] * 10 ** (-0.4 * av * k_spec)
         m = m / m[in_norm].mean()
         g = good[i]
