@@ -122,7 +122,7 @@ STAGES = {  # label -> function names (file suffix, name) whose cumulative times
     "network (encode + decode)": [("_fast.py", "encode"), ("_fast.py", "decode"),
                                   ("_model.py", "encode"), ("_model.py", "decode")],
     "uncertainty heads": [("_fast.py", "heads"), ("_model.py", "heads")],
-    "noise level (DER_SNR median)": [("_uncertainty.py", "noise_level")],
+    "noise level (DER_SNR median)": [("_data.py", "noise_level")],
     "mean ages / [Z/H]": [("populations.py", "mean_quantities")],
     "calibration": [("_predict.py", "_apply_calibration")],
 }

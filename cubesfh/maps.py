@@ -1750,10 +1750,12 @@ class StellarPopulationMaps:
         Columns: LW log age, MW log age, LW [Z/H], MW [Z/H]. Rows: the CNN,
         then (with the baseline) pPXF on the same colour scale and the
         difference CNN - pPXF, and last the data: S/N, stellar velocity,
-        dispersion and flagged bins; with uncertainties a last row with the
-        OOD score and (with pPXF) the CNN - pPXF differences in units of the
-        combined sigma. 2 rows without pPXF, 4 with (one more with
-        uncertainties).
+        dispersion and the most serious flag of each bin, by name; with
+        uncertainties a row with the OOD score and (with pPXF) the CNN - pPXF
+        differences in units of the combined sigma; then the SFH as the mass
+        fractions younger than 0.5 Gyr, 0.5-5 Gyr and older, with
+        ``CNN_CHI2``; and, where the product has them, ``TENSION``,
+        ``AV_STARS``, ``LOGMSTAR_SD`` and ``LOGSFR_SD_100MYR``.
 
         Parameters
         ----------

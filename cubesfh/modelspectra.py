@@ -258,7 +258,7 @@ def plot_bin(maps, bin_number=None, *, spectra=None, ra=None, dec=None, path=Non
 
     # SFH and Z(t)
     age = AGE_BIN_CENTERS.to_value(u.Gyr)
-    edges = AGE_BIN_EDGES.to_value(u.Gyr)
+    edges = AGE_BIN_EDGES.to_value(u.Gyr).copy()  # to_value may return a view
     edges[0] = edges[1] / 3.0
     ax_h = fig.add_subplot(grid[2, 1])
     ax_z = fig.add_subplot(grid[2, 2])

@@ -73,3 +73,16 @@ def example_with_kinematics(directory, *, shape=(12, 12), seed=0):
     example.kin = directory / "kin.fits"
     example.dir = directory
     return example
+
+
+def true_kinematics_file(truth_path, path):
+    """A PHANGS-DAP-like ``MAPS`` file (V_STARS, SIGMA_STARS) of a mock's true kinematics.
+
+    Lets the pipeline tests skip the kinematic fits, which have tests of their own.
+    """
+    with fits.open(truth_path) as h:
+        fits.HDUList([fits.PrimaryHDU(),
+                      fits.ImageHDU(h["V"].data, h["V"].header, name="V_STARS"),
+                      fits.ImageHDU(h["SIGMA"].data, h["SIGMA"].header, name="SIGMA_STARS")]
+                     ).writeto(path)
+    return path

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from astropy import units as u
 from astropy.io import fits
+from helpers import true_kinematics_file
 
 from cubesfh.conventions import HST_BANDS
 from cubesfh.synthesis import ForwardModel, metallicity_history
@@ -162,12 +163,7 @@ def mock(tmp_path_factory):
 
     d = tmp_path_factory.mktemp("fitmock")
     obs = mock_observation(d, shape=(16, 16), seed=2, progress_bar=False)
-    with fits.open(obs.truth_path) as h:
-        fits.HDUList([fits.PrimaryHDU(), fits.ImageHDU(h["V"].data, h["V"].header,
-                                                       name="V_STARS"),
-                      fits.ImageHDU(h["SIGMA"].data, h["SIGMA"].header,
-                                    name="SIGMA_STARS")]).writeto(d / "kin.fits")
-    return obs, d / "kin.fits"
+    return obs, true_kinematics_file(obs.truth_path, d / "kin.fits")
 
 
 def _run(obs, kin, hst_paths=None, **kwargs):

@@ -466,7 +466,8 @@ def test_plot(prepared, tmp_path, with_ppxf):
     path = tmp_path / "maps.png"
     fig = maps.plot(path)
     panels = [ax for ax in fig.axes if isinstance(ax, WCSAxes)]
-    assert len(panels) == (16 if with_ppxf else 8)
+    # + the SFH in three age ranges (no fit check in these results)
+    assert len(panels) == (16 if with_ppxf else 8) + 3
     assert all(ax.images for ax in panels)
     titles = [ax.get_title() for ax in panels]
     assert titles[0] == "CNN: log age (LW)"

@@ -11,6 +11,8 @@ from astropy.wcs.utils import proj_plane_pixel_area
 
 pytest.importorskip("torch")
 
+from helpers import true_kinematics_file
+
 from cubesfh import Cube, HSTImage
 from cubesfh.cli import main as cli_main
 from cubesfh.conventions import AGE_BIN_EDGES
@@ -26,14 +28,8 @@ COMPONENTS = ("bulge", "disc", "arms")
 def mock(tmp_path_factory):
     d = tmp_path_factory.mktemp("physmock")
     obs = mock_observation(d, shape=(24, 24), seed=1, progress_bar=False)
-    with fits.open(obs.truth_path) as h:
-        kin = fits.HDUList([fits.PrimaryHDU(),
-                            fits.ImageHDU(h["V"].data, h["V"].header, name="V_STARS"),
-                            fits.ImageHDU(h["SIGMA"].data, h["SIGMA"].header,
-                                          name="SIGMA_STARS")])
-        kin.writeto(d / "kin.fits")
-        distance = h[0].header["DISTANCE"] * u.Mpc
-    return obs, d / "kin.fits", distance
+    distance = fits.getval(obs.truth_path, "DISTANCE") * u.Mpc
+    return obs, true_kinematics_file(obs.truth_path, d / "kin.fits"), distance
 
 
 @pytest.fixture(scope="module")
