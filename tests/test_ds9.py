@@ -63,6 +63,26 @@ def make_maps():
     t["velocity"] = np.linspace(-50, 50, n) * u.km / u.s
     t["sigma"] = np.linspace(60, 160, n) * u.km / u.s
     t["snr"] = np.linspace(20, 60, n)
+    # physical maps and the fit check (issues 18 and 19)
+    t["cnn_av_stars"] = np.linspace(0.1, 1.2, n) * u.mag
+    t["cnn_av_stars_p16"] = t["cnn_av_stars"] - 0.2 * u.mag
+    t["cnn_av_stars_p84"] = t["cnn_av_stars"] + 0.2 * u.mag
+    t["cnn_ml_v"] = np.linspace(0.5, 4.0, n) * u.solMass / u.solLum
+    sd = u.dex(u.solMass / u.pc**2)
+    t["cnn_logmstar_sd"] = np.linspace(1.5, 3.5, n) * sd
+    t["cnn_logmstar_sd_p16"] = (np.linspace(1.5, 3.5, n) - 0.1) * sd
+    t["cnn_logmstar_sd_p84"] = (np.linspace(1.5, 3.5, n) + 0.1) * sd
+    t["cnn_logmstar_sd_deproj"] = (np.linspace(1.5, 3.5, n) - 0.1) * sd
+    sfr = weights * 1e-3 * u.solMass / u.yr / u.kpc**2
+    t["cnn_sfr_sd"], t["cnn_sfr_sd_p16"], t["cnn_sfr_sd_p84"] = sfr, 0.5 * sfr, 2 * sfr
+    lsfr = u.dex(u.solMass / u.yr / u.kpc**2)
+    for suffix, shift in (("", 0.0), ("_p16", -0.2), ("_p84", 0.2)):
+        t["cnn_logsfr_sd_100myr" + suffix] = (np.linspace(-3, -1, n) + shift) * lsfr
+    t["cnn_fit_chi2"] = np.linspace(0.9, 1.5, n)
+    t["ppxf_fit_chi2"] = np.linspace(0.9, 1.3, n)
+    t["cnn_av_fit"] = np.linspace(0.0, 1.0, n) * u.mag
+    t["cnn_phot_resid"] = 0.01 * (k[:, None] - np.arange(5)[None, :])
+    t["tension"] = np.linspace(0.5, 8.0, n)
     return StellarPopulationMaps(bin_map, t, wcs=rotated_muse_wcs())
 
 
@@ -143,7 +163,22 @@ def test_ds9_wcs_matches_astropy(ds9, product):
           f"{worst.to_value(u.uas):.2f} micro-arcsec")
 
 
-@pytest.mark.parametrize("name", ["SFH", "ZH_AGE", "SFH_P16", "SFH_P84", "PPXF_SFH"])
+def test_ds9_band_cube_has_one_plane_per_band(ds9, product):
+    path, images = product
+    header, data = images["PHOT_RESID"]
+    assert header["NAXIS3"] == 5 == data.shape[0]
+    load(ds9, path, "PHOT_RESID")
+    assert ds9.get("fits", "depth") == "5"
+    assert ds9.get("fits", "header", "keyword", "CTYPE3") == "BAND"
+    assert ds9.get("fits", "header", "keyword", "BAND04") == "F814W"
+    ds9.set("cube", 5)
+    with ds9.get_fits("slice") as shown:
+        np.testing.assert_array_equal(shown[0].data, data[4])
+    ds9.set("cube", 1)
+
+
+@pytest.mark.parametrize("name", ["SFH", "ZH_AGE", "SFH_P16", "SFH_P84", "PPXF_SFH", "SFR_SD",
+                                  "SFR_SD_P84"])
 def test_ds9_sfh_cube_has_one_plane_per_age_bin(ds9, product, name):
     path, images = product
     header, data = images[name]
