@@ -1181,7 +1181,7 @@ class StellarPopulationMaps:
         """
         from astropy.wcs.utils import proj_plane_pixel_area
 
-        from .physical import check_distance, physical_columns
+        from .physical import check_distance, check_imf, check_inclination, physical_columns
 
         params = self.meta.get("parameters", {}) or {}
         if redshift is None:
@@ -1194,11 +1194,8 @@ class StellarPopulationMaps:
             redshift = None
         distance = check_distance(distance, redshift=redshift)
         if inclination is not None:
-            inclination = u.Quantity(inclination, u.deg)
-            if not (inclination.ndim == 0 and 0 <= inclination.value < 90):
-                msg = (f"inclination={inclination}: it must be one angle in 0-90 deg (0 = "
-                       "face-on).")
-                raise CubeSFHError(msg)
+            inclination = check_inclination(inclination)
+        imf = check_imf(imf)
         missing = [c for c in ("cnn_av_stars", "cnn_logmstar_sd_err", "norm", "v_flux")
                    if c not in self.table.colnames]
         if missing:
@@ -1219,7 +1216,7 @@ class StellarPopulationMaps:
             self.table[name] = values
             self.table[name].info.description = f"CNN: {docs.get(name[4:], '')}"
         self.meta["physical"] = {
-            "distance_mpc": float(distance.to_value(u.Mpc)), "imf": str(imf).lower(),
+            "distance_mpc": float(distance.to_value(u.Mpc)), "imf": imf,
             "inclination_deg": (None if inclination is None
                                 else float(inclination.to_value(u.deg))),
             "redshift": redshift, "spaxel_area_arcsec2": float(area.to_value(u.arcsec**2)),

@@ -27,7 +27,7 @@ import numpy as np
 from astropy import constants as const
 from astropy import units as u
 
-from .conventions import AGE_BIN_EDGES, N_AGE_BINS, Z_SUN
+from .conventions import AGE_BIN_EDGES, N_AGE_BINS
 from .utils import CubeSFHError, CubeSFHWarning
 
 __all__ = [
@@ -38,6 +38,8 @@ __all__ = [
     "PECULIAR_VELOCITY_ALLOWANCE",
     "V_WINDOW",
     "check_distance",
+    "check_imf",
+    "check_inclination",
     "distance_from_header",
     "mass_to_light",
     "physical_columns",
@@ -127,6 +129,32 @@ def check_distance(distance, *, redshift=None):
     return d.to(u.Mpc)
 
 
+def check_imf(imf):
+    """The name of an IMF of `IMF_FACTORS`, lower case, or a `CubeSFHError`."""
+    name = str(imf).lower()
+    if name not in IMF_FACTORS:
+        msg = f"imf={imf!r}: choose one of {sorted(IMF_FACTORS)}."
+        raise CubeSFHError(msg)
+    return name
+
+
+def check_inclination(inclination):
+    """
+    A disc inclination as an angle `~astropy.units.Quantity`, checked (0 = face-on).
+
+    Plain numbers are degrees; anything but one angle in 0-90 deg is a
+    `CubeSFHError`.
+    """
+    try:
+        inc = u.Quantity(inclination, u.deg)
+    except (u.UnitsError, TypeError, ValueError):
+        inc = None
+    if inc is None or not (inc.ndim == 0 and 0 <= inc.value < 90):
+        msg = f"inclination={inclination}: it must be one angle in 0-90 deg (0 = face-on)."
+        raise CubeSFHError(msg)
+    return inc
+
+
 def distance_from_header(header):
     """
     The distance recorded in a FITS header, or `None`.
@@ -159,14 +187,6 @@ def distance_from_header(header):
                 break
         return (value * unit).to(u.Mpc)
     return None
-
-
-def _z_weights(zh, grid_zh):
-    """Linear-in-[Z/H] interpolation weights of ``zh`` (any shape) on a grid."""
-    zh = np.clip(zh, grid_zh[0], grid_zh[-1])
-    j = np.clip(np.searchsorted(grid_zh, zh, side="right") - 1, 0, grid_zh.size - 2)
-    t = (zh - grid_zh[j]) / (grid_zh[j + 1] - grid_zh[j])
-    return j, t
 
 
 def mass_to_light(mass_fraction, zh, *, library=None):
@@ -204,13 +224,10 @@ def mass_to_light(mass_fraction, zh, *, library=None):
     if f.shape != zh.shape or f.shape[-1] != N_AGE_BINS:
         msg = (f"mass_fraction {f.shape} and zh {zh.shape} must both be (n, {N_AGE_BINS}).")
         raise CubeSFHError(msg)
-    grid = np.log10(lib.metallicity / Z_SUN)
     tables = {"live": lib.binned_living_fraction(), "rem": lib.binned_remnant_fraction(),
               "light": lib.binned_v_light()}  # (nz, 16) per solar mass formed
     zh = np.where(np.isfinite(zh), zh, 0.0)
-    j, t = _z_weights(zh, grid)
-    cols = np.arange(N_AGE_BINS)[None, :]
-    per = {k: (1 - t) * v[j, cols] + t * v[j + 1, cols] for k, v in tables.items()}
+    per = {k: lib.binned_at(v, zh) for k, v in tables.items()}
     f = np.clip(f, 0.0, None)
     formed = f / per["live"]  # formed mass per bin per unit living mass
     living = f.sum(axis=1)
@@ -283,11 +300,7 @@ def physical_columns(table, *, spaxel_area, distance, redshift=0.0, inclination=
         ``cnn_logsfr_sd_100myr`` (+ ``_p16``, ``_p84``), and with an
         inclination ``cnn_logmstar_sd_deproj``.
     """
-    imf = str(imf).lower()
-    if imf not in IMF_FACTORS:
-        msg = f"imf={imf!r}: choose one of {sorted(IMF_FACTORS)}."
-        raise CubeSFHError(msg)
-    fac = IMF_FACTORS[imf]
+    fac = IMF_FACTORS[check_imf(imf)]
     distance = check_distance(distance)
     n = len(table)
     norm = u.Quantity(table["norm"])
@@ -323,7 +336,7 @@ def physical_columns(table, *, spaxel_area, distance, redshift=0.0, inclination=
     with np.errstate(divide="ignore", invalid="ignore"):
         out["cnn_logmstar"] = (log_sd + np.log10(pc2)) * u.dex(u.solMass)
     if inclination is not None:
-        inc = u.Quantity(inclination, u.deg)
+        inc = check_inclination(inclination)
         out["cnn_logmstar_sd_deproj"] = (log_sd + np.log10(np.cos(inc.to_value(u.rad)))) * dex_sd
     # SFR surface density per age bin: formed mass / duration, Msun / yr / kpc2
     living_sd = 10**log_sd_liv / fac["mass"] * 1e6  # Msun / kpc2, Chabrier

@@ -534,11 +534,9 @@ def run_pipeline(cube, hst=None, *, target_snr=35.0, min_snr=1.0, regions=None, 
     timings = {}
     report = None
     # bad physical-map options stop the run before any work
-    from .physical import IMF_FACTORS, check_distance, distance_from_header
+    from .physical import check_distance, check_imf, check_inclination, distance_from_header
 
-    if str(imf).lower() not in IMF_FACTORS:
-        msg = f"imf={imf!r}: choose one of {sorted(IMF_FACTORS)}."
-        raise CubeSFHError(msg)
+    imf = check_imf(imf)
     if distance is not None:
         distance = check_distance(distance)
     else:
@@ -546,10 +544,7 @@ def run_pipeline(cube, hst=None, *, target_snr=35.0, min_snr=1.0, regions=None, 
         if distance is not None:
             log.info("distance %s from the cube header", distance)
     if inclination is not None:
-        inclination = u.Quantity(inclination, u.deg)
-        if not (inclination.ndim == 0 and 0 <= inclination.value < 90):
-            msg = f"inclination={inclination}: it must be one angle in 0-90 deg (0 = face-on)."
-            raise CubeSFHError(msg)
+        inclination = check_inclination(inclination)
     if hst:
         from .hst import check_parity
 

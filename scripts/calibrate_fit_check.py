@@ -52,16 +52,12 @@ def simulate(sigma_target, n, snr, seed, library=None):
         DEFAULT_MIX,
         _family_plan,
         simulate_samples,
-        spectral_systematics_basis,
-        training_library,
+        training_models,
         with_young_from_bc03,
     )
-    from cubesfh.templates import TRAINING_LIBRARIES
 
     if library is None:
-        models = [ForwardModel(training_library(nm), sigma_target=sigma_target)
-                  for nm in TRAINING_LIBRARIES]
-        syst = spectral_systematics_basis(models)
+        models, syst = training_models(sigma_target)
     else:
         models = [ForwardModel(with_young_from_bc03(library), sigma_target=sigma_target)]
         syst = None

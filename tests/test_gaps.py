@@ -8,7 +8,7 @@ import warnings
 
 import numpy as np
 import pytest
-from astropy.io import fits
+from helpers import true_kinematics_file
 
 from cubesfh import Cube, CubeSFHWarning, HSTImage
 from cubesfh.conventions import HST_BANDS
@@ -64,23 +64,13 @@ def ao_pair(tmp_path_factory):
     out = []
     for ao in (False, True):
         obs = mock_observation(d / ("ao" if ao else "full"), ao_notch=ao, progress_bar=False)
-        kin = kinematics_file(obs.truth_path, d / f"kin_{ao}.fits")
+        kin = true_kinematics_file(obs.truth_path, d / f"kin_{ao}.fits")
         hst = {b: HSTImage.read(obs.hst_paths[b]) for b in HST_BANDS}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", CubeSFHWarning)
             out.append(prepare_observation(Cube.read(obs.cube_path), hst, kinematics=str(kin),
                                            target_snr=35, progress_bar=False))
     return out
-
-
-def kinematics_file(truth_path, path):
-    """DAP-like V_STARS / SIGMA_STARS maps of a mock's true kinematics."""
-    with fits.open(truth_path) as h:
-        fits.HDUList([fits.PrimaryHDU(),
-                      fits.ImageHDU(h["V"].data, h["V"].header, name="V_STARS"),
-                      fits.ImageHDU(h["SIGMA"].data, h["V"].header, name="SIGMA_STARS")]
-                     ).writeto(path)
-    return path
 
 
 def test_ao_notch_flags_a_gap_not_an_incomplete_spectrum(ao_pair):

@@ -9,6 +9,8 @@ from astropy.wcs import WCS
 
 pytest.importorskip("torch")
 
+from helpers import true_kinematics_file
+
 from cubesfh import Cube, HSTImage
 from cubesfh.cli import main as cli_main
 from cubesfh.conventions import HST_BANDS
@@ -25,13 +27,7 @@ def mock(tmp_path_factory):
     obs = mock_observation(d, shape=(24, 24), seed=1, progress_bar=False)
     # DAP-like MAPS file with the true kinematics (skips pPXF kinematics here;
     # the kinematic fits have their own tests)
-    with fits.open(obs.truth_path) as h:
-        maps = fits.HDUList([fits.PrimaryHDU(),
-                             fits.ImageHDU(h["V"].data, h["V"].header, name="V_STARS"),
-                             fits.ImageHDU(h["SIGMA"].data, h["SIGMA"].header,
-                                           name="SIGMA_STARS")])
-        maps.writeto(d / "maps_dap.fits")
-    return obs, d / "maps_dap.fits"
+    return obs, true_kinematics_file(obs.truth_path, d / "maps_dap.fits")
 
 
 @pytest.fixture(scope="module")

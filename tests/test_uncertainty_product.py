@@ -7,6 +7,7 @@ from astropy import units as u
 from astropy.io import fits
 from astropy.table import QTable
 from astropy.wcs import WCS
+from helpers import true_kinematics_file
 
 from cubesfh.binning import VoronoiBins
 from cubesfh.conventions import N_AGE_BINS
@@ -231,12 +232,7 @@ def small_mock(tmp_path_factory):
 
     d = tmp_path_factory.mktemp("mock_unc")
     obs = mock_observation(d, shape=(12, 12), seed=2, progress_bar=False)
-    with fits.open(obs.truth_path) as h:
-        fits.HDUList([fits.PrimaryHDU(),
-                      fits.ImageHDU(h["V"].data, h["V"].header, name="V_STARS"),
-                      fits.ImageHDU(h["SIGMA"].data, h["SIGMA"].header,
-                                    name="SIGMA_STARS")]).writeto(d / "kin.fits")
-    return obs, d / "kin.fits"
+    return obs, true_kinematics_file(obs.truth_path, d / "kin.fits")
 
 
 def test_pipeline_with_uncertainty_heads(small_mock, model_with_heads, tmp_path):

@@ -83,21 +83,17 @@ def _simulate(model, n, seed, *, chunk=4000, progress_bar=True):
     from astropy import units as u
 
     from ..physical import L_V_SUN, v_window_flux
-    from ..synthesis import ForwardModel
     from ..synthesis.trainingset import (
         DEFAULT_MIX,
         _family_plan,
         simulate_samples,
-        spectral_systematics_basis,
-        training_library,
+        training_models,
     )
     from ..templates import TRAINING_LIBRARIES
     from ._data import downsample_spectra
 
-    sigma = model.sigma_target
     names = list(TRAINING_LIBRARIES)
-    models = [ForwardModel(training_library(nm), sigma_target=sigma) for nm in names]
-    systematics = spectral_systematics_basis(models)
+    models, systematics = training_models(model.sigma_target, names)
     plan = _family_plan(n, DEFAULT_MIX, seed)
     keep = ("photometry", "mass_fraction", "metallicity", "library", "norm", "log_mstar",
             "log_lv_intrinsic", "av_stars")

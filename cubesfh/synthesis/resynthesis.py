@@ -23,6 +23,8 @@ This module sits below the network, the photometry and the pipeline, which
 all use it.
 """
 
+import warnings
+
 import numpy as np
 from astropy import units as u
 
@@ -66,14 +68,11 @@ def history_sed(mass_fraction, zh, *, living=True, templates=None):
     seds = lib.binned(sed=True)  # (n_Z, 16, n_sed), per solar mass formed
     if living:  # per solar mass still alive
         seds = seds / lib.binned_living_fraction()[:, :, None]
-    grid = np.asarray(lib.zh, dtype=float)
     mf, z = _checked(mass_fraction, zh, seds.shape[1])
-    z = np.clip(z, grid[0], grid[-1])
+    k, t = lib.zh_interpolation(z)
     sed = np.zeros((mf.shape[0], lib.sed_wavelength.size))
     for j in range(mf.shape[1]):
-        k = np.clip(np.searchsorted(grid, z[:, j]) - 1, 0, grid.size - 2)
-        t = (z[:, j] - grid[k]) / (grid[k + 1] - grid[k])
-        tpl = (1 - t)[:, None] * seds[k, j] + t[:, None] * seds[k + 1, j]
+        tpl = (1 - t[:, j, None]) * seds[k[:, j], j] + t[:, j, None] * seds[k[:, j] + 1, j]
         sed += mf[:, j, None] * tpl
     return lib.sed_wavelength, sed
 
@@ -114,13 +113,7 @@ def history_masses(mass_fraction, zh, library):
         ``(n, n_age)`` mass formed per unit living mass and metallicity Z.
     """
     mf, zh = _checked(mass_fraction, zh)
-    grid = np.asarray(library.zh, float)
-    zc = np.clip(zh, grid[0], grid[-1])
-    live = library.binned_living_fraction()  # (nz, 16)
-    j = np.clip(np.searchsorted(grid, zc) - 1, 0, grid.size - 2)
-    t = (zc - grid[j]) / (grid[j + 1] - grid[j])
-    cols = np.arange(N_AGE_BINS)[None, :]
-    ell = (1 - t) * live[j, cols] + t * live[j + 1, cols]
+    ell = library.binned_at(library.binned_living_fraction(), zh)
     formed = mf / ell / mf.sum(axis=1, keepdims=True)  # per unit living mass
     dur = np.diff(library.age_edges.to_value(u.yr))
     share = dur / np.bincount(library.age_bin, weights=dur, minlength=N_AGE_BINS)[
@@ -283,12 +276,9 @@ def fit_check(spectra, variance, photometry, mass_fraction, zh, *, forward_model
                          / np.sqrt(np.where(good[:, in_norm], variance[:, in_norm], 1.0)),
                          np.nan)
     step = float(wave[1] - wave[0])
-    with np.errstate(all="ignore"):
-        import warnings
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            out["snr"] = np.nanmedian(ratio, axis=1) / np.sqrt(step)
+    with warnings.catch_warnings():  # all-NaN rows: NaN
+        warnings.simplefilter("ignore", RuntimeWarning)
+        out["snr"] = np.nanmedian(ratio, axis=1) / np.sqrt(step)
     ok = np.all(np.isfinite(mf), axis=1) & (np.nansum(mf, axis=1) > 0)
     idx = np.flatnonzero(ok)
     if idx.size == 0:

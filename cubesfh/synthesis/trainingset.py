@@ -8,6 +8,7 @@ the seed and the chunk number, so an interrupted run resumes where it stopped
 and produces the same file).
 """
 
+import functools
 import logging
 import time
 from pathlib import Path
@@ -42,7 +43,7 @@ from .sfh import (
 )
 
 __all__ = ["CHEMISTRY_PRIORS", "DEFAULT_MIX", "PRIORS", "SNR_VALUES", "TRAINING_SET_FORMAT",
-           "make_training_set", "simulate_samples", "training_library",
+           "make_training_set", "simulate_samples", "training_library", "training_models",
            "with_young_from_bc03"]
 
 log = logging.getLogger(__name__)
@@ -174,6 +175,40 @@ def training_library(name):
     if name == "bc03":
         return lib
     return with_young_from_bc03(lib)
+
+
+def training_models(sigma_target=SIGMA_TARGET, libraries=None):
+    """
+    The forward models of the broad simulator and their model-systematics basis.
+
+    Built once per dispersion and set of libraries (cached; treat them as
+    read-only).
+
+    Parameters
+    ----------
+    sigma_target : `~astropy.units.Quantity`, optional
+    libraries : sequence of str, optional
+        Names of :data:`cubesfh.templates.TRAINING_LIBRARIES` (default: all).
+
+    Returns
+    -------
+    models : list of `~cubesfh.synthesis.ForwardModel`
+        One per library (`training_library`), in the order given.
+    systematics : tuple or None
+        `spectral_systematics_basis` of the models; `None` for one library.
+    """
+    from ..templates import TRAINING_LIBRARIES
+
+    names = tuple(TRAINING_LIBRARIES) if libraries is None else tuple(libraries)
+    sigma = float(u.Quantity(sigma_target, u.km / u.s).value)
+    return _training_models(sigma, names)
+
+
+@functools.lru_cache(maxsize=4)
+def _training_models(sigma_kms, names):
+    models = [ForwardModel(training_library(nm), sigma_target=sigma_kms * u.km / u.s)
+              for nm in names]
+    return models, (spectral_systematics_basis(models) if len(models) > 1 else None)
 
 
 def with_young_from_bc03(lib):
@@ -754,13 +789,11 @@ def make_training_set(output, *, n=N_DEFAULT, seed=0, mix=DEFAULT_MIX,
                "pass prior='broad' (--prior broad) to train over several libraries.")
         raise CubeSFHError(msg)
     if prior == "paper":
-        models = [ForwardModel(sigma_target=sigma_target)]
+        models, systematics = [ForwardModel(sigma_target=sigma_target)], None
     else:
-        models = [ForwardModel(training_library(name), sigma_target=sigma_target)
-                  for name in libraries]
+        models, systematics = training_models(sigma_target, libraries)
     model = models[0]
     lib = model.library
-    systematics = spectral_systematics_basis(models) if len(models) > 1 else None
     n_chunks = int(np.ceil(n / chunk_size))
     settings = {"seed": int(seed), "n": n, "chunk_size": int(chunk_size),
                 "mix": np.asarray(mix, np.int64), "snr_values": np.asarray(snr_values, float),

@@ -197,6 +197,46 @@ class TemplateLibrary:
         """Living-mass fraction of a constant SFR over each age bin, ``(n_metallicity, 16)``."""
         return self.living_fraction @ self.bin_matrix().T
 
+    def zh_interpolation(self, zh):
+        """
+        Linear-in-[Z/H] interpolation between the library's metallicities.
+
+        Parameters
+        ----------
+        zh : array-like
+            [Z/H] values (any shape), clipped to the library's range.
+
+        Returns
+        -------
+        j, t : `~numpy.ndarray`
+            Same shape as ``zh``: each value lies a fraction ``t`` of the way
+            from metallicity ``j`` to ``j + 1``.
+        """
+        grid = np.asarray(self.zh, float)
+        zh = np.clip(np.asarray(zh, float), grid[0], grid[-1])
+        j = np.clip(np.searchsorted(grid, zh, side="right") - 1, 0, grid.size - 2)
+        return j, (zh - grid[j]) / (grid[j + 1] - grid[j])
+
+    def binned_at(self, table, zh):
+        """
+        A per-metallicity, per-age-bin table at the [Z/H] of each age bin.
+
+        Parameters
+        ----------
+        table : `~numpy.ndarray`
+            ``(n_metallicity, 16)``, e.g. `binned_living_fraction`.
+        zh : array-like
+            ``(n, 16)`` [Z/H] of each age bin.
+
+        Returns
+        -------
+        values : `~numpy.ndarray`
+            ``(n, 16)``, interpolated linearly in [Z/H] (`zh_interpolation`).
+        """
+        j, t = self.zh_interpolation(zh)
+        cols = np.arange(np.shape(table)[1])[None, :]
+        return (1 - t) * table[j, cols] + t * table[j + 1, cols]
+
     @property
     def remnant_fraction(self):
         """
